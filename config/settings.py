@@ -1,0 +1,184 @@
+"""Conveyor settings, read from the environment (see README "Configuration")."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from config import embedded_db
+from config.env import env_bool, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(env_str("CONVEYOR_DATA_DIR") or BASE_DIR / ".data")
+
+
+def _local_secret_key() -> str:
+    """A key generated once per checkout and kept under .data/ (never committed)."""
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = env_str("SECRET_KEY") or _local_secret_key()
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_q",
+    "django_htmx",
+    "template_partials",
+    "jobs",
+    "dashboard",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ---------------------------------------------------------------
+# With DATABASE_URL, use that server; without it, start the embedded one.
+DATABASE_URL = env_str("DATABASE_URL") or embedded_db.database_url(DATA_DIR / "pg", "conveyor")
+EMBEDDED_POSTGRES = not env_str("DATABASE_URL")
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL,
+        # Django-Q2's broker calls close_old_connections() around every fetch
+        # and acknowledge; with 0 each of those opens a new connection.
+        conn_max_age=env_int("CONN_MAX_AGE", 600, minimum=0),
+        conn_health_checks=True,
+    )
+}
+DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME") or None}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# A cache every process can read: cluster stats, rate-limit counters.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "conveyor_cache",
+    }
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+
+# --- Channels ---------------------------------------------------------------
+# Live events travel through Postgres LISTEN/NOTIFY; the channel layer is only
+# ever process-local.
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Security (secure defaults whenever DEBUG is off) -----------------------
+if not DEBUG:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
+# --- Jobs engine ------------------------------------------------------------
+CONVEYOR = {
+    # A running attempt owns its job for this long; the worker renews it at a
+    # third of the period. A worker that dies stops renewing and, once the
+    # lease has expired, its attempt is recorded as lost and the job retried.
+    "LEASE_SECONDS": env_int("CONVEYOR_LEASE_SECONDS", 30, minimum=2),
+    "RETENTION_DAYS": env_int("CONVEYOR_RETENTION_DAYS", 14, minimum=1),
+    "MAX_PAYLOAD_BYTES": 256 * 1024,
+    "DEFAULT_QUEUE": "default",
+}
+
+# Seconds before Django-Q2 hands an unacknowledged broker row out again. The
+# runner uses that redelivery as its watchdog: it is how a job whose worker
+# was killed is noticed (see jobs/runner.py), so keep it short.
+_VISIBILITY = env_int("CONVEYOR_VISIBILITY_TIMEOUT", 60, minimum=2)
+
+Q_CLUSTER = {
+    "name": "conveyor",
+    # A cluster serves one queue: its name is the queue's (Q_CLUSTER_NAME=llm
+    # manage.py qcluster serves the "llm" queue). Broker rows carry the queue
+    # as their key.
+    "cluster_name": "default",
+    "ALT_CLUSTERS": {},
+    "orm": "default",
+    "workers": env_int("CONVEYOR_WORKERS", 2, minimum=1),
+    # Applies to tasks without their own timeout (schedules); job tasks carry
+    # their handler's timeout.
+    "timeout": _VISIBILITY - 1,
+    "retry": _VISIBILITY,
+    "bulk": env_int("CONVEYOR_BROKER_BULK", 4, minimum=1),
+    "poll": 0.2,
+    "catch_up": False,
+    "save_limit": -1,  # the Job row is the record; do not copy successes into django_q_task
+    "ack_failures": True,
+    "max_attempts": 1,
+    "recycle": 1000,
+    "label": "Django-Q2",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django_q": {"level": env_str("DJANGO_Q_LOG_LEVEL", "WARNING")},
+        "embedded_postgres": {"level": "WARNING"},
+    },
+}

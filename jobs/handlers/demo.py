@@ -1,0 +1,60 @@
+"""Demo kinds used by the dashboard's first steps, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from jobs.errors import PermanentError, RetryableError
+from jobs.registry import Payload, handler
+
+
+class NoopPayload(Payload):
+    pass
+
+
+@handler("demo.noop", schema=NoopPayload, timeout=60)
+def noop(ctx, payload: NoopPayload) -> dict:
+    """Does nothing and succeeds."""
+    return {}
+
+
+class SleepPayload(Payload):
+    seconds: float = Field(ge=0, le=3600, description="How long to sleep in total.")
+    steps: int = Field(default=10, ge=1, le=1000, description="Progress reports along the way.")
+
+
+@handler("demo.sleep", schema=SleepPayload, timeout=3700)
+def sleep(ctx, payload: SleepPayload) -> dict:
+    """Sleeps, reporting progress at each step."""
+    step = payload.seconds / payload.steps
+    for done in range(1, payload.steps + 1):
+        time.sleep(step)
+        ctx.report_progress(100 * done // payload.steps, f"step {done} of {payload.steps}")
+    return {"slept": payload.seconds}
+
+
+class FailPayload(Payload):
+    mode: Literal["transient", "permanent"] = "transient"
+    succeed_on_attempt: int | None = Field(default=None, ge=1, le=50)
+    message: str = Field(default="demo failure", max_length=2000)
+
+
+class DemoTransientError(RetryableError):
+    pass
+
+
+class DemoPermanentError(PermanentError):
+    pass
+
+
+@handler("demo.fail", schema=FailPayload, timeout=60)
+def fail(ctx, payload: FailPayload) -> dict:
+    """Fails (transiently or permanently) until attempt `succeed_on_attempt`."""
+    if payload.succeed_on_attempt is not None and ctx.attempt >= payload.succeed_on_attempt:
+        return {"succeeded_on_attempt": ctx.attempt}
+    if payload.mode == "permanent":
+        raise DemoPermanentError(payload.message)
+    raise DemoTransientError(payload.message)

@@ -1,0 +1,159 @@
+"""Jobs, their attempts and their event log: fields, constraints, read helpers.
+
+Nothing here changes a job's state: that is `jobs.states.transition`.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+class State(models.TextChoices):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+    DISCARDED = "discarded"
+
+
+ACTIVE_STATES = (State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING)
+FINISHED_STATES = (State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED)
+
+
+class Batch(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    owner = models.CharField(max_length=100, blank=True, default="")
+    total = models.PositiveIntegerField(default=0)
+    callback_url = models.URLField(max_length=2000, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "batches"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.total})"
+
+
+class Job(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=100)
+    queue = models.CharField(max_length=100, default="default")
+    payload = models.JSONField(default=dict)
+    state = models.CharField(max_length=20, choices=State.choices, default=State.QUEUED)
+    priority = models.SmallIntegerField(default=0, help_text="Higher runs first.")
+
+    attempts = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=5)
+    backoff_base = models.FloatField(default=2.0, help_text="Seconds before the first retry.")
+    backoff_max = models.FloatField(default=600.0, help_text="Upper bound of any retry delay, seconds.")
+    timeout = models.PositiveIntegerField(default=600, help_text="Seconds an attempt may run.")
+    run_after = models.DateTimeField(null=True, blank=True)
+
+    lease_owner = models.CharField(max_length=200, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+
+    progress_percent = models.PositiveSmallIntegerField(default=0)
+    progress_message = models.CharField(max_length=500, blank=True, default="")
+    result = models.JSONField(null=True, blank=True)
+
+    error_type = models.CharField(max_length=200, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    error_traceback = models.TextField(blank=True, default="")
+
+    owner = models.CharField(max_length=100, blank=True, default="", help_text="Who submitted it.")
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    request_fingerprint = models.CharField(max_length=64, blank=True, default="")
+    callback_url = models.URLField(max_length=2000, blank=True, default="")
+    batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("operate_job", "Can cancel, retry and discard jobs")]
+        constraints = [
+            # The idempotency guarantee: a second insert with the same key
+            # fails in the database, however the two requests interleave.
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="job_unique_idempotency_key",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_attempts__gte=1, max_attempts__lte=50), name="job_max_attempts_range"
+            ),
+            models.CheckConstraint(condition=Q(progress_percent__lte=100), name="job_progress_range"),
+        ]
+        indexes = [
+            # Queue statistics only ever look at active jobs; a partial index
+            # keeps them fast with millions of finished rows.
+            models.Index(
+                fields=["queue", "state", "created_at"],
+                condition=Q(state__in=["queued", "scheduled", "running", "retrying"]),
+                name="job_active_by_queue",
+            ),
+            models.Index(fields=["lease_expires_at"], condition=Q(state="running"), name="job_running_lease"),
+            models.Index(fields=["queue", "kind", "error_type"], condition=Q(state="dead"), name="job_dead"),
+            models.Index(fields=["finished_at"], condition=Q(finished_at__isnull=False), name="job_finished_at"),
+            models.Index(fields=["-created_at"], name="job_created_at"),
+            models.Index(fields=["state", "-created_at"], name="job_state_created_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+class Attempt(models.Model):
+    class Outcome(models.TextChoices):
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        LOST = "lost"
+        CANCELLED = "cancelled"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempt_set")
+    number = models.PositiveIntegerField()
+    worker = models.CharField(max_length=200, blank=True, default="")
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=20, choices=Outcome.choices, blank=True, default="")
+    error_type = models.CharField(max_length=200, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of {self.job_id}: {self.outcome or 'running'}"
+
+
+class JobEvent(models.Model):
+    id = models.BigAutoField(primary_key=True)
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    type = models.CharField(max_length=50)
+    data = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["job", "id"], name="jobevent_job_id")]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.type}"

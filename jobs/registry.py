@@ -1,0 +1,62 @@
+"""The handler registry: `@handler("kind", ...)` ties a job kind to its function,
+payload schema, default queue, attempts and timeout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Payload(BaseModel):
+    """Base for payload schemas: unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Handler:
+    kind: str
+    func: Callable[..., Any]
+    schema: type[BaseModel]
+    queue: str
+    max_attempts: int
+    timeout: int
+    description: str
+
+
+_registry: dict[str, Handler] = {}
+
+
+def handler(
+    kind: str,
+    *,
+    schema: type[BaseModel],
+    queue: str = "default",
+    max_attempts: int = 5,
+    timeout: int = 600,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `func(ctx, payload) -> result` as the handler of `kind`."""
+
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        if kind in _registry:
+            raise ValueError(f"handler for {kind!r} registered twice")
+        description = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
+        _registry[kind] = Handler(kind, func, schema, queue, max_attempts, timeout, description)
+        return func
+
+    return register
+
+
+def get_handler(kind: str) -> Handler | None:
+    return _registry.get(kind)
+
+
+def known_kinds() -> list[str]:
+    return sorted(_registry)
+
+
+def all_handlers() -> list[Handler]:
+    return [_registry[k] for k in known_kinds()]

@@ -1,0 +1,318 @@
+"""The Django-Q2 task that runs jobs, and the rescue of jobs whose worker died.
+
+`run_job(job_id)` is what every broker row names. Delivery is at least once,
+so a delivery only means "look at this job":
+
+1. Claim it: one conditional UPDATE from queued/scheduled/retrying (and due)
+   to running, taking a lease; the attempt row and `job.started` event commit
+   with it. A duplicate delivery finds the job claimed or finished.
+2. If the claim fails because the job is running, this delivery is the
+   watchdog: a lease that has expired means its worker died, so the attempt
+   is recorded as lost and the job retried (or dead-lettered); a live lease
+   re-arms the watchdog for when it would expire.
+3. Run the handler while a heartbeat thread renews the lease.
+4. Finish with one transition (succeeded, retrying, dead or cancelled) that
+   only matches while this worker still holds the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from jobs import broker, events, retries
+from jobs.errors import Cancelled, LeaseLost
+from jobs.models import Attempt, Job, State
+from jobs.registry import get_handler
+from jobs.states import Sql, transition
+
+log = logging.getLogger(__name__)
+
+
+def _worker_id() -> str:
+    # Forked workers inherit the module; the pid must be the current one.
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def lease_seconds() -> int:
+    return settings.CONVEYOR["LEASE_SECONDS"]
+
+
+class Context:
+    """What a handler gets besides its payload: progress, cancellation, attempt."""
+
+    def __init__(self, job: Job, worker: str) -> None:
+        self.job_id = job.id
+        self.kind = job.kind
+        self.queue = job.queue
+        self.attempt = job.attempts
+        self.worker = worker
+        self.lease_lost = threading.Event()
+
+    def report_progress(self, percent: int, message: str = "") -> None:
+        """Record progress (0-100) and a message; raises Cancelled if an
+        operator cancelled the job, LeaseLost if it was taken from this worker."""
+        percent = max(0, min(100, int(percent)))
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE jobs_job SET progress_percent = %s, progress_message = %s, updated_at = now() "
+                    "WHERE id = %s AND state = 'running' AND lease_owner = %s RETURNING cancel_requested_at",
+                    [percent, message[:500], str(self.job_id), self.worker],
+                )
+                row = cursor.fetchone()
+            if row is None:
+                raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
+            if row[0] is None:
+                events.record(
+                    self.job_id, "job.progress", {"percent": percent, "message": message[:500]}, queue=self.queue
+                )
+        if row[0] is not None:
+            raise Cancelled("cancelled by an operator")
+
+    def check_cancelled(self) -> None:
+        """Raise Cancelled when an operator asked this job to stop."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
+        requested = Job.objects.filter(id=self.job_id).values_list("cancel_requested_at", flat=True).first()
+        if requested is not None:
+            raise Cancelled("cancelled by an operator")
+
+
+def run_job(job_id: str) -> None:
+    """Entry point of every broker row (see the module docstring)."""
+    worker = _worker_id()
+    job = _claim(job_id, worker)
+    if job is None:
+        _look_after_unclaimed(job_id)
+        return
+    handler = get_handler(job.kind)
+    ctx = Context(job, worker)
+    heartbeat = _Heartbeat(job.id, worker, ctx.lease_lost)
+    heartbeat.start()
+    try:
+        if handler is None:
+            raise _UnknownKind(f"no handler is registered for kind {job.kind!r} on this worker")
+        payload = handler.schema.model_validate(job.payload)
+        result = handler.func(ctx, payload)
+    except Cancelled:
+        heartbeat.stop()
+        _finish_cancelled(job, worker)
+    except LeaseLost:
+        heartbeat.stop()
+        log.warning("job %s: lease lost while running; another delivery owns it now", job.id)
+    except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
+        heartbeat.stop()
+        _finish_failed(job, worker, exc)
+    else:
+        heartbeat.stop()
+        _finish_succeeded(job, worker, result)
+
+
+class _UnknownKind(Exception):
+    pass
+
+
+def _claim(job_id: str, worker: str) -> Job | None:
+    with transaction.atomic():
+        job = transition(
+            job_id,
+            target=State.RUNNING,
+            where=Sql("run_after IS NULL OR run_after <= now()"),
+            event="job.started",
+            attempts=Sql("attempts + 1"),
+            lease_owner=worker,
+            lease_expires_at=Sql("now() + make_interval(secs => %s)", lease_seconds()),
+            started_at=Sql("now()"),
+            cancel_requested_at=None,
+        )
+        if job is not None:
+            Attempt.objects.create(job=job, number=job.attempts, worker=worker, started_at=job.started_at)
+        return job
+
+
+def _look_after_unclaimed(job_id: str) -> None:
+    """The delivery did not claim the job: it may be the watchdog of a running one."""
+    try:
+        UUID(str(job_id))
+    except ValueError:
+        return
+    job = Job.objects.filter(id=job_id).only("state", "lease_expires_at", "queue", "timeout").first()
+    if job is None or job.state != State.RUNNING:
+        return  # duplicate delivery of a finished or not-yet-due job
+    if job.lease_expires_at and job.lease_expires_at <= timezone.now():
+        rescue_job(job.id)
+    else:
+        # The worker is alive: look again when its lease would run out.
+        with transaction.atomic():
+            broker.enqueue(
+                job.id, queue=job.queue, timeout=job.timeout, run_at=job.lease_expires_at + timedelta(seconds=1)
+            )
+
+
+def rescue_job(job_id: UUID | str) -> bool:
+    """Record the expired attempt of a running job as lost, then retry or dead-letter it."""
+    now = timezone.now()
+    with transaction.atomic():
+        job = (
+            Job.objects.select_for_update(skip_locked=True)
+            .filter(id=job_id, state=State.RUNNING, lease_expires_at__lte=now)
+            .first()
+        )
+        if job is None:
+            return False
+        owner = job.lease_owner
+        message = f"worker {owner or '?'} stopped renewing its lease (killed, crashed or timed out)"
+        _close_attempt(job.id, Attempt.Outcome.LOST, error_type="WorkerLost", message=message)
+        expired = Sql("lease_owner = %s AND lease_expires_at <= now()", owner)
+        if job.attempts < job.max_attempts:
+            delay = retries.backoff_delay(job.attempts, base=job.backoff_base, maximum=job.backoff_max)
+            _to_retrying(job, owner_where=expired, delay=delay, error=("WorkerLost", message, ""))
+        else:
+            transition(job.id, target=State.DEAD, where=expired, **_ended(), **_error("WorkerLost", message, ""))
+    log.warning("job %s: rescued after its lease expired (%s)", job_id, message)
+    return True
+
+
+def rescue_expired(limit: int = 500) -> int:
+    """The periodic sweep (a Django-Q2 schedule): rescue every running job whose
+    lease has expired. The broker's redelivery normally gets there first."""
+    grace = timezone.now() - timedelta(seconds=1)
+    ids = list(Job.objects.filter(state=State.RUNNING, lease_expires_at__lt=grace).values_list("id", flat=True)[:limit])
+    return sum(rescue_job(job_id) for job_id in ids)
+
+
+# --- finishing ------------------------------------------------------------
+
+
+def _mine(worker: str) -> Sql:
+    return Sql("lease_owner = %s", worker)
+
+
+def _ended() -> dict[str, Any]:
+    return {"finished_at": Sql("now()"), "lease_owner": "", "lease_expires_at": None}
+
+
+def _error(error_type: str, message: str, tb: str) -> dict[str, Any]:
+    return {"error_type": error_type[:200], "error_message": message, "error_traceback": tb}
+
+
+def _close_attempt(job_id: UUID, outcome: str, *, error_type: str = "", message: str = "", tb: str = "") -> None:
+    Attempt.objects.filter(job_id=job_id, finished_at__isnull=True).update(
+        finished_at=timezone.now(), outcome=outcome, error_type=error_type[:200], error_message=message, traceback=tb
+    )
+
+
+def _finish_succeeded(job: Job, worker: str, result: Any) -> None:
+    with transaction.atomic():
+        done = transition(
+            job.id,
+            target=State.SUCCEEDED,
+            source=frozenset({State.RUNNING}),
+            where=_mine(worker),
+            result=result if result is not None else {},
+            progress_percent=100,
+            **_ended(),
+            **_error("", "", ""),
+        )
+        if done:
+            _close_attempt(job.id, Attempt.Outcome.SUCCEEDED)
+    if not done:
+        log.warning("job %s: finished, but it was no longer ours (lease lost); result dropped", job.id)
+
+
+def _finish_cancelled(job: Job, worker: str) -> None:
+    with transaction.atomic():
+        if transition(job.id, target=State.CANCELLED, where=_mine(worker), **_ended()):
+            _close_attempt(
+                job.id, Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled by an operator"
+            )
+
+
+def _finish_failed(job: Job, worker: str, exc: Exception) -> None:
+    error_type = type(exc).__name__
+    message = str(exc) or error_type
+    tb = "".join(traceback.format_exception(exc))
+    decision = retries.decide(
+        exc, attempts=job.attempts, max_attempts=job.max_attempts, base=job.backoff_base, maximum=job.backoff_max
+    )
+    with transaction.atomic():
+        if decision.retry:
+            moved = _to_retrying(
+                job,
+                owner_where=_mine(worker),
+                delay=decision.delay,
+                error=(error_type, message, tb),
+                refund_attempt=not decision.count_attempt,
+            )
+        else:
+            moved = transition(
+                job.id, target=State.DEAD, where=_mine(worker), **_ended(), **_error(error_type, message, tb)
+            )
+        if moved:
+            _close_attempt(job.id, Attempt.Outcome.FAILED, error_type=error_type, message=message, tb=tb)
+
+
+def _to_retrying(
+    job: Job, *, owner_where: Sql, delay: float, error: tuple[str, str, str], refund_attempt: bool = False
+) -> Job | None:
+    run_after = timezone.now() + timedelta(seconds=delay)
+    fields: dict[str, Any] = {"run_after": run_after, "lease_owner": "", "lease_expires_at": None, **_error(*error)}
+    if refund_attempt:
+        fields["attempts"] = Sql("GREATEST(attempts - 1, 0)")
+    moved = transition(
+        job.id,
+        target=State.RETRYING,
+        where=owner_where,
+        event_data={"run_after": run_after.isoformat(), "delay": round(delay, 3), "error_type": error[0]},
+        **fields,
+    )
+    if moved:
+        broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=run_after)
+    return moved
+
+
+class _Heartbeat:
+    """Renews the lease every third of its length on a thread of its own (with
+    its own database connection); sets `lost` when the renewal matches nothing."""
+
+    def __init__(self, job_id: UUID, worker: str, lost: threading.Event) -> None:
+        self.job_id = job_id
+        self.worker = worker
+        self.lost = lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = lease_seconds() / 3
+        try:
+            while not self._stop.wait(interval):
+                renewed = Job.objects.filter(id=self.job_id, state=State.RUNNING, lease_owner=self.worker).update(
+                    lease_expires_at=Now() + timedelta(seconds=lease_seconds())
+                )
+                if not renewed:
+                    self.lost.set()
+                    return
+        except Exception:  # noqa: BLE001 - a failed renewal must not kill the worker; the lease decides
+            log.exception("job %s: lease renewal failed", self.job_id)
+        finally:
+            close_old_connections()
+            connection.close()

@@ -1,0 +1,61 @@
+"""The public surface of the engine: every entry point (API, dashboard, admin,
+management commands) calls these and nothing deeper."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from django.core.exceptions import ValidationError
+
+from jobs.deadletter import cancel_job, discard_job, discard_jobs, retry_job, retry_jobs
+from jobs.errors import JobNotFound
+from jobs.models import Job, JobEvent, State
+from jobs.registry import all_handlers, get_handler, known_kinds
+from jobs.retention import purge_finished
+from jobs.stats import queue_stats
+from jobs.submission import Submitted, submit_job
+
+__all__ = [
+    "Submitted",
+    "all_handlers",
+    "cancel_job",
+    "discard_job",
+    "discard_jobs",
+    "get_handler",
+    "get_job",
+    "job_events",
+    "known_kinds",
+    "list_jobs",
+    "purge_finished",
+    "queue_stats",
+    "retry_job",
+    "retry_jobs",
+    "submit_job",
+]
+
+
+def get_job(job_id: UUID | str) -> Job:
+    """The job with its attempts; raises JobNotFound (also for a malformed id)."""
+    try:
+        return Job.objects.prefetch_related("attempt_set").get(id=job_id)
+    except (Job.DoesNotExist, ValidationError, ValueError, TypeError):
+        raise JobNotFound(f"no job with id {job_id}") from None
+
+
+def list_jobs(*, state: str | None = None, queue: str | None = None, kind: str | None = None, limit: int = 50):
+    """Newest first."""
+    query = Job.objects.all()
+    if state:
+        if state not in State.values:
+            raise ValueError(f"unknown state {state!r}; states are {', '.join(State.values)}")
+        query = query.filter(state=state)
+    if queue:
+        query = query.filter(queue=queue)
+    if kind:
+        query = query.filter(kind=kind)
+    return list(query.order_by("-created_at")[:limit])
+
+
+def job_events(job_id: UUID | str, *, after: int = 0) -> list[JobEvent]:
+    """The job's events, oldest first, those with id > `after`."""
+    return list(JobEvent.objects.filter(job_id=job_id, id__gt=after).order_by("id"))

@@ -1,0 +1,89 @@
+"""Queue statistics: counts by state, age of the oldest runnable job and the
+last minute's throughput, per queue."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from django.db import connection
+
+
+class QueueStats(TypedDict):
+    queue: str
+    queued: int
+    scheduled: int
+    running: int
+    retrying: int
+    dead: int
+    oldest_queued_age_seconds: float | None
+    succeeded_last_minute: int
+    failed_last_minute: int
+
+
+# Active counts come from the partial index on active states; the dead count
+# from the partial index on dead jobs; the last minute from the finished_at
+# index. None of them scans finished history.
+_QUEUE_STATS = """
+WITH active AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'queued') AS queued,
+           count(*) FILTER (WHERE state = 'scheduled') AS scheduled,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state = 'retrying') AS retrying,
+           extract(epoch FROM now() - min(
+               CASE WHEN state IN ('queued', 'scheduled', 'retrying')
+                         AND (run_after IS NULL OR run_after <= now())
+                    THEN coalesce(run_after, created_at) END)) AS oldest
+    FROM jobs_job
+    WHERE state IN ('queued', 'scheduled', 'running', 'retrying')
+    GROUP BY queue
+), dead AS (
+    SELECT queue, count(*) AS dead FROM jobs_job WHERE state = 'dead' GROUP BY queue
+), recent AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE state = 'dead') AS failed
+    FROM jobs_job
+    WHERE finished_at IS NOT NULL AND finished_at > now() - interval '1 minute'
+    GROUP BY queue
+), retries AS (
+    -- attempts that failed in the last minute but will be retried
+    SELECT j.queue, count(*) AS failed
+    FROM jobs_attempt a JOIN jobs_job j ON j.id = a.job_id
+    WHERE a.finished_at > now() - interval '1 minute' AND a.outcome IN ('failed', 'lost')
+      AND j.state <> 'dead'
+    GROUP BY j.queue
+)
+SELECT q.queue,
+       coalesce(a.queued, 0), coalesce(a.scheduled, 0), coalesce(a.running, 0), coalesce(a.retrying, 0),
+       coalesce(d.dead, 0), a.oldest, coalesce(r.succeeded, 0), coalesce(r.failed, 0) + coalesce(t.failed, 0)
+FROM (SELECT queue FROM active UNION SELECT queue FROM dead UNION SELECT queue FROM recent
+      UNION SELECT unnest(%s::text[])) q
+LEFT JOIN active a USING (queue)
+LEFT JOIN dead d USING (queue)
+LEFT JOIN recent r USING (queue)
+LEFT JOIN retries t USING (queue)
+ORDER BY q.queue
+"""
+
+
+def queue_stats(*, always: list[str] | None = None) -> list[QueueStats]:
+    """One row per queue that has active, dead or recently finished jobs, plus
+    the queues named in `always`."""
+    with connection.cursor() as cursor:
+        cursor.execute(_QUEUE_STATS, [always or []])
+        rows = cursor.fetchall()
+    return [
+        QueueStats(
+            queue=row[0],
+            queued=row[1],
+            scheduled=row[2],
+            running=row[3],
+            retrying=row[4],
+            dead=row[5],
+            oldest_queued_age_seconds=round(float(row[6]), 3) if row[6] is not None else None,
+            succeeded_last_minute=row[7],
+            failed_last_minute=row[8],
+        )
+        for row in rows
+    ]

@@ -1,0 +1,196 @@
+"""Submitting jobs: the one function every entry point (API, dashboard, admin,
+CLI) calls to create a job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from pydantic import ValidationError as PydanticValidationError
+
+from jobs import broker, events
+from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge, UnknownKind
+from jobs.models import Batch, Job, State
+from jobs.registry import get_handler, known_kinds
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+MAX_BACKOFF = 7 * 24 * 3600.0
+MAX_RUN_AFTER = timedelta(days=366)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    created: bool  # False: an earlier submission with the same idempotency key
+
+
+def submit_job(
+    kind: str,
+    payload: Any,
+    *,
+    queue: str | None = None,
+    priority: int = 0,
+    run_after: datetime | None = None,
+    max_attempts: int | None = None,
+    backoff_base: float | None = None,
+    backoff_max: float | None = None,
+    idempotency_key: str | None = None,
+    callback_url: str = "",
+    owner: str = "",
+    batch: Batch | None = None,
+) -> Submitted:
+    """Validate and create a job, its `job.created` event and its broker row in
+    one transaction.
+
+    Raises InvalidJob (with per-field errors) or IdempotencyKeyReused.
+    """
+    fields = prepare_job(
+        kind,
+        payload,
+        queue=queue,
+        priority=priority,
+        run_after=run_after,
+        max_attempts=max_attempts,
+        backoff_base=backoff_base,
+        backoff_max=backoff_max,
+        idempotency_key=idempotency_key,
+        callback_url=callback_url,
+    )
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(owner=owner, batch=batch, **fields)
+            _announce(job)
+    except IntegrityError as exc:
+        if idempotency_key is None or "job_unique_idempotency_key" not in str(exc):
+            raise
+        existing = Job.objects.get(owner=owner, idempotency_key=idempotency_key)
+        if existing.request_fingerprint != fields["request_fingerprint"]:
+            raise IdempotencyKeyReused(existing.id) from None
+        return Submitted(existing, created=False)
+    return Submitted(job, created=True)
+
+
+def prepare_job(
+    kind: str,
+    payload: Any,
+    *,
+    queue: str | None = None,
+    priority: int = 0,
+    run_after: datetime | None = None,
+    max_attempts: int | None = None,
+    backoff_base: float | None = None,
+    backoff_max: float | None = None,
+    idempotency_key: str | None = None,
+    callback_url: str = "",
+) -> dict[str, Any]:
+    """Validate a submission and return the Job fields it makes (no database writes)."""
+    handler = get_handler(kind) if isinstance(kind, str) else None
+    if handler is None:
+        raise UnknownKind(
+            [{"field": "kind", "message": f"unknown kind {kind!r}; known kinds: {', '.join(known_kinds())}"}]
+        )
+    if not isinstance(payload, dict):
+        raise InvalidJob([{"field": "payload", "message": "must be a JSON object"}])
+    size = len(json.dumps(payload, ensure_ascii=False).encode())
+    limit = settings.CONVEYOR["MAX_PAYLOAD_BYTES"]
+    if size > limit:
+        raise PayloadTooLarge(
+            [{"field": "payload", "message": f"is {size} bytes; the limit is {limit} bytes (256 KiB)"}]
+        )
+
+    errors: list[dict[str, str]] = []
+    try:
+        normalized = handler.schema.model_validate(payload).model_dump(mode="json")
+    except PydanticValidationError as exc:
+        normalized = {}
+        for err in exc.errors():
+            path = ".".join(str(p) for p in ("payload", *err["loc"]))
+            errors.append({"field": path, "message": err["msg"]})
+
+    queue = handler.queue if queue in (None, "") else queue
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+        errors.append({"field": "queue", "message": "must be 1-100 letters, digits, '_', '.' or '-'"})
+    if not _is_int(priority) or not -1000 <= priority <= 1000:
+        errors.append({"field": "priority", "message": "must be an integer from -1000 to 1000"})
+    max_attempts = handler.max_attempts if max_attempts is None else max_attempts
+    if not _is_int(max_attempts) or not 1 <= max_attempts <= 50:
+        errors.append({"field": "max_attempts", "message": "must be an integer from 1 to 50"})
+    backoff_base = 2.0 if backoff_base is None else backoff_base
+    backoff_max = 600.0 if backoff_max is None else backoff_max
+    for name, value in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+        if not _is_number(value) or not 0 < value <= MAX_BACKOFF:
+            errors.append(
+                {"field": name, "message": f"must be a number of seconds above 0 and at most {MAX_BACKOFF:.0f}"}
+            )
+    if _is_number(backoff_base) and _is_number(backoff_max) and backoff_base > backoff_max:
+        errors.append({"field": "backoff_max", "message": "must not be below backoff_base"})
+
+    now = timezone.now()
+    if run_after is not None:
+        if not isinstance(run_after, datetime) or timezone.is_naive(run_after):
+            errors.append({"field": "run_after", "message": "must be a date-time with a time zone (ISO 8601)"})
+        elif run_after > now + MAX_RUN_AFTER:
+            errors.append({"field": "run_after", "message": "must be within a year from now"})
+    if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 255):
+        errors.append({"field": "idempotency_key", "message": "must be 1-255 characters"})
+    callback_url = callback_url or ""
+    if callback_url:
+        try:
+            URLValidator(schemes=["http", "https"])(callback_url)
+        except ValidationError:
+            errors.append({"field": "callback_url", "message": "must be an http or https URL"})
+        if len(callback_url) > 2000:
+            errors.append({"field": "callback_url", "message": "must be at most 2000 characters"})
+    if errors:
+        raise InvalidJob(errors)
+
+    scheduled = run_after is not None and run_after > now
+    fields = {
+        "kind": kind,
+        "queue": queue,
+        "payload": normalized,
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "backoff_base": float(backoff_base),
+        "backoff_max": float(backoff_max),
+        "timeout": handler.timeout,
+        "run_after": run_after,
+        "state": State.SCHEDULED if scheduled else State.QUEUED,
+        "idempotency_key": idempotency_key,
+        "callback_url": callback_url,
+    }
+    fields["request_fingerprint"] = fingerprint(fields)
+    return fields
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    """A digest of what was asked for, to tell a replay from a reused key."""
+    asked = {
+        k: fields[k]
+        for k in ("kind", "queue", "payload", "priority", "max_attempts", "backoff_base", "backoff_max", "callback_url")
+    }
+    asked["run_after"] = fields["run_after"].isoformat() if fields["run_after"] else None
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _announce(job: Job) -> None:
+    """The event and broker row of a newly created job (same transaction)."""
+    events.record(job.id, "job.created", {"state": job.state, "kind": job.kind}, queue=job.queue)
+    broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=job.run_after)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN

@@ -1,0 +1,117 @@
+"""Shared test helpers: job factory, real subprocesses against the test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.1, message: str = "") -> object:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def make_job(db):
+    """`make_job(kind="demo.noop", payload={}, **options)` submits through the real service."""
+    from jobs.services import submit_job
+
+    def make(kind: str = "demo.noop", payload: dict | None = None, **options):
+        return submit_job(kind, payload if payload is not None else {}, **options).job
+
+    return make
+
+
+def test_database_url() -> str:
+    """A DATABASE_URL that points subprocesses at pytest-django's test database."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    host = quote(s["HOST"] or "", safe="")
+    auth = s["USER"] + (f":{quote(s['PASSWORD'], safe='')}" if s["PASSWORD"] else "")
+    port = f":{s['PORT']}" if s["PORT"] else ""
+    return f"postgres://{auth}@{host}{port}/{s['NAME']}"
+
+
+test_database_url.__test__ = False  # not a test, despite its name
+
+
+def process_env(**overrides: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": test_database_url(),
+        "CONVEYOR_LEASE_SECONDS": "3",
+        "CONVEYOR_VISIBILITY_TIMEOUT": "4",
+        "CONVEYOR_WORKERS": "2",
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_Q_LOG_LEVEL": "INFO",
+    }
+    env.update(overrides)
+    return env
+
+
+class Processes:
+    """Starts subprocesses in their own sessions and always stops them."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}-{len(self.started)}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=process_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.started.append((proc, log_path))
+        return proc
+
+    def qcluster(self, queue: str = "default", **env: str) -> subprocess.Popen:
+        return self.start(f"qcluster-{queue}", [sys.executable, "manage.py", "qcluster"], Q_CLUSTER_NAME=queue, **env)
+
+    def log_of(self, proc: subprocess.Popen) -> str:
+        for started, path in self.started:
+            if started is proc:
+                return path.read_text(errors="replace")
+        return ""
+
+    def stop_all(self) -> None:
+        for proc, _ in self.started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc, _ in self.started:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def processes(transactional_db, request) -> Iterator[Processes]:
+    """Real subprocesses (qcluster, Daphne, manage.py) on the test database.
+    Depends on transactional_db so the data they need is committed, and is torn
+    down before the database is flushed."""
+    procs = Processes(ARTIFACTS / "logs" / request.node.name)
+    yield procs
+    procs.stop_all()
