@@ -97,14 +97,19 @@ class Processes:
     def stop_all(self) -> None:
         for proc, _ in self.started:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                # Only the parent: qcluster's sentinel stops its own children.
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
         for proc, _ in self.started:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
+            try:  # whatever is left of its process group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture
