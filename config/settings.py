@@ -6,6 +6,7 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded_db
 from config.env import env_bool, env_int, env_list, env_str
@@ -122,6 +123,18 @@ STATIC_ROOT = DATA_DIR / "staticfiles"
 # ever process-local.
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# --- Live dashboard (dashboard/hub.py) ---------------------------------------
+CONVEYOR_LIVE = {
+    # Updates a stream may fall behind by before it is closed (its client
+    # reconnects and replays from the event log).
+    "SUBSCRIBER_QUEUE_SIZE": env_int("CONVEYOR_SSE_QUEUE_SIZE", 1000, minimum=10),
+    "KEEPALIVE_SECONDS": env_int("CONVEYOR_SSE_KEEPALIVE_SECONDS", 15, minimum=1),
+    # Whether this process takes part in publishing `queue.stats` events (at
+    # most once a second across all processes).
+    "PUBLISH_QUEUE_STATS": env_bool("CONVEYOR_PUBLISH_QUEUE_STATS", True),
+    "STATS_INTERVAL_SECONDS": 1.0,
+}
+
 # --- Security (secure defaults whenever DEBUG is off) -----------------------
 if not DEBUG:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -141,12 +154,20 @@ CONVEYOR = {
     "RETENTION_DAYS": env_int("CONVEYOR_RETENTION_DAYS", 14, minimum=1),
     "MAX_PAYLOAD_BYTES": 256 * 1024,
     "DEFAULT_QUEUE": "default",
+    # Async (I/O-bound) jobs one worker process runs at once (jobs/lane.py).
+    "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 100, minimum=1),
 }
 
 # Seconds before Django-Q2 hands an unacknowledged broker row out again. The
 # runner uses that redelivery as its watchdog: it is how a job whose worker
 # was killed is noticed (see jobs/runner.py), so keep it short.
 _VISIBILITY = env_int("CONVEYOR_VISIBILITY_TIMEOUT", 60, minimum=2)
+
+# "postgres": jobs.broker.PostgresBroker (SKIP LOCKED batches, LISTEN/NOTIFY
+# wake-ups); "orm": Django-Q2's stock ORM broker, kept for comparison.
+CONVEYOR_BROKER = env_str("CONVEYOR_BROKER", "postgres")
+if CONVEYOR_BROKER not in ("postgres", "orm"):
+    raise ImproperlyConfigured(f"CONVEYOR_BROKER={CONVEYOR_BROKER!r}: use 'postgres' or 'orm'")
 
 Q_CLUSTER = {
     "name": "conveyor",
@@ -170,6 +191,8 @@ Q_CLUSTER = {
     "recycle": 1000,
     "label": "Django-Q2",
 }
+if CONVEYOR_BROKER == "postgres":
+    Q_CLUSTER["broker_class"] = "jobs.broker.PostgresBroker"
 
 LOGGING = {
     "version": 1,

@@ -9,5 +9,6 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("api/", include("jobs.api.urls")),
     path("", include("dashboard.urls")),
 ]

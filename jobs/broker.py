@@ -1,26 +1,67 @@
-"""Everything Django-Q2 sees: the broker rows that make workers run jobs.
+"""Everything Django-Q2 sees: the broker rows that make workers run jobs, and
+the Postgres-native broker class that hands them out.
 
 Django-Q2 is transport; the Job row is the truth. A broker row only says
 "look at job X": the runner decides what that means. Rows are written with the
 Django connection, so they commit (or roll back) with the job change that
 caused them.
 
-Delayed delivery uses the ORM broker's visibility time: a row whose `lock` is
-in the future is invisible until then, so a retry or a scheduled job becomes
-runnable at its time without anyone polling the jobs table.
+Rows live in Django-Q2's own table (`django_q_ormq`, so its admin and
+`qinfo`/`qmonitor` keep working) with one added column, `priority`. A row is
+invisible until its `lock` time: that is both the visibility timeout of a
+delivered row and the earliest-run time of a retry or a scheduled job.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import datetime
 from uuid import UUID
 
+import psycopg
+from django.db import DatabaseError, connection
 from django.utils import timezone
+from django_q.brokers import Broker
+from django_q.conf import Conf
 from django_q.humanhash import uuid as task_uuid
-from django_q.models import OrmQ
 from django_q.signing import SignedPackage
 
+from jobs.durability import relax_commit_durability
+
+log = logging.getLogger(__name__)
+
 RUN_JOB = "jobs.runner.run_job"
+CHANNEL = "conveyor_broker"
+
+# The row and its wake-up call in one round trip; NOTIFY is delivered at
+# commit, so a worker never wakes for a row it cannot see yet.
+_INSERT = f"""
+WITH r AS (
+    INSERT INTO django_q_ormq (key, payload, lock, priority) VALUES (%s, %s, %s, %s) RETURNING id
+)
+SELECT id, pg_notify('{CHANNEL}', %s) FROM r
+"""
+
+# Claim a batch: visible rows of this cluster's queue, best priority first,
+# then in the order they became visible. SKIP LOCKED lets competing clusters
+# take disjoint batches instead of queueing on each other's row locks.
+_CLAIM = """
+WITH picked AS (
+    SELECT id, priority, lock FROM django_q_ormq
+    WHERE key = %s AND lock <= now()
+    ORDER BY priority DESC, lock, id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE django_q_ormq o SET lock = now() + make_interval(secs => %s)
+    FROM picked WHERE o.id = picked.id
+    RETURNING o.id, o.payload, picked.priority, picked.lock AS ready_at
+)
+SELECT id, payload FROM claimed ORDER BY priority DESC, ready_at, id
+"""
+
+_NEXT_DUE = "SELECT extract(epoch FROM min(lock) - now()) FROM django_q_ormq WHERE key = %s AND lock > now()"
 
 
 def cluster_for_queue(queue: str) -> str:
@@ -28,25 +69,172 @@ def cluster_for_queue(queue: str) -> str:
     return queue
 
 
-def enqueue(job_id: UUID | str, *, queue: str, timeout: int, run_at: datetime | None = None) -> int:
+def enqueue(
+    job_id: UUID | str, *, queue: str, timeout: int, run_at: datetime | None = None, priority: int = 0
+) -> int:
     """Insert a broker row asking a worker of `queue`'s cluster to look at the job
     at `run_at` (now when None). Call inside the transaction of the job change."""
-    name, task_id = task_uuid()
     now = timezone.now()
-    task = {
-        "id": task_id,
-        "name": f"job:{job_id}",
-        "func": RUN_JOB,
-        "args": (str(job_id),),
-        "kwargs": {},
-        "started": now,
-        # Django-Q2 kills a worker that runs past this; leave room for the
-        # runner to record the outcome.
-        "timeout": timeout + 30,
-        "ack_failure": True,
-        "save": False,
-    }
-    row = OrmQ.objects.create(
-        key=cluster_for_queue(queue), payload=SignedPackage.dumps(task), lock=max(run_at or now, now)
+    key = cluster_for_queue(queue)
+    with connection.cursor() as cursor:
+        cursor.execute(_INSERT, [key, task_package(job_id, timeout), max(run_at or now, now), priority, key])
+        return cursor.fetchone()[0]
+
+
+def task_package(job_id: UUID | str, timeout: int) -> str:
+    """The signed Django-Q2 task that runs `jobs.runner.run_job(job_id)`."""
+    _, task_id = task_uuid()
+    return SignedPackage.dumps(
+        {
+            "id": task_id,
+            "name": f"job:{job_id}",
+            "func": RUN_JOB,
+            "args": (str(job_id),),
+            "kwargs": {},
+            "started": timezone.now(),
+            # Django-Q2 kills a worker that runs past this; leave the runner
+            # room to record the outcome first.
+            "timeout": timeout + 30,
+            "ack_failure": True,
+        }
     )
-    return row.pk
+
+
+class PostgresBroker(Broker):
+    """A Django-Q2 broker for Postgres (`Q_CLUSTER["broker_class"]`).
+
+    - claims a batch of ready rows in one statement with FOR UPDATE SKIP LOCKED,
+      in priority then FIFO order;
+    - sleeps on LISTEN until a row is enqueued or the next delayed row comes
+      due (with a slow fallback poll), instead of polling every 0.2 s;
+    - keeps Django-Q2's semantics: a claimed row stays invisible for `retry`
+      seconds and is redelivered unless acknowledged.
+    """
+
+    # Idle clusters look once a second anyway: it bounds how long a missed
+    # notification (or Django-Q2's stop signal) waits.
+    FALLBACK_POLL = 1.0
+
+    def __init__(self, list_key: str | None = None) -> None:
+        super().__init__(list_key)
+        self._listener: psycopg.Connection | None = None
+        self._listen_backoff = 0.5
+
+    def get_connection(self, list_key: str | None = None):
+        return connection
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._listener = None
+        self._listen_backoff = 0.5
+
+    # --- Django-Q2's broker interface ---------------------------------------
+
+    def enqueue(self, task: str) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(_INSERT, [self.list_key, task, timezone.now(), 0, self.list_key])
+            return cursor.fetchone()[0]
+
+    def dequeue(self):
+        relax_commit_durability()
+        self._ensure_listener()
+        rows = self._run(_CLAIM, [self.list_key, Conf.BULK, Conf.RETRY])
+        if rows:
+            return [(row[0], row[1]) for row in rows]
+        self._wait()
+        return None
+
+    def acknowledge(self, task_id) -> None:
+        relax_commit_durability()
+        self._run("DELETE FROM django_q_ormq WHERE id = %s", [task_id], fetch=False)
+
+    def fail(self, task_id) -> None:
+        self.acknowledge(task_id)
+
+    def delete(self, task_id) -> None:
+        self.acknowledge(task_id)
+
+    def queue_size(self) -> int:
+        return self._run("SELECT count(*) FROM django_q_ormq WHERE key = %s AND lock <= now()", [self.list_key])[0][0]
+
+    def lock_size(self) -> int:
+        return self._run("SELECT count(*) FROM django_q_ormq WHERE key = %s AND lock > now()", [self.list_key])[0][0]
+
+    def purge_queue(self):
+        return self._run("DELETE FROM django_q_ormq WHERE key = %s", [self.list_key], fetch=False)
+
+    def delete_queue(self):
+        return self.purge_queue()
+
+    def ping(self) -> bool:
+        return self._run("SELECT 1", [])[0][0] == 1
+
+    def info(self) -> str:
+        return "Postgres (SKIP LOCKED claims, LISTEN/NOTIFY wake-ups)"
+
+    def close(self) -> None:
+        """Close the LISTEN connection (the Django connection is Django's)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    # --- internals ----------------------------------------------------------
+
+    def _run(self, sql: str, params: list, *, fetch: bool = True):
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                return cursor.fetchall() if fetch else cursor.rowcount
+        except DatabaseError:
+            # A dead connection (Postgres restarted): drop it so the next call
+            # reconnects; Django-Q2's pusher logs this and carries on.
+            connection.close()
+            raise
+
+    def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.closed:
+            return
+        settings = connection.settings_dict
+        try:
+            self._listener = psycopg.connect(
+                dbname=settings["NAME"],
+                user=settings["USER"] or None,
+                password=settings["PASSWORD"] or None,
+                host=settings["HOST"] or None,
+                port=settings["PORT"] or None,
+                autocommit=True,
+                application_name=f"conveyor-broker-{self.list_key}",
+            )
+            self._listener.execute(f"LISTEN {CHANNEL}")
+            self._listen_backoff = 0.5
+        except psycopg.Error as exc:
+            log.warning("broker LISTEN connection failed (%s); retrying in %.1f s", exc, self._listen_backoff)
+            self._listener = None
+
+    def _wait(self) -> None:
+        """Sleep until this queue gets a row, the next delayed row is due, or
+        the fallback poll interval passes."""
+        timeout = self.FALLBACK_POLL
+        try:
+            due = self._run(_NEXT_DUE, [self.list_key])[0][0]
+            if due is not None:
+                timeout = max(0.0, min(timeout, float(due)))
+        except DatabaseError:
+            timeout = self._listen_backoff
+        if self._listener is None:
+            time.sleep(min(timeout, self._listen_backoff))
+            self._listen_backoff = min(self._listen_backoff * 2, self.FALLBACK_POLL)
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                for notify in self._listener.notifies(timeout=remaining, stop_after=1):
+                    if notify.payload == self.list_key:
+                        return
+                    break  # another queue's row: keep waiting
+        except psycopg.Error as exc:
+            log.warning("broker LISTEN connection lost (%s); reconnecting", exc)
+            try:
+                self._listener.close()
+            finally:
+                self._listener = None

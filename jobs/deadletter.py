@@ -11,7 +11,6 @@ from uuid import UUID
 
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.utils import timezone
 
 from jobs import broker, events
 from jobs.errors import InvalidState, JobNotFound
@@ -121,7 +120,9 @@ def _requeue(job_id: UUID | str, *, actor: str) -> Job | None:
             target=State.QUEUED,
             event_data={"reason": "retry", "actor": actor},
             attempts=0,
-            run_after=None,
+            # Runnable from now: queue_stats measures its wait from here, not
+            # from when the job was first created.
+            run_after=Sql("now()"),
             finished_at=None,
             cancel_requested_at=None,
             progress_percent=0,
@@ -134,5 +135,5 @@ def _requeue(job_id: UUID | str, *, actor: str) -> Job | None:
             lease_expires_at=None,
         )
         if job is not None:
-            broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=timezone.now())
+            broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, priority=job.priority)
         return job

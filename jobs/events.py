@@ -25,6 +25,20 @@ FROM e
 """
 
 
+def ctes(*, data_sql: str = "%s::jsonb", when: str = "true") -> str:
+    """SQL that appends the event (and its notification) for the job row(s) an
+    earlier CTE named `j` returned, to splice into a `WITH j AS (...)` statement.
+
+    Parameters, in order: the event type, those of `data_sql`, the event type.
+    """
+    return (
+        ", e AS (INSERT INTO jobs_jobevent (job_id, type, data, created_at)"
+        f" SELECT id, %s, {data_sql}, now() FROM j WHERE {when} RETURNING id, job_id)"
+        f", n AS (SELECT pg_notify('{CHANNEL}', json_build_object("
+        "'id', e.id, 'job', e.job_id::text, 'type', %s::text, 'queue', j.queue)::text) FROM e JOIN j ON j.id = e.job_id)"
+    )
+
+
 def record(job_id: UUID | str | None, type: str, data: dict[str, Any] | None = None, *, queue: str = "") -> int:
     """Append an event; call inside the transaction that makes the change it describes."""
     job = str(job_id) if job_id else None

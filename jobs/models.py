@@ -136,9 +136,11 @@ class Attempt(models.Model):
     error_type = models.CharField(max_length=200, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
     traceback = models.TextField(blank=True, default="")
+    output = models.TextField(blank=True, default="", help_text="Text a streaming handler produced (kept if it failed).")
 
     class Meta:
         ordering = ["id"]
+        indexes = [models.Index(fields=["finished_at"], name="attempt_finished_at")]
 
     def __str__(self) -> str:
         return f"attempt {self.number} of {self.job_id}: {self.outcome or 'running'}"
@@ -157,3 +159,80 @@ class JobEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} {self.type}"
+
+
+class ApiKey(models.Model):
+    """A key for the REST API. The key itself is shown once, at creation; only
+    its SHA-256 digest is kept (see `jobs.apikeys`)."""
+
+    class Scope(models.TextChoices):
+        SUBMIT = "submit"
+        READ = "read"
+        OPERATE = "operate"
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True, help_text="The key's first characters, to find it.")
+    hashed_key = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} (cvk_{self.prefix}…)"
+
+    @property
+    def owner(self) -> str:
+        """The owner string of what this key submits (idempotency keys are per owner)."""
+        return f"apikey:{self.pk}"
+
+
+class BatchIdempotencyKey(models.Model):
+    """The Idempotency-Key a batch was submitted with (jobs keep theirs on the Job row)."""
+
+    batch = models.OneToOneField(Batch, on_delete=models.CASCADE, related_name="idempotency")
+    owner = models.CharField(max_length=100, blank=True, default="")
+    key = models.CharField(max_length=255)
+    request_fingerprint = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # As for jobs: a second batch with the same key fails in the database.
+            models.UniqueConstraint(fields=["owner", "key"], name="batch_unique_idempotency_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.owner} {self.key}"
+
+
+class Page(models.Model):
+    """A generated content page (kind `content.page`). Keyed by (batch, slug):
+    a re-run of the job overwrites the same row."""
+
+    batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="pages")
+    slug = models.SlugField(max_length=200)
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="pages")
+    keyword = models.CharField(max_length=300, blank=True, default="")
+    title = models.CharField(max_length=300)
+    meta_description = models.CharField(max_length=320, blank=True, default="")
+    body_markdown = models.TextField()
+    word_count = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    simulated = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "slug"], nulls_distinct=False, name="page_unique_batch_slug"),
+        ]
+
+    def __str__(self) -> str:
+        return self.slug

@@ -3,6 +3,7 @@ payload schema, default queue, attempts and timeout."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,11 @@ class Handler:
     max_attempts: int
     timeout: int
     description: str
+
+    @property
+    def is_async(self) -> bool:
+        """`async def` handlers run in the worker process's asyncio lane (jobs/lane.py)."""
+        return inspect.iscoroutinefunction(self.func)
 
 
 _registry: dict[str, Handler] = {}

@@ -17,6 +17,7 @@ so a delivery only means "look at this job":
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -32,10 +33,12 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from jobs import broker, events, retries
+from jobs.durability import relax_commit_durability
 from jobs.errors import Cancelled, LeaseLost
+from jobs.lane import get_lane
 from jobs.models import Attempt, Job, State
 from jobs.registry import get_handler
-from jobs.states import Sql, transition
+from jobs.states import OPEN_ATTEMPT, Sql, close_attempt, transition
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +67,21 @@ class Context:
         """Record progress (0-100) and a message; raises Cancelled if an
         operator cancelled the job, LeaseLost if it was taken from this worker."""
         percent = max(0, min(100, int(percent)))
-        with transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "UPDATE jobs_job SET progress_percent = %s, progress_message = %s, updated_at = now() "
-                    "WHERE id = %s AND state = 'running' AND lease_owner = %s RETURNING cancel_requested_at",
-                    [percent, message[:500], str(self.job_id), self.worker],
-                )
-                row = cursor.fetchone()
-            if row is None:
-                raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
-            if row[0] is None:
-                events.record(
-                    self.job_id, "job.progress", {"percent": percent, "message": message[:500]}, queue=self.queue
-                )
+        message = message[:500]
+        # One statement: the progress, its event (unless a cancel is pending)
+        # and the notification.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "WITH j AS (UPDATE jobs_job SET progress_percent = %s, progress_message = %s, updated_at = now()"
+                " WHERE id = %s AND state = 'running' AND lease_owner = %s RETURNING id, queue, cancel_requested_at)"
+                + events.ctes(when="cancel_requested_at IS NULL")
+                + " SELECT j.cancel_requested_at, (SELECT count(*) FROM n) FROM j",
+                [percent, message, str(self.job_id), self.worker,
+                 "job.progress", json.dumps({"percent": percent, "message": message}), "job.progress"],
+            )
+            row = cursor.fetchone()
+        if row is None:
+            raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
         if row[0] is not None:
             raise Cancelled("cancelled by an operator")
 
@@ -92,12 +96,21 @@ class Context:
 
 def run_job(job_id: str) -> None:
     """Entry point of every broker row (see the module docstring)."""
+    try:
+        UUID(str(job_id))
+    except ValueError:
+        log.warning("ignoring a delivery for the malformed job id %r", job_id)
+        return
+    relax_commit_durability()
     worker = _worker_id()
     job = _claim(job_id, worker)
     if job is None:
         _look_after_unclaimed(job_id)
         return
     handler = get_handler(job.kind)
+    if handler is not None and handler.is_async:
+        get_lane().submit(job, handler, worker)
+        return
     ctx = Context(job, worker)
     heartbeat = _Heartbeat(job.id, worker, ctx.lease_lost)
     heartbeat.start()
@@ -105,7 +118,7 @@ def run_job(job_id: str) -> None:
         if handler is None:
             raise _UnknownKind(f"no handler is registered for kind {job.kind!r} on this worker")
         payload = handler.schema.model_validate(job.payload)
-        result = handler.func(ctx, payload)
+        result = _storable(handler.func(ctx, payload))
     except Cancelled:
         heartbeat.stop()
         _finish_cancelled(job, worker)
@@ -124,30 +137,33 @@ class _UnknownKind(Exception):
     pass
 
 
+def _storable(result: Any) -> Any:
+    """The result as the job will store it. A result JSON cannot hold (a
+    datetime, NaN) fails the attempt here, inside the handler's error
+    handling, rather than in the final UPDATE where nothing catches it."""
+    if result is None:
+        return {}
+    json.dumps(result, allow_nan=False)  # jsonb refuses NaN and Infinity
+    return result
+
+
 def _claim(job_id: str, worker: str) -> Job | None:
-    with transaction.atomic():
-        job = transition(
-            job_id,
-            target=State.RUNNING,
-            where=Sql("run_after IS NULL OR run_after <= now()"),
-            event="job.started",
-            attempts=Sql("attempts + 1"),
-            lease_owner=worker,
-            lease_expires_at=Sql("now() + make_interval(secs => %s)", lease_seconds()),
-            started_at=Sql("now()"),
-            cancel_requested_at=None,
-        )
-        if job is not None:
-            Attempt.objects.create(job=job, number=job.attempts, worker=worker, started_at=job.started_at)
-        return job
+    return transition(
+        job_id,
+        target=State.RUNNING,
+        where=Sql("run_after IS NULL OR run_after <= now()"),
+        event="job.started",
+        attempt=OPEN_ATTEMPT,
+        attempts=Sql("attempts + 1"),
+        lease_owner=worker,
+        lease_expires_at=Sql("now() + make_interval(secs => %s)", lease_seconds()),
+        started_at=Sql("now()"),
+        cancel_requested_at=None,
+    )
 
 
 def _look_after_unclaimed(job_id: str) -> None:
     """The delivery did not claim the job: it may be the watchdog of a running one."""
-    try:
-        UUID(str(job_id))
-    except ValueError:
-        return
     job = Job.objects.filter(id=job_id).only("state", "lease_expires_at", "queue", "timeout").first()
     if job is None or job.state != State.RUNNING:
         return  # duplicate delivery of a finished or not-yet-due job
@@ -174,13 +190,13 @@ def rescue_job(job_id: UUID | str) -> bool:
             return False
         owner = job.lease_owner
         message = f"worker {owner or '?'} stopped renewing its lease (killed, crashed or timed out)"
-        _close_attempt(job.id, Attempt.Outcome.LOST, error_type="WorkerLost", message=message)
+        lost = close_attempt(Attempt.Outcome.LOST, error_type="WorkerLost", message=message)
         expired = Sql("lease_owner = %s AND lease_expires_at <= now()", owner)
         if job.attempts < job.max_attempts:
             delay = retries.backoff_delay(job.attempts, base=job.backoff_base, maximum=job.backoff_max)
-            _to_retrying(job, owner_where=expired, delay=delay, error=("WorkerLost", message, ""))
+            _to_retrying(job, owner_where=expired, delay=delay, error=("WorkerLost", message, ""), attempt=lost)
         else:
-            transition(job.id, target=State.DEAD, where=expired, **_ended(), **_error("WorkerLost", message, ""))
+            transition(job.id, target=State.DEAD, where=expired, attempt=lost, **_ended(), **_error("WorkerLost", message, ""))
     log.warning("job %s: rescued after its lease expired (%s)", job_id, message)
     return True
 
@@ -208,65 +224,54 @@ def _error(error_type: str, message: str, tb: str) -> dict[str, Any]:
     return {"error_type": error_type[:200], "error_message": message, "error_traceback": tb}
 
 
-def _close_attempt(job_id: UUID, outcome: str, *, error_type: str = "", message: str = "", tb: str = "") -> None:
-    Attempt.objects.filter(job_id=job_id, finished_at__isnull=True).update(
-        finished_at=timezone.now(), outcome=outcome, error_type=error_type[:200], error_message=message, traceback=tb
+def _finish_succeeded(job: Job, worker: str, result: Any, *, output: str | None = None) -> None:
+    done = transition(
+        job.id,
+        target=State.SUCCEEDED,
+        source=frozenset({State.RUNNING}),
+        where=_mine(worker),
+        attempt=close_attempt(Attempt.Outcome.SUCCEEDED, output=output or None),
+        result=result,
+        progress_percent=100,
+        **_ended(),
+        **_error("", "", ""),
     )
-
-
-def _finish_succeeded(job: Job, worker: str, result: Any) -> None:
-    with transaction.atomic():
-        done = transition(
-            job.id,
-            target=State.SUCCEEDED,
-            source=frozenset({State.RUNNING}),
-            where=_mine(worker),
-            result=result if result is not None else {},
-            progress_percent=100,
-            **_ended(),
-            **_error("", "", ""),
-        )
-        if done:
-            _close_attempt(job.id, Attempt.Outcome.SUCCEEDED)
     if not done:
         log.warning("job %s: finished, but it was no longer ours (lease lost); result dropped", job.id)
 
 
 def _finish_cancelled(job: Job, worker: str) -> None:
-    with transaction.atomic():
-        if transition(job.id, target=State.CANCELLED, where=_mine(worker), **_ended()):
-            _close_attempt(
-                job.id, Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled by an operator"
-            )
+    transition(
+        job.id,
+        target=State.CANCELLED,
+        where=_mine(worker),
+        attempt=close_attempt(Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled by an operator"),
+        **_ended(),
+    )
 
 
-def _finish_failed(job: Job, worker: str, exc: Exception) -> None:
+def _finish_failed(job: Job, worker: str, exc: Exception, *, output: str | None = None) -> None:
     error_type = type(exc).__name__
     message = str(exc) or error_type
     tb = "".join(traceback.format_exception(exc))
+    failed = close_attempt(Attempt.Outcome.FAILED, error_type=error_type, message=message, tb=tb, output=output or None)
     decision = retries.decide(
         exc, attempts=job.attempts, max_attempts=job.max_attempts, base=job.backoff_base, maximum=job.backoff_max
     )
-    with transaction.atomic():
-        if decision.retry:
-            moved = _to_retrying(
-                job,
-                owner_where=_mine(worker),
-                delay=decision.delay,
-                error=(error_type, message, tb),
-                refund_attempt=not decision.count_attempt,
+    if decision.retry:
+        with transaction.atomic():
+            _to_retrying(
+                job, owner_where=_mine(worker), delay=decision.delay, error=(error_type, message, tb),
+                attempt=failed, refund_attempt=not decision.count_attempt,
             )
-        else:
-            moved = transition(
-                job.id, target=State.DEAD, where=_mine(worker), **_ended(), **_error(error_type, message, tb)
-            )
-        if moved:
-            _close_attempt(job.id, Attempt.Outcome.FAILED, error_type=error_type, message=message, tb=tb)
+    else:
+        transition(job.id, target=State.DEAD, where=_mine(worker), attempt=failed, **_ended(), **_error(error_type, message, tb))
 
 
 def _to_retrying(
-    job: Job, *, owner_where: Sql, delay: float, error: tuple[str, str, str], refund_attempt: bool = False
+    job: Job, *, owner_where: Sql, delay: float, error: tuple[str, str, str], attempt: Sql, refund_attempt: bool = False
 ) -> Job | None:
+    """Call inside a transaction: the retry's broker row commits with it."""
     run_after = timezone.now() + timedelta(seconds=delay)
     fields: dict[str, Any] = {"run_after": run_after, "lease_owner": "", "lease_expires_at": None, **_error(*error)}
     if refund_attempt:
@@ -275,11 +280,12 @@ def _to_retrying(
         job.id,
         target=State.RETRYING,
         where=owner_where,
+        attempt=attempt,
         event_data={"run_after": run_after.isoformat(), "delay": round(delay, 3), "error_type": error[0]},
         **fields,
     )
     if moved:
-        broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=run_after)
+        broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=run_after, priority=job.priority)
     return moved
 
 

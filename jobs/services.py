@@ -59,3 +59,68 @@ def list_jobs(*, state: str | None = None, queue: str | None = None, kind: str |
 def job_events(job_id: UUID | str, *, after: int = 0) -> list[JobEvent]:
     """The job's events, oldest first, those with id > `after`."""
     return list(JobEvent.objects.filter(job_id=job_id, id__gt=after).order_by("id"))
+
+
+# --- REST API: keyset pages, batches, API keys -----------------------------
+
+from datetime import datetime  # noqa: E402
+
+from django.db.models import Q  # noqa: E402
+
+from jobs.apikeys import ApiKeyNotFound, CreatedApiKey, create_api_key, revoke_api_key, verify_api_key  # noqa: E402
+from jobs.batches import (  # noqa: E402
+    BatchNotFound,
+    BatchProgress,
+    BatchSubmitted,
+    InvalidBatch,
+    batch_progress,
+    get_batch,
+    jobs_from_csv,
+    page_batches,
+    submit_batch,
+)
+
+__all__ += [
+    "ApiKeyNotFound",
+    "BatchNotFound",
+    "BatchProgress",
+    "BatchSubmitted",
+    "CreatedApiKey",
+    "InvalidBatch",
+    "batch_progress",
+    "create_api_key",
+    "get_batch",
+    "jobs_from_csv",
+    "page_batches",
+    "page_jobs",
+    "revoke_api_key",
+    "submit_batch",
+    "verify_api_key",
+]
+
+
+def page_jobs(
+    *,
+    state: str | None = None,
+    queue: str | None = None,
+    kind: str | None = None,
+    batch: UUID | str | None = None,
+    error_type: str | None = None,
+    before: tuple[datetime, UUID] | None = None,
+    limit: int = 50,
+) -> list[Job]:
+    """Newest first (created_at, then id), with their attempts: the jobs after
+    position `before`, for keyset pagination (a page costs the same at any depth)."""
+    query = Job.objects.all()
+    if state:
+        if state not in State.values:
+            raise ValueError(f"unknown state {state!r}; states are {', '.join(State.values)}")
+        query = query.filter(state=state)
+    filters = {"queue": queue, "kind": kind, "batch_id": batch, "error_type": error_type}
+    query = query.filter(**{name: value for name, value in filters.items() if value})
+    if before is not None:
+        created_at, job_id = before
+        # The `lte` half is what the created_at index can seek to; the OR
+        # only breaks ties between jobs created in the same microsecond.
+        query = query.filter(created_at__lte=created_at).filter(Q(created_at__lt=created_at) | Q(id__lt=job_id))
+    return list(query.order_by("-created_at", "-id").prefetch_related("attempt_set")[:limit])

@@ -5,14 +5,19 @@ Every transition is one conditional `UPDATE … WHERE id = %s AND state IN (…)
 when two actors race (two workers claiming, an operator cancelling while the
 worker finishes), the row lock taken by the first UPDATE makes the second
 re-check its WHERE clause against the committed row and match nothing.
+
+The UPDATE, the attempt bookkeeping, the `JobEvent` row and its `pg_notify`
+are one SQL statement (data-modifying CTEs), so a transition is atomic even
+outside a transaction and costs one round trip on the workers' hot path.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from uuid import UUID
 
-from django.db import connection, transaction
+from django.db import connection
 
 from jobs import events
 from jobs.models import Job, State
@@ -20,7 +25,8 @@ from jobs.models import Job, State
 Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
 OK, DEAD, CXL, DIS = State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED
 
-# target state -> the states it may be entered from.
+# target state -> the states it may be entered from. `scheduled` has no entry:
+# only submission creates scheduled jobs.
 # A due `retrying` or `scheduled` job is claimed directly (the "due" step of
 # DESIGN.md's picture is folded into the claim's `run_after <= now()` test).
 ALLOWED: dict[State, frozenset[State]] = {
@@ -35,11 +41,33 @@ ALLOWED: dict[State, frozenset[State]] = {
 
 
 class Sql:
-    """A SET value written as SQL (e.g. `Sql("attempts + 1")`) rather than a parameter."""
+    """A SET value or condition written as SQL (e.g. `Sql("attempts + 1")`)
+    rather than a parameter."""
 
     def __init__(self, expression: str, *params: Any) -> None:
         self.expression = expression
         self.params = list(params)
+
+
+# What a transition does to the attempt rows, in the same statement. `j` is
+# the updated job row.
+OPEN_ATTEMPT = Sql(
+    "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message, traceback, output) "
+    "SELECT id, attempts, lease_owner, started_at, '', '', '', '', '' FROM j"
+)
+
+
+def close_attempt(outcome: str, *, error_type: str = "", message: str = "", tb: str = "", output: str | None = None) -> Sql:
+    """End the job's open attempt; `output` (streamed text) is kept when given."""
+    return Sql(
+        "UPDATE jobs_attempt SET finished_at = now(), outcome = %s, error_type = %s, error_message = %s,"
+        " traceback = %s, output = coalesce(%s, output) WHERE job_id = (SELECT id FROM j) AND finished_at IS NULL",
+        outcome,
+        error_type[:200],
+        message,
+        tb,
+        output,
+    )
 
 
 def is_allowed(source: State, target: State) -> bool:
@@ -54,17 +82,21 @@ def transition(
     where: Sql | None = None,
     event: str | None = None,
     event_data: dict[str, Any] | None = None,
+    attempt: Sql | None = None,
     **fields: Any,
 ) -> Job | None:
-    """Move a job from any of `source` to `target` and log the event.
+    """Move a job from any of `source` to `target`, log the event and apply
+    `attempt` (OPEN_ATTEMPT or close_attempt(...)) in one statement.
 
     Returns the updated job, or None when the job was not in a source state
     (or did not match `where`): another actor won.
     """
-    allowed = ALLOWED[target]
+    allowed = ALLOWED.get(target, frozenset())
     source = allowed if source is None else source
     if not source <= allowed:
         raise ValueError(f"illegal transition {sorted(source - allowed)} -> {target}")
+    if not source:
+        return None
 
     sets = ["state = %s", "updated_at = now()"]
     params: list[Any] = [target.value]
@@ -76,24 +108,19 @@ def transition(
         else:
             sets.append(f"{field.column} = %s")
             params.append(field.get_db_prep_save(value, connection))
-    sql = f"UPDATE jobs_job SET {', '.join(sets)} WHERE id = %s AND state = ANY(%s)"
+    condition = "id = %s AND state = ANY(%s)"
     params += [str(job_id), [s.value for s in source]]
     if where is not None:
-        sql += f" AND ({where.expression})"
+        condition += f" AND ({where.expression})"
         params += where.params
-    sql += " RETURNING *"
 
-    with transaction.atomic():
-        rows = list(Job.objects.raw(sql, params))
-        if not rows:
-            return None
-        job = rows[0]
-        events.record(job.id, event or f"job.{target.value}", _event_data(job, event_data), queue=job.queue)
-        return job
-
-
-def _event_data(job: Job, extra: dict[str, Any] | None) -> dict[str, Any]:
-    data = {"state": job.state, "attempts": job.attempts}
-    if extra:
-        data.update(extra)
-    return data
+    event_type = event or f"job.{target.value}"
+    sql = [f"WITH j AS (UPDATE jobs_job SET {', '.join(sets)} WHERE {condition} RETURNING *)"]
+    if attempt is not None:
+        sql.append(f", a AS ({attempt.expression})")
+        params += attempt.params
+    sql.append(events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"))
+    sql.append(" SELECT j.* FROM j, (SELECT count(*) FROM n) AS notified")
+    params += [event_type, json.dumps(event_data or {}), event_type]
+    rows = list(Job.objects.raw(" ".join(sql), params))
+    return rows[0] if rows else None

@@ -22,7 +22,8 @@ class QueueStats(TypedDict):
 
 # Active counts come from the partial index on active states; the dead count
 # from the partial index on dead jobs; the last minute from the finished_at
-# index. None of them scans finished history.
+# index, the attempts' failures from the attempts' finished_at index. None of
+# them scans finished history.
 _QUEUE_STATS = """
 WITH active AS (
     SELECT queue,
@@ -40,29 +41,27 @@ WITH active AS (
 ), dead AS (
     SELECT queue, count(*) AS dead FROM jobs_job WHERE state = 'dead' GROUP BY queue
 ), recent AS (
-    SELECT queue,
-           count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
-           count(*) FILTER (WHERE state = 'dead') AS failed
+    SELECT queue, count(*) AS succeeded
     FROM jobs_job
-    WHERE finished_at IS NOT NULL AND finished_at > now() - interval '1 minute'
+    WHERE state = 'succeeded' AND finished_at > now() - interval '1 minute'
     GROUP BY queue
-), retries AS (
-    -- attempts that failed in the last minute but will be retried
+), failures AS (
+    -- every attempt that failed (or lost its worker) in the last minute,
+    -- whatever became of its job since: a retry or discard does not rewrite it
     SELECT j.queue, count(*) AS failed
     FROM jobs_attempt a JOIN jobs_job j ON j.id = a.job_id
     WHERE a.finished_at > now() - interval '1 minute' AND a.outcome IN ('failed', 'lost')
-      AND j.state <> 'dead'
     GROUP BY j.queue
 )
 SELECT q.queue,
        coalesce(a.queued, 0), coalesce(a.scheduled, 0), coalesce(a.running, 0), coalesce(a.retrying, 0),
-       coalesce(d.dead, 0), a.oldest, coalesce(r.succeeded, 0), coalesce(r.failed, 0) + coalesce(t.failed, 0)
+       coalesce(d.dead, 0), a.oldest, coalesce(r.succeeded, 0), coalesce(f.failed, 0)
 FROM (SELECT queue FROM active UNION SELECT queue FROM dead UNION SELECT queue FROM recent
-      UNION SELECT unnest(%s::text[])) q
+      UNION SELECT queue FROM failures UNION SELECT unnest(%s::text[])) q
 LEFT JOIN active a USING (queue)
 LEFT JOIN dead d USING (queue)
 LEFT JOIN recent r USING (queue)
-LEFT JOIN retries t USING (queue)
+LEFT JOIN failures f USING (queue)
 ORDER BY q.queue
 """
 

@@ -185,7 +185,7 @@ def fingerprint(fields: dict[str, Any]) -> str:
 def _announce(job: Job) -> None:
     """The event and broker row of a newly created job (same transaction)."""
     events.record(job.id, "job.created", {"state": job.state, "kind": job.kind}, queue=job.queue)
-    broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=job.run_after)
+    broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=job.run_after, priority=job.priority)
 
 
 def _is_int(value: Any) -> bool:

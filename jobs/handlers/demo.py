@@ -58,3 +58,24 @@ def fail(ctx, payload: FailPayload) -> dict:
     if payload.mode == "permanent":
         raise DemoPermanentError(payload.message)
     raise DemoTransientError(payload.message)
+
+
+class AsyncSleepPayload(Payload):
+    seconds: float = Field(ge=0, le=3600)
+    steps: int = Field(default=10, ge=1, le=1000)
+    fail: bool = Field(default=False, description="Raise a transient error at the end (with the output so far).")
+
+
+@handler("demo.async_sleep", schema=AsyncSleepPayload, queue="default", timeout=3700)
+async def async_sleep(ctx, payload: AsyncSleepPayload) -> dict:
+    """Waits without blocking its worker: runs in the asyncio lane, many at once."""
+    import asyncio
+
+    output = ""
+    for done in range(1, payload.steps + 1):
+        await asyncio.sleep(payload.seconds / payload.steps)
+        output += f"step {done}\n"
+        ctx.report_progress(100 * done // payload.steps, f"step {done} of {payload.steps}", output=output)
+    if payload.fail:
+        raise DemoTransientError("failed after its last step")
+    return {"slept": payload.seconds}

@@ -1,0 +1,49 @@
+"""`make bench`: every benchmark, Conveyor against the stock alternative in the
+same run, medians of 3. Usage: python -m bench [w1 w2 w3 compete ...]"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+
+from bench.harness import Table, setup_django
+
+
+def main(argv: list[str]) -> int:
+    setup_django()
+    from bench import queue_bench
+
+    benchmarks = {
+        "w1": queue_bench.w1_submission,
+        "w2": queue_bench.w2_drain,
+        "w3": queue_bench.w3_pickup,
+        "compete": queue_bench.competing_clusters,
+    }
+    chosen = argv or list(benchmarks)
+    unknown = [name for name in chosen if name not in benchmarks]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(benchmarks)}", file=sys.stderr)
+        return 2
+    import django
+    import django_q
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        pg = cursor.fetchone()[0]
+    print(f"Python {platform.python_version()}, Django {django.get_version()}, django-q2 {django_q.VERSION}, "
+          f"Postgres {pg}, {platform.machine()}, {__import__('os').cpu_count()} CPUs", flush=True)
+    table = Table()
+    started = time.monotonic()
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        benchmarks[name](table)
+    print()
+    print(table.render())
+    print(f"\n(total {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

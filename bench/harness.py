@@ -1,0 +1,137 @@
+"""Shared plumbing for the benchmarks: a scratch database on the same Postgres,
+subprocess clusters, medians and the ratio table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = ROOT / ".data" / "bench-logs"
+BENCH_DB = "conveyor_bench"
+
+
+def setup_django() -> None:
+    """Point this process at the scratch benchmark database and migrate it."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    if "DATABASE_URL" not in os.environ:
+        from config import embedded_db
+
+        os.environ["DATABASE_URL"] = embedded_db.database_url(ROOT / ".data" / "pg", BENCH_DB)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", interactive=False, verbosity=0)
+
+
+def database_url() -> str:
+    from django.db import connection
+
+    s = connection.settings_dict
+    host = quote(s["HOST"] or "", safe="")
+    auth = s["USER"] + (f":{quote(s['PASSWORD'], safe='')}" if s["PASSWORD"] else "")
+    port = f":{s['PORT']}" if s["PORT"] else ""
+    return f"postgres://{auth}@{host}{port}/{s['NAME']}"
+
+
+def reset() -> None:
+    """Empty the jobs and broker tables between runs."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE jobs_jobevent, jobs_attempt, jobs_job, django_q_ormq, django_q_task CASCADE")
+
+
+class Cluster:
+    """`manage.py qcluster` subprocess(es) with the given broker."""
+
+    def __init__(self, broker: str, *, workers: int = 2, count: int = 1, queue: str = "default", **env: str) -> None:
+        self.procs: list[subprocess.Popen] = []
+        LOGS.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            full_env = {
+                **os.environ,
+                "DATABASE_URL": database_url(),
+                "CONVEYOR_BROKER": broker,
+                "CONVEYOR_WORKERS": str(workers),
+                "Q_CLUSTER_NAME": queue,
+                "LOG_LEVEL": "WARNING",
+                **env,
+            }
+            log = open(LOGS / f"qcluster-{broker}-{i}.log", "wb")  # noqa: SIM115
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=full_env, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, interval: float = 0.05) -> float:
+    """Seconds until `predicate()` is true; raises after `timeout`."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"not done after {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
+    values = [measure() for _ in range(runs)]
+    return statistics.median(values), values
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(self, name: str, unit: str, conveyor: float, stock: float | None, *, higher_is_better: bool,
+            detail: str = "") -> None:
+        if stock in (None, 0):
+            ratio = "n/a"
+        else:
+            ratio = f"{(conveyor / stock) if higher_is_better else (stock / conveyor):.2f}x"
+        stock_text = "n/a" if stock is None else f"{stock:,.1f}"
+        self.rows.append((name, unit, f"{conveyor:,.1f}", stock_text, ratio + (f"  {detail}" if detail else "")))
+        print(f"  {name}: conveyor {conveyor:,.1f} {unit}, stock {stock_text}, ratio {ratio} {detail}", flush=True)
+
+    def render(self) -> str:
+        header = ("benchmark", "unit", "Conveyor", "stock", "Conveyor vs stock")
+        widths = [max(len(str(r[i])) for r in [header, *self.rows]) for i in range(5)]
+        lines = [" | ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+        lines.append("-+-".join("-" * w for w in widths))
+        lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in self.rows]
+        return "\n".join(lines)

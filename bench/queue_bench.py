@@ -1,0 +1,107 @@
+"""W1-W3 and competing clusters: Conveyor's Postgres broker against Django-Q2's
+stock ORM broker, each running Conveyor's full job lifecycle (job row,
+attempt, events), in the same run."""
+
+from __future__ import annotations
+
+import time
+
+from bench.harness import Cluster, Table, median_of, percentile, reset, wait_for
+
+RUNS = 3
+
+
+def w1_submission(table: Table, n: int = 5000) -> None:
+    """One producer, n jobs: Conveyor's submit_job (job + event + broker row in
+    one transaction) vs Django-Q2's async_task on the stock ORM broker."""
+    from django_q.brokers.orm import ORM
+    from django_q.tasks import async_task
+
+    from jobs.services import submit_job
+
+    def conveyor() -> float:
+        reset()
+        started = time.perf_counter()
+        for _ in range(n):
+            submit_job("demo.noop", {})
+        return n / (time.perf_counter() - started)
+
+    def stock() -> float:
+        reset()
+        broker = ORM(list_key="default")
+        started = time.perf_counter()
+        for _ in range(n):
+            async_task("jobs.runner.run_job", "x", broker=broker)
+        return n / (time.perf_counter() - started)
+
+    c, cs = median_of(RUNS, conveyor)
+    s, ss = median_of(RUNS, stock)
+    table.add(f"W1 submit {n} (service call)", "jobs/s", c, s, higher_is_better=True,
+              detail=f"runs {fmt(cs)} vs {fmt(ss)}")
+
+
+def _drain(broker: str, n: int, *, clusters: int = 1, workers: int = 2) -> float:
+    from jobs.models import Job
+    from jobs.services import submit_job
+
+    reset()
+    for _ in range(n):
+        submit_job("demo.noop", {})
+    started = time.perf_counter()
+    with Cluster(broker, workers=workers, count=clusters):
+        wait_for(lambda: Job.objects.filter(state="succeeded").count() == n, timeout=600, interval=0.1)
+    return n / (time.perf_counter() - started)
+
+
+def w2_drain(table: Table, n: int = 5000) -> None:
+    c, cs = median_of(RUNS, lambda: _drain("postgres", n))
+    s, ss = median_of(RUNS, lambda: _drain("orm", n))
+    table.add(f"W2 drain {n} noop, 2 workers", "jobs/s", c, s, higher_is_better=True,
+              detail=f"runs {fmt(cs)} vs {fmt(ss)}")
+
+
+def _pickup(broker: str, n: int) -> list[float]:
+    """Latencies (ms) from submit commit to attempt start for n jobs 20 ms apart."""
+    from jobs.models import Job
+    from jobs.services import submit_job
+
+    reset()
+    committed = {}
+    with Cluster(broker, workers=2):
+        time.sleep(3)  # let the cluster come up and go idle
+        for _ in range(n):
+            job = submit_job("demo.noop", {}).job
+            committed[job.id] = time.time()
+            time.sleep(0.02)
+        wait_for(lambda: Job.objects.filter(state="succeeded").count() == n, timeout=120)
+    started = dict(Job.objects.values_list("id", "started_at"))
+    return [(started[i].timestamp() - t) * 1000 for i, t in committed.items()]
+
+
+def w3_pickup(table: Table, n: int = 200) -> None:
+    runs_c = [_pickup("postgres", n) for _ in range(RUNS)]
+    runs_s = [_pickup("orm", n) for _ in range(RUNS)]
+    for label, p in (("p50", 50), ("p95", 95), ("max", 100)):
+        c = sorted(percentile(r, p) for r in runs_c)[1]
+        s = sorted(percentile(r, p) for r in runs_s)[1]
+        table.add(f"W3 idle pickup {label} ({n} jobs, 20 ms apart)", "ms", c, s, higher_is_better=False)
+
+
+def competing_clusters(table: Table, n: int = 5000) -> None:
+    """4 clusters on one queue: every job must run exactly once."""
+    from jobs.models import Attempt, Job
+
+    def run(broker: str) -> tuple[float, int]:
+        rate = _drain(broker, n, clusters=4, workers=1)
+        duplicates = Attempt.objects.count() - n
+        assert Job.objects.exclude(attempts=1).count() == 0 or duplicates > 0
+        return rate, duplicates
+
+    c_rate, c_dup = run("postgres")
+    s_rate, s_dup = run("orm")
+    table.add(f"4 competing clusters, {n} jobs", "jobs/s", c_rate, s_rate, higher_is_better=True,
+              detail=f"duplicate executions: conveyor {c_dup}, stock {s_dup}")
+
+
+def fmt(values: list[float]) -> str:
+    return "/".join(f"{v:,.0f}" for v in values)

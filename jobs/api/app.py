@@ -1,0 +1,56 @@
+"""The NinjaAPI of /api/v1/ and its OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ninja import NinjaAPI
+from pydantic import BaseModel
+
+from jobs.api import problems
+from jobs.api.parsing import ApiParser
+from jobs.api.schemas import BatchCsvForm, BatchIn, ProblemOut
+from jobs.api.views import router
+
+DESCRIPTION = """\
+Submit and watch Conveyor jobs.
+
+Authenticate with `Authorization: Bearer <API key>` (`manage.py createapikey`),
+or with a dashboard login session (unsafe methods then need the CSRF token in
+`X-CSRFToken`). Every error is `application/problem+json` (RFC 9457); times
+are UTC ISO 8601; lists are pages, newest first, with an opaque `next_cursor`.
+"""
+
+
+class ConveyorAPI(NinjaAPI):
+    def get_openapi_schema(self, *args: Any, **kwargs: Any):
+        schema = super().get_openapi_schema(*args, **kwargs)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        # Referenced from the hand-written parts of operations (problem
+        # responses, the batch body), which django-ninja does not collect.
+        for model in (ProblemOut, BatchIn):
+            _add_component(components, model)
+        upload = BatchCsvForm.model_json_schema(ref_template="#/components/schemas/{model}")
+        upload["title"] = "BatchCsvUpload"
+        upload["properties"]["file"] = {"type": "string", "format": "binary", "description": "The CSV file."}
+        upload["required"] = [*upload.get("required", []), "file"]
+        components["BatchCsvUpload"] = upload
+        return schema
+
+
+def _add_component(components: dict[str, Any], model: type[BaseModel]) -> None:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in schema.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components.setdefault(model.__name__, schema)
+
+
+api = ConveyorAPI(
+    title="Conveyor API",
+    version="1",
+    description=DESCRIPTION,
+    urls_namespace="api-v1",
+    parser=ApiParser(),
+)
+problems.install(api)
+api.add_router("", router)

@@ -1,0 +1,374 @@
+"""The endpoints of /api/v1/: parse, call one public function of `jobs`, render."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+import pydantic
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
+from ninja import Header, Query, Router, Status
+from pydantic import WithJsonSchema
+
+from jobs import services
+from jobs.api import pagination
+from jobs.api.auth import require
+from jobs.api.parsing import MAX_BATCH_BODY, check_length, check_text, loads, read_body, require_media_type
+from jobs.api.problems import PROBLEM_JSON, PROBLEMS, TYPE_BASE, Problem, pydantic_errors
+from jobs.api.schemas import (
+    BatchCsvForm,
+    BatchIn,
+    BatchOut,
+    BatchPage,
+    Count,
+    DeadFilters,
+    DeadSelection,
+    EventFilters,
+    EventOut,
+    JobFilters,
+    JobIn,
+    JobOut,
+    JobPage,
+    Page,
+    ProblemType,
+    QueueStatsOut,
+)
+from jobs.models import Attempt, Batch, Job
+
+router = Router()
+
+READ, SUBMIT, OPERATE = require("read"), require("submit"), require("operate")
+# Its length is documented, not enforced by django-ninja (that would be a
+# 422): a bad key is a 400, from _idempotency_key.
+KeyText = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255})]
+IdempotencyKey = Header(
+    None,
+    alias="Idempotency-Key",
+    description="1-255 characters. The same key with the same body answers the first job again (200, "
+    "`Idempotent-Replayed: true`); with another body it is a 422.",
+)
+
+
+def _doc(*statuses: int, created: bool = False, body: dict | None = None) -> dict[str, Any]:
+    """OpenAPI extras: the operation's problem responses, and its headers."""
+    # Integer keys, as django-ninja's own: its deep merge then joins the two.
+    responses: dict[int, Any] = {
+        status: {
+            "description": " / ".join(title for s, title, _ in PROBLEMS.values() if s == status),
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemOut"}}},
+        }
+        for status in (*statuses, 401, 403, 422, 500, 503)
+    }
+    if created:
+        responses[202] = {"headers": {"Location": {"schema": {"type": "string"}, "description": "The new resource."}}}
+        responses[200] = {
+            "headers": {
+                "Idempotent-Replayed": {
+                    "schema": {"type": "string", "enum": ["true"]},
+                    "description": "The answer of an earlier request with the same Idempotency-Key.",
+                }
+            }
+        }
+    extra: dict[str, Any] = {"responses": responses}
+    if body:
+        extra["requestBody"] = body
+    return extra
+
+
+# --- jobs ----------------------------------------------------------------
+
+
+@router.post("/jobs", auth=SUBMIT, response={202: JobOut, 200: JobOut}, openapi_extra=_doc(400, 413, 415, created=True))
+def submit_job(
+    request: HttpRequest, body: JobIn, response: HttpResponse, idempotency_key: KeyText | None = IdempotencyKey
+):
+    """Submit a job. 202 with the job; 200 when the Idempotency-Key was seen with the same body."""
+    submitted = services.submit_job(
+        body.kind,
+        body.payload,
+        queue=body.queue,
+        priority=body.priority,
+        run_after=body.run_after,
+        max_attempts=body.max_attempts,
+        backoff_base=body.backoff_base,
+        backoff_max=body.backoff_max,
+        callback_url=body.callback_url,
+        idempotency_key=_idempotency_key(idempotency_key),
+        owner=request.auth.owner,
+    )
+    job = submitted.job
+    response["Location"] = reverse("api-v1:get_job", args=[job.id])
+    if not submitted.created:
+        response["Idempotent-Replayed"] = "true"
+        return Status(200, job_out(job))
+    return Status(202, job_out(job, attempts=[]))
+
+
+@router.get("/jobs", auth=READ, response=JobPage, openapi_extra=_doc())
+def list_jobs(request: HttpRequest, filters: Query[JobFilters]):
+    """Jobs, newest first, a page at a time."""
+    rows = services.page_jobs(
+        state=filters.state,
+        queue=filters.queue,
+        kind=filters.kind,
+        batch=filters.batch,
+        before=pagination.decode(filters.cursor),
+        limit=filters.limit + 1,
+    )
+    jobs, next_cursor = pagination.page(rows, filters.limit)
+    return {"items": [job_out(job) for job in jobs], "next_cursor": next_cursor}
+
+
+@router.get("/jobs/{job_id}", auth=READ, response=JobOut, openapi_extra=_doc(404))
+def get_job(request: HttpRequest, job_id: UUID):
+    """A job with its attempts."""
+    return job_out(services.get_job(job_id))
+
+
+@router.get("/jobs/{job_id}/events", auth=READ, response=list[EventOut], openapi_extra=_doc(404))
+def job_events(request: HttpRequest, job_id: UUID, filters: Query[EventFilters]):
+    """The job's events, oldest first (those after the event id `after`)."""
+    job = services.get_job(job_id)
+    return [
+        {"id": e.id, "type": e.type, "data": e.data, "created_at": e.created_at}
+        for e in services.job_events(job.id, after=filters.after)
+    ]
+
+
+@router.post("/jobs/{job_id}/cancel", auth=OPERATE, response={202: JobOut}, openapi_extra=_doc(404, 409))
+def cancel_job(request: HttpRequest, job_id: UUID):
+    """Cancel a waiting job; ask a running one to stop (it stays running until it does). 409 once finished."""
+    return Status(202, job_out(services.cancel_job(job_id, actor=request.auth.actor)))
+
+
+@router.post("/jobs/{job_id}/retry", auth=OPERATE, response={202: JobOut}, openapi_extra=_doc(404, 409))
+def retry_job(request: HttpRequest, job_id: UUID):
+    """Queue a dead or cancelled job again. 409 in any other state."""
+    return Status(202, job_out(services.retry_job(job_id, actor=request.auth.actor)))
+
+
+# --- dead-letter queue ---------------------------------------------------
+
+
+@router.get("/dlq", auth=READ, response=JobPage, openapi_extra=_doc())
+def list_dead_jobs(request: HttpRequest, filters: Query[DeadFilters]):
+    """Dead jobs, newest first, a page at a time."""
+    rows = services.page_jobs(
+        state="dead",
+        queue=filters.queue,
+        kind=filters.kind,
+        error_type=filters.error_type,
+        before=pagination.decode(filters.cursor),
+        limit=filters.limit + 1,
+    )
+    jobs, next_cursor = pagination.page(rows, filters.limit)
+    return {"items": [job_out(job) for job in jobs], "next_cursor": next_cursor}
+
+
+@router.post("/dlq/retry", auth=OPERATE, response=Count, openapi_extra=_doc(400, 413, 415))
+def retry_dead_jobs(request: HttpRequest, body: DeadSelection):
+    """Retry dead jobs by id (cancelled ones too) or by filter; returns how many were queued."""
+    return {"count": services.retry_jobs(actor=request.auth.actor, **_selection(body))}
+
+
+@router.post("/dlq/discard", auth=OPERATE, response=Count, openapi_extra=_doc(400, 413, 415))
+def discard_dead_jobs(request: HttpRequest, body: DeadSelection):
+    """Discard dead jobs by id or by filter; returns how many were discarded."""
+    return {"count": services.discard_jobs(actor=request.auth.actor, **_selection(body))}
+
+
+# --- queues --------------------------------------------------------------
+
+
+@router.get("/queues", auth=READ, response=list[QueueStatsOut], openapi_extra=_doc())
+def queues(request: HttpRequest):
+    """Per queue: jobs by state, age of the oldest runnable job, the last minute's throughput."""
+    return services.queue_stats(always=[settings.CONVEYOR["DEFAULT_QUEUE"]])
+
+
+# --- batches -------------------------------------------------------------
+
+_BATCH_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/BatchIn"}},
+        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/BatchCsvUpload"}},
+    },
+}
+
+
+@router.post(
+    "/batches",
+    auth=SUBMIT,
+    response={202: BatchOut, 200: BatchOut},
+    openapi_extra=_doc(400, 413, 415, created=True, body=_BATCH_BODY),
+)
+def submit_batch(request: HttpRequest, response: HttpResponse, idempotency_key: KeyText | None = IdempotencyKey):
+    """Submit up to 10,000 jobs at once: all are created, or none (422 naming each bad row).
+
+    JSON: `{"name", "jobs": [job, …]}`. Or multipart/form-data with a CSV `file`
+    (first row names the columns), `name`, `kind` and an optional
+    `payload_template`. Up to 20 MiB.
+    """
+    key = _idempotency_key(idempotency_key)
+    if require_media_type(request, "application/json", "multipart/form-data") == "application/json":
+        body = _validate(BatchIn, loads(read_body(request, limit=MAX_BATCH_BODY)))
+        name, callback_url, label = body.name, body.callback_url, "jobs[{}]".format
+        jobs = [job.model_dump() for job in body.jobs]
+    else:
+        form, jobs = _csv_jobs(request)
+        # rows[1] is the first row after the header, as jobs_from_csv counts.
+        name, callback_url, label = form.name, form.callback_url, lambda index: f"rows[{index + 1}]"
+    submitted = services.submit_batch(
+        name, jobs, owner=request.auth.owner, callback_url=callback_url, idempotency_key=key, label=label
+    )
+    batch = submitted.batch
+    response["Location"] = reverse("api-v1:get_batch", args=[batch.id])
+    if not submitted.created:
+        response["Idempotent-Replayed"] = "true"
+    return Status(202 if submitted.created else 200, batch_out(batch))
+
+
+@router.get("/batches", auth=READ, response=BatchPage, openapi_extra=_doc())
+def list_batches(request: HttpRequest, filters: Query[Page]):
+    """Batches, newest first, a page at a time."""
+    rows = services.page_batches(before=pagination.decode(filters.cursor), limit=filters.limit + 1)
+    batches, next_cursor = pagination.page(rows, filters.limit)
+    progress = services.batch_progress(batches)
+    return {"items": [batch_out(b, progress[b.id]) for b in batches], "next_cursor": next_cursor}
+
+
+@router.get("/batches/{batch_id}", auth=READ, response=BatchOut, openapi_extra=_doc(404))
+def get_batch(request: HttpRequest, batch_id: UUID):
+    """A batch with its jobs counted by state."""
+    return batch_out(services.get_batch(batch_id))
+
+
+# --- problem types -------------------------------------------------------
+
+
+@router.get("/problems/{code}", response=ProblemType, openapi_extra={"responses": {404: _doc(404)["responses"][404]}})
+def problem_type(request: HttpRequest, code: str):
+    """What a problem `type` means (the `type` of every error points here)."""
+    if code not in PROBLEMS:
+        raise Problem("not-found", f"No problem type {code!r}.")
+    status, title, description = PROBLEMS[code]
+    return {"type": TYPE_BASE + code, "title": title, "status": status, "description": description}
+
+
+# --- rendering -----------------------------------------------------------
+
+
+def job_out(job: Job, *, attempts: list[Attempt] | None = None) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "queue": job.queue,
+        "state": job.state,
+        "priority": job.priority,
+        "payload": job.payload,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "progress": {"percent": job.progress_percent, "message": job.progress_message},
+        "result": job.result,
+        "error": _error(job.error_type, job.error_message),
+        "idempotency_key": job.idempotency_key,
+        "callback_url": job.callback_url or None,
+        "batch": job.batch_id,
+        "run_after": job.run_after,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "attempt_history": [_attempt_out(a) for a in (job.attempt_set.all() if attempts is None else attempts)],
+    }
+
+
+def batch_out(batch: Batch, progress: services.BatchProgress | None = None) -> dict[str, Any]:
+    progress = progress or services.batch_progress([batch])[batch.id]
+    return {
+        "id": batch.id,
+        "name": batch.name,
+        "total": batch.total,
+        "counts": progress.counts,
+        "done": progress.done,
+        "callback_url": batch.callback_url or None,
+        "created_at": batch.created_at,
+        "finished_at": progress.finished_at,
+    }
+
+
+def _attempt_out(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "number": attempt.number,
+        "outcome": attempt.outcome or "running",
+        "started_at": attempt.started_at,
+        "finished_at": attempt.finished_at,
+        "error": _error(attempt.error_type, attempt.error_message),
+    }
+
+
+def _error(error_type: str, message: str) -> dict[str, str] | None:
+    return {"type": error_type, "message": message} if error_type or message else None
+
+
+# --- parsing helpers -----------------------------------------------------
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is not None and not 1 <= len(value) <= 255:
+        raise Problem(
+            "invalid-idempotency-key",
+            f"The Idempotency-Key header must be 1-255 characters; it has {len(value)}.",
+            errors=[{"field": "header.Idempotency-Key", "message": "must be 1-255 characters"}],
+        )
+    return value
+
+
+def _selection(body: DeadSelection) -> dict[str, Any]:
+    if body.ids is not None:
+        return {"ids": body.ids}
+    return body.filter.model_dump(exclude_none=True)
+
+
+def _validate(model: type[pydantic.BaseModel], data: Any):
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise Problem("validation-error", "Some fields are invalid.", errors=pydantic_errors(exc.errors())) from None
+
+
+def _csv_jobs(request: HttpRequest) -> tuple[BatchCsvForm, list[dict[str, Any]]]:
+    """The form and jobs of a CSV batch upload."""
+    check_length(request, limit=MAX_BATCH_BODY)  # files are streamed to disk, fields capped by Django
+    fields = {name: request.POST[name] for name in request.POST if name != "file"}
+    check_text(fields)
+    form = _validate(BatchCsvForm, fields)
+    upload = request.FILES.get("file")
+    if upload is None:
+        raise Problem("invalid-batch", "No CSV file.", errors=[{"field": "file", "message": "is required"}])
+    try:
+        text = upload.read().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise Problem(
+            "invalid-batch",
+            "The CSV file is not UTF-8 text.",
+            errors=[{"field": "file", "message": "must be UTF-8 text without NUL characters"}],
+        )
+    template = None
+    if form.payload_template is not None:
+        try:
+            template = loads(form.payload_template)
+        except Problem:
+            template = None
+        if not isinstance(template, dict):
+            raise Problem(
+                "invalid-batch",
+                "The payload template is not a JSON object.",
+                errors=[{"field": "payload_template", "message": "must be a JSON object"}],
+            )
+    options = form.model_dump(include={"queue", "priority", "max_attempts"}, exclude_none=True)
+    return form, services.jobs_from_csv(text, kind=form.kind, payload_template=template, **options)

@@ -1,0 +1,335 @@
+"""Batches: many jobs submitted at once, created in one transaction with bulk
+inserts, and read back with their progress."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Count, Max, Q
+from django.utils import timezone
+
+from jobs import broker, events
+from jobs.errors import ConveyorError, IdempotencyKeyReused, InvalidJob
+from jobs.models import ACTIVE_STATES, Batch, BatchIdempotencyKey, Job, State
+from jobs.submission import prepare_job
+
+MAX_JOBS = 10_000
+# A batch with thousands of bad rows is usually one mistake repeated: the
+# first errors say what it is, all of them would only make a huge response.
+MAX_ERRORS = 100
+JOB_FIELDS = frozenset(
+    {"kind", "payload", "queue", "priority", "run_after", "max_attempts", "backoff_base", "backoff_max", "callback_url"}
+)
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+class InvalidBatch(InvalidJob):
+    """The batch is refused; each error names its row (`jobs[3].payload.seconds`)."""
+
+    code = "invalid-batch"
+
+
+class BatchNotFound(ConveyorError):
+    code = "batch-not-found"
+
+
+class BatchIdempotencyKeyReused(IdempotencyKeyReused):
+    def __init__(self, batch_id) -> None:
+        self.job_id = None
+        self.batch_id = batch_id
+        ConveyorError.__init__(
+            self, f"idempotency key already used for batch {batch_id} with a different request; use a new key"
+        )
+
+
+@dataclass(frozen=True)
+class BatchSubmitted:
+    batch: Batch
+    created: bool  # False: an earlier submission with the same idempotency key
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    counts: dict[str, int]  # every state, zeros included
+    done: bool  # every job has finished
+    finished_at: datetime | None
+
+
+def submit_batch(
+    name: str,
+    jobs: Sequence[Mapping[str, Any]],
+    *,
+    owner: str = "",
+    callback_url: str = "",
+    idempotency_key: str | None = None,
+    label: Callable[[int], str] = "jobs[{}]".format,
+) -> BatchSubmitted:
+    """Create a batch of jobs: all of them or, when any is invalid, none.
+
+    1. Each item (a dict of `submit_job`'s arguments) goes through
+       `prepare_job`, the rules of a single submission. Errors are collected
+       with their row, `label(index)` (`jobs[3].payload.seconds`), and raised
+       together as InvalidBatch.
+    2. One transaction writes the Batch, its idempotency row, the Job rows
+       (COPY), their `job.created` events (one INSERT … SELECT, which also
+       sends each event's pg_notify) and their broker rows (COPY).
+       The idempotency row goes in before the bulk work, so a concurrent
+       duplicate waits on its unique index and fails before doing any.
+
+    Raises InvalidBatch, or BatchIdempotencyKeyReused when the key was used
+    for a different batch.
+    """
+    name = name.strip() if isinstance(name, str) else ""
+    errors = []
+    if not 1 <= len(name) <= 200:
+        errors.append({"field": "name", "message": "must be 1-200 characters"})
+    if callback_url and not _is_http_url(callback_url):
+        errors.append({"field": "callback_url", "message": "must be an http or https URL of at most 2000 characters"})
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        errors.append({"field": "idempotency_key", "message": "must be 1-255 characters"})
+    if not 1 <= len(jobs) <= MAX_JOBS:
+        errors.append({"field": "jobs", "message": f"must hold 1 to {MAX_JOBS} jobs; it holds {len(jobs)}"})
+    if errors:
+        raise InvalidBatch(errors)
+
+    prepared = []
+    for index, item in enumerate(jobs):
+        try:
+            prepared.append(_prepare(item))
+        except InvalidJob as exc:
+            errors += [{**e, "field": ".".join(filter(None, (label(index), e["field"])))} for e in exc.errors]
+            if len(errors) >= MAX_ERRORS:
+                break
+    if errors:
+        raise InvalidBatch(errors[:MAX_ERRORS])
+
+    fingerprint = _fingerprint(name, callback_url, prepared)
+    try:
+        with transaction.atomic():
+            batch = Batch.objects.create(name=name, owner=owner, total=len(prepared), callback_url=callback_url)
+            if idempotency_key is not None:
+                BatchIdempotencyKey.objects.create(
+                    batch=batch, owner=owner, key=idempotency_key, request_fingerprint=fingerprint
+                )
+            jobs = _insert_jobs(batch, prepared, owner=owner)
+            _record_created_events(batch.id)
+            _enqueue_all(jobs)
+    except IntegrityError as exc:
+        if idempotency_key is None or "batch_unique_idempotency_key" not in str(exc):
+            raise
+        earlier = BatchIdempotencyKey.objects.select_related("batch").get(owner=owner, key=idempotency_key)
+        if earlier.request_fingerprint != fingerprint:
+            raise BatchIdempotencyKeyReused(earlier.batch_id) from None
+        return BatchSubmitted(earlier.batch, created=False)
+    return BatchSubmitted(batch, created=True)
+
+
+def jobs_from_csv(
+    text: str, *, kind: str, payload_template: dict[str, Any] | None = None, **options: Any
+) -> list[dict[str, Any]]:
+    """One job per data row of a CSV file whose first row names the columns.
+
+    Without a template a row's payload is the row itself, `{column: cell}`.
+    With one, every string in the template that names a column in braces is
+    filled from the row: `"{topic}"` alone becomes the cell, `"Write about
+    {topic}"` the text with the cell in it. Cells are strings; the kind's
+    payload schema converts them as it would JSON (`"1.5"` → 1.5).
+    `options` (queue, priority, …) apply to every job.
+
+    Raises InvalidBatch naming the row (`rows[1]` is the first row after the
+    header) and the column.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next((row for row in reader if row), None)
+        if header is None:
+            raise InvalidBatch([{"field": "file", "message": "is empty; the first row must name the columns"}])
+        header = [name.strip() for name in header]
+        if "" in header or len(set(header)) != len(header):
+            raise InvalidBatch([{"field": "file", "message": "the header row must name each column once"}])
+        items, errors = [], []
+        for number, row in enumerate((row for row in reader if row), start=1):
+            if number > MAX_JOBS:
+                raise InvalidBatch([{"field": "file", "message": f"has more than {MAX_JOBS} rows"}])
+            if len(row) != len(header):
+                errors.append(
+                    {"field": f"rows[{number}]", "message": f"has {len(row)} cells; the header has {len(header)}"}
+                )
+                continue
+            values = dict(zip(header, row, strict=True))
+            try:
+                payload = values if payload_template is None else _fill(payload_template, values)
+            except KeyError as exc:
+                errors.append(
+                    {
+                        "field": f"rows[{number}]",
+                        "message": f"the payload template names {{{exc.args[0]}}}, which is not a column",
+                    }
+                )
+                continue
+            items.append({"kind": kind, "payload": payload, **options})
+    except csv.Error as exc:
+        raise InvalidBatch([{"field": "file", "message": f"is not valid CSV: {exc}"}]) from None
+    if errors:
+        raise InvalidBatch(errors[:MAX_ERRORS])
+    return items
+
+
+def get_batch(batch_id: uuid.UUID | str) -> Batch:
+    """Raises BatchNotFound (also for a malformed id)."""
+    try:
+        return Batch.objects.get(id=batch_id)
+    except (Batch.DoesNotExist, ValidationError, ValueError, TypeError):
+        raise BatchNotFound(f"no batch with id {batch_id}") from None
+
+
+def page_batches(*, before: tuple[datetime, uuid.UUID] | None = None, limit: int = 50) -> list[Batch]:
+    """Newest first; the batches after position `before` (keyset pagination)."""
+    query = Batch.objects.all()
+    if before is not None:
+        created_at, batch_id = before
+        query = query.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=batch_id))
+    return list(query.order_by("-created_at", "-id")[:limit])
+
+
+def batch_progress(batches: Sequence[Batch]) -> dict[uuid.UUID, BatchProgress]:
+    """Counts by state of each batch's jobs, in one query."""
+    rows = (
+        Job.objects.filter(batch__in=[b.id for b in batches])
+        .values("batch_id", "state")
+        .annotate(n=Count("id"), last=Max("finished_at"))
+    )
+    counts: dict[uuid.UUID, dict[str, int]] = {b.id: dict.fromkeys(State.values, 0) for b in batches}
+    last: dict[uuid.UUID, datetime | None] = {}
+    for row in rows:
+        counts[row["batch_id"]][row["state"]] = row["n"]
+        if row["last"] and (last.get(row["batch_id"]) is None or row["last"] > last[row["batch_id"]]):
+            last[row["batch_id"]] = row["last"]
+    progress = {}
+    for b in batches:
+        done = sum(counts[b.id].values()) > 0 and not any(counts[b.id][s] for s in ACTIVE_STATES)
+        progress[b.id] = BatchProgress(counts[b.id], done, b.finished_at or (last.get(b.id) if done else None))
+    return progress
+
+
+def _prepare(item: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise InvalidJob([{"field": "", "message": "must be a JSON object"}])
+    unknown = sorted(set(item) - JOB_FIELDS)
+    if unknown:
+        raise InvalidJob([{"field": name, "message": "is not a job field"} for name in unknown])
+    options = {k: v for k, v in item.items() if k not in ("kind", "payload")}
+    return prepare_job(item.get("kind"), item.get("payload"), **options)
+
+
+def _fingerprint(name: str, callback_url: str, prepared: list[dict[str, Any]]) -> str:
+    asked = {"name": name, "callback_url": callback_url, "jobs": [f["request_fingerprint"] for f in prepared]}
+    return hashlib.sha256(json.dumps(asked, separators=(",", ":")).encode()).hexdigest()
+
+
+def _insert_jobs(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> list[_NewJob]:
+    """COPY the jobs in. Django's bulk_create spends most of a 10,000-job batch
+    preparing each value; COPY takes rows as they are. Columns and defaults
+    come from the model, so a field added to Job is written here too."""
+    now = timezone.now()
+    fields = Job._meta.concrete_fields
+    common = {f.attname: f.get_default() for f in fields}
+    common.update(owner=owner, batch_id=batch.id, created_at=now, updated_at=now)
+    json_columns = {f.attname for f in fields if f.get_internal_type() == "JSONField"}
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    jobs = []
+    with connection.cursor() as cursor, cursor.copy(f"COPY {Job._meta.db_table} ({columns}) FROM STDIN") as copy:
+        for job_fields in prepared:
+            values = {**common, **job_fields, "id": uuid.uuid4()}
+            for name in json_columns:
+                if values[name] is not None:
+                    values[name] = json.dumps(values[name])
+            copy.write_row([values[f.attname] for f in fields])
+            jobs.append(
+                _NewJob(values["id"], values["queue"], values["timeout"], values["run_after"], values["priority"])
+            )
+    return jobs
+
+
+@dataclass(frozen=True)
+class _NewJob:
+    id: uuid.UUID
+    queue: str
+    timeout: int
+    run_after: datetime | None
+    priority: int
+
+
+# `events.record` for a whole batch: the same rows and notifications, in one
+# statement instead of one round trip per job.
+_RECORD_CREATED = f"""
+WITH e AS (
+    INSERT INTO jobs_jobevent (job_id, type, data, created_at)
+    SELECT id, 'job.created', jsonb_build_object('state', state, 'kind', kind), now()
+    FROM jobs_job WHERE batch_id = %s
+    ORDER BY created_at, id
+    RETURNING id, job_id
+)
+SELECT count(pg_notify('{events.CHANNEL}', json_build_object(
+    'id', e.id, 'job', e.job_id::text, 'type', 'job.created', 'queue', j.queue)::text))
+FROM e JOIN jobs_job j ON j.id = e.job_id
+"""
+
+
+def _record_created_events(batch_id: uuid.UUID) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(_RECORD_CREATED, [str(batch_id)])
+        return cursor.fetchone()[0]
+
+
+def _enqueue_all(jobs: Sequence[_NewJob]) -> None:
+    """`broker.enqueue` for many jobs: the same broker rows in one COPY, and
+    one wake-up per queue (Postgres folds equal notifications anyway)."""
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        with cursor.copy("COPY django_q_ormq (key, payload, lock, priority) FROM STDIN") as copy:
+            for job in jobs:
+                copy.write_row(
+                    [
+                        broker.cluster_for_queue(job.queue),
+                        broker.task_package(job.id, job.timeout),
+                        max(job.run_after or now, now),
+                        job.priority,
+                    ]
+                )
+        keys = sorted({broker.cluster_for_queue(job.queue) for job in jobs})
+        cursor.execute("SELECT pg_notify(%s, key) FROM unnest(%s::text[]) AS key", [broker.CHANNEL, keys])
+
+
+def _fill(template: Any, values: Mapping[str, str]) -> Any:
+    """The template with `{column}` placeholders replaced; KeyError names an unknown column."""
+    if isinstance(template, dict):
+        return {key: _fill(value, values) for key, value in template.items()}
+    if isinstance(template, list):
+        return [_fill(value, values) for value in template]
+    if isinstance(template, str):
+        whole = _PLACEHOLDER.fullmatch(template)
+        if whole:
+            return values[whole.group(1)]
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    return template
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        URLValidator(schemes=["http", "https"])(url)
+    except ValidationError:
+        return False
+    return len(url) <= 2000

@@ -1,0 +1,274 @@
+"""The asyncio lane: many I/O-bound jobs in flight inside one worker process.
+
+A Django-Q2 worker process runs one task at a time. For handlers written as
+`async def` (LLM calls that wait seconds on the network), the runner claims
+the job as usual and then hands it to this process's lane: an event loop on a
+background thread that runs up to `CONVEYOR_LANE_CAPACITY` jobs at once. The
+hand-off blocks while the lane is full, so a busy process stops taking
+deliveries and its cluster's other workers (or other hosts) get them.
+
+Everything that makes a job safe stays the same:
+- the claim, the attempt row and every finishing transition are the runner's;
+- leases are renewed for all in-flight jobs in one UPDATE per interval; a job
+  whose renewal matches nothing (cancelled, or rescued after a stall) has its
+  task cancelled;
+- the broker row is acknowledged at hand-off, so the lane arms a watchdog row
+  at the lease's end instead (the runner's usual "look again" delivery): if
+  the process dies, that delivery finds the lease expired and rescues the job.
+  Finishing deletes the watchdog row;
+- progress reports are coalesced: the latest report of each job is written
+  every 250 ms in one statement, so streaming output does not make the
+  database the bottleneck;
+- on exit (recycle or cluster stop) the process waits for in-flight jobs.
+
+Database work runs on one executor thread with its own Django connection
+(Django's ORM is synchronous).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from multiprocessing import util as mp_util
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection
+
+from jobs import broker, events
+from jobs.durability import relax_commit_durability
+from jobs.errors import Cancelled, LeaseLost
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.25
+
+_lane: Lane | None = None
+_lane_lock = threading.Lock()
+
+
+def get_lane() -> Lane:
+    global _lane
+    with _lane_lock:
+        if _lane is None:
+            _lane = Lane(capacity=settings.CONVEYOR["LANE_CAPACITY"])
+            _lane.start()
+        return _lane
+
+
+class AsyncContext:
+    """What an async handler gets besides its payload."""
+
+    def __init__(self, lane: Lane, job, worker: str) -> None:
+        self._lane = lane
+        self.job_id = job.id
+        self.kind = job.kind
+        self.queue = job.queue
+        self.attempt = job.attempts
+        self.batch_id = job.batch_id
+        self.worker = worker
+        self.output = ""  # text produced so far (kept in the attempt if it fails)
+        self.cancel_reason: str | None = None
+
+    def report_progress(self, percent: int, message: str = "", *, output: str | None = None) -> None:
+        """Record progress; written (coalesced) within FLUSH_SECONDS. Streaming
+        handlers pass the text produced so far as `output`."""
+        if self.cancel_reason:
+            raise Cancelled(self.cancel_reason) if self.cancel_reason == "cancelled" else LeaseLost(self.cancel_reason)
+        if output is not None:
+            self.output = output
+        self._lane.pending[self.job_id] = (max(0, min(100, int(percent))), message[:500], self)
+
+    async def run_db(self, func, *args, **kwargs):
+        """Run synchronous ORM code on the lane's database thread."""
+        return await self._lane._db(func, *args, **kwargs)
+
+    def check_cancelled(self) -> None:
+        if self.cancel_reason == "cancelled":
+            raise Cancelled("cancelled by an operator")
+        if self.cancel_reason:
+            raise LeaseLost(self.cancel_reason)
+
+
+class Lane:
+    def __init__(self, *, capacity: int) -> None:
+        self.capacity = capacity
+        self.slots = threading.BoundedSemaphore(capacity)
+        self.loop = asyncio.new_event_loop()
+        self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lane-db")
+        self.thread = threading.Thread(target=self._run_loop, name="conveyor-lane", daemon=True)
+        self.tasks: dict[UUID, tuple[asyncio.Task, AsyncContext]] = {}
+        self.watchdogs: dict[UUID, int] = {}
+        self.pending: dict[UUID, tuple[int, str, AsyncContext]] = {}
+        self.stopping = False
+
+    # --- worker thread side ---------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._housekeeping(), self.loop)
+        # Runs when the worker process exits (Django-Q2 recycles or stops it).
+        mp_util.Finalize(self, self.drain, exitpriority=100)
+
+    def submit(self, job, handler, worker: str) -> None:
+        """Run a claimed job in the lane; blocks while the lane is full."""
+        self.slots.acquire()
+        watchdog = broker.enqueue(
+            job.id, queue=job.queue, timeout=job.timeout, run_at=job.lease_expires_at + timedelta(seconds=1)
+        )
+        self.loop.call_soon_threadsafe(self._start_task, job, handler, worker, watchdog)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait for in-flight jobs (used at process exit)."""
+        self.stopping = True
+        future = asyncio.run_coroutine_threadsafe(self._wait_idle(timeout), self.loop)
+        try:
+            future.result(timeout + 5)
+        except Exception:  # noqa: BLE001 - leases of what is left expire and are rescued
+            log.warning("lane: %d jobs still in flight at exit; their leases will expire", len(self.tasks))
+
+    # --- loop side ------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def _start_task(self, job, handler, worker: str, watchdog: int) -> None:
+        ctx = AsyncContext(self, job, worker)
+        task = self.loop.create_task(self._run_job(job, handler, ctx))
+        self.tasks[job.id] = (task, ctx)
+        self.watchdogs[job.id] = watchdog
+
+    async def _db(self, func, *args, **kwargs):
+        return await self.loop.run_in_executor(self.db, lambda: _in_db_thread(func, *args, **kwargs))
+
+    async def _run_job(self, job, handler, ctx: AsyncContext) -> None:
+        from jobs import runner
+
+        try:
+            try:
+                payload = handler.schema.model_validate(job.payload)
+                result = runner._storable(await handler.func(ctx, payload))
+            except asyncio.CancelledError:
+                if ctx.cancel_reason == "cancelled":
+                    await self._finish(runner._finish_cancelled, job, ctx.worker)
+                else:
+                    log.warning("job %s: lease lost in the lane (%s)", job.id, ctx.cancel_reason)
+                return
+            except Cancelled:
+                await self._finish(runner._finish_cancelled, job, ctx.worker)
+                return
+            except LeaseLost:
+                log.warning("job %s: lease lost in the lane", job.id)
+                return
+            except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
+                await self._finish(runner._finish_failed, job, ctx.worker, exc, output=ctx.output)
+                return
+            await self._finish(runner._finish_succeeded, job, ctx.worker, result, output=ctx.output)
+        finally:
+            self.tasks.pop(job.id, None)
+            self.pending.pop(job.id, None)
+            self.watchdogs.pop(job.id, None)
+            self.slots.release()
+
+    async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
+        # Progress still buffered for this job would arrive after its end.
+        self.pending.pop(job.id, None)
+        watchdog = self.watchdogs.get(job.id)
+        await self._db(_finish_and_disarm, finish, job, worker, watchdog, *args, **kwargs)
+
+    async def _housekeeping(self) -> None:
+        """Flush coalesced progress often; renew leases every third of a lease."""
+        lease = settings.CONVEYOR["LEASE_SECONDS"]
+        next_renewal = self.loop.time() + lease / 3
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                if self.pending:
+                    batch, self.pending = self.pending, {}
+                    cancelled = await self._db(_flush_progress, batch)
+                    self._cancel(cancelled, "cancelled")
+                if self.tasks and self.loop.time() >= next_renewal:
+                    owned = {job_id: ctx.worker for job_id, (_, ctx) in self.tasks.items()}
+                    lost = await self._db(_renew_leases, owned, lease)
+                    self._cancel(lost, "lease lost")
+                if self.loop.time() >= next_renewal:
+                    next_renewal = self.loop.time() + lease / 3
+            except Exception:  # noqa: BLE001 - the next round tries again; leases decide
+                log.exception("lane housekeeping failed")
+
+    def _cancel(self, job_ids, reason: str) -> None:
+        for job_id in job_ids:
+            entry = self.tasks.get(job_id)
+            if entry and not entry[1].cancel_reason:
+                entry[1].cancel_reason = reason
+                entry[0].cancel()
+
+    async def _wait_idle(self, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        while self.tasks and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.pending:
+            batch, self.pending = self.pending, {}
+            await self._db(_flush_progress, batch)
+
+
+# --- database work (on the lane's executor thread) ---------------------------
+
+
+def _in_db_thread(func, *args, **kwargs):
+    relax_commit_durability()
+    return func(*args, **kwargs)
+
+
+def _finish_and_disarm(finish, job, worker, watchdog: int | None, *args, **kwargs) -> None:
+    finish(job, worker, *args, **kwargs)
+    if watchdog is not None:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM django_q_ormq WHERE id = %s", [watchdog])
+
+
+def _flush_progress(batch: dict[UUID, tuple[int, str, AsyncContext]]) -> list[UUID]:
+    """Write the latest progress of each job (and its attempt's output so far)
+    in one statement; return the jobs whose cancellation was requested."""
+    rows = [
+        {"id": str(job_id), "percent": percent, "message": message, "worker": ctx.worker, "output": ctx.output}
+        for job_id, (percent, message, ctx) in batch.items()
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "WITH p AS (SELECT * FROM jsonb_to_recordset(%s::jsonb)"
+            " AS x(id uuid, percent int, message text, worker text, output text)),"
+            " o AS (UPDATE jobs_attempt a SET output = p.output FROM p"
+            "  WHERE a.job_id = p.id AND a.finished_at IS NULL AND p.output <> ''),"
+            " j AS (UPDATE jobs_job SET progress_percent = p.percent, progress_message = p.message, updated_at = now()"
+            "  FROM p WHERE jobs_job.id = p.id AND jobs_job.state = 'running' AND jobs_job.lease_owner = p.worker"
+            "  RETURNING jobs_job.id, jobs_job.queue, jobs_job.cancel_requested_at, p.percent, p.message)"
+            + events.ctes(
+                data_sql="jsonb_build_object('percent', j.percent, 'message', j.message)",
+                when="cancel_requested_at IS NULL",
+            )
+            # Referencing n makes its pg_notify calls run.
+            + " SELECT j.id, j.cancel_requested_at IS NOT NULL FROM j, (SELECT count(*) FROM n) AS notified",
+            [json.dumps(rows), "job.progress", "job.progress"],
+        )
+        return [job_id for job_id, cancel_requested in cursor.fetchall() if cancel_requested]
+
+
+def _renew_leases(owned: dict[UUID, str], lease: int) -> list[UUID]:
+    """Renew every in-flight job's lease in one UPDATE; return those not renewed."""
+    ids = [str(job_id) for job_id in owned]
+    workers = list(set(owned.values()))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE jobs_job SET lease_expires_at = now() + make_interval(secs => %s)"
+            " WHERE id = ANY(%s::uuid[]) AND state = 'running' AND lease_owner = ANY(%s) RETURNING id",
+            [lease, ids, workers],
+        )
+        renewed = {row[0] for row in cursor.fetchall()}
+    return [job_id for job_id in owned if job_id not in renewed]
+

@@ -1,0 +1,438 @@
+"""The runner, called in-process as a Django-Q2 worker would call it.
+
+Transactional tests: the runner's heartbeat thread (and the threads some tests
+start) use their own database connections, so data must really be committed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+from django_q.models import OrmQ
+
+from jobs import registry, runner, services
+from jobs.models import Attempt, Job, JobEvent, State
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def deliver(job: Job) -> Job:
+    """One broker delivery of the job, then the job as it is now."""
+    runner.run_job(str(job.id))
+    job.refresh_from_db()
+    return job
+
+
+def make_due(job: Job) -> None:
+    Job.objects.filter(id=job.id).update(run_after=timezone.now() - timedelta(seconds=1))
+
+
+def broker_rows(job: Job) -> list[OrmQ]:
+    return [row for row in OrmQ.objects.order_by("id") if row.task["args"] == (str(job.id),)]
+
+
+def event_types(job: Job) -> list[str]:
+    return list(JobEvent.objects.filter(job=job).order_by("id").values_list("type", flat=True))
+
+
+def attempts_of(job: Job) -> list[Attempt]:
+    return list(Attempt.objects.filter(job=job).order_by("number", "id"))
+
+
+def in_thread(target: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    """Run `target` on a thread with its own connection, closed at the end."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def lose_lease(job: Job, *, attempts: int = 1, expired_ago: timedelta = timedelta(minutes=1)) -> None:
+    """Make the job look like its worker died mid-attempt: running, with an
+    expired lease and an open attempt row."""
+    started = timezone.now() - expired_ago - timedelta(seconds=30)
+    Job.objects.filter(id=job.id).update(
+        state=State.RUNNING,
+        attempts=attempts,
+        lease_owner="x",
+        lease_expires_at=timezone.now() - expired_ago,
+        started_at=started,
+    )
+    Attempt.objects.create(job_id=job.id, number=attempts, worker="x", started_at=started)
+
+
+# --- success ----------------------------------------------------------------
+
+
+def test_a_noop_job_succeeds_with_full_progress_and_an_empty_result(make_job):
+    job = deliver(make_job("demo.noop"))
+
+    assert job.state == State.SUCCEEDED
+    assert job.progress_percent == 100
+    assert job.result == {}
+    assert job.attempts == 1
+    assert job.finished_at is not None and job.started_at is not None
+    assert (job.lease_owner, job.lease_expires_at) == ("", None)
+    [attempt] = attempts_of(job)
+    assert attempt.number == 1
+    assert attempt.outcome == Attempt.Outcome.SUCCEEDED
+    assert attempt.finished_at is not None
+    assert event_types(job) == ["job.created", "job.started", "job.succeeded"]
+
+
+def test_a_sleep_job_records_its_progress_as_events(make_job):
+    job = deliver(make_job("demo.sleep", {"seconds": 0.05, "steps": 5}))
+
+    assert job.state == State.SUCCEEDED
+    assert job.result == {"slept": 0.05}
+    assert job.progress_message == "step 5 of 5"
+    progress = JobEvent.objects.filter(job=job, type="job.progress").order_by("id")
+    assert [e.data["percent"] for e in progress] == [20, 40, 60, 80, 100]
+    assert [e.data["message"] for e in progress][0] == "step 1 of 5"
+    assert event_types(job)[-1] == "job.succeeded"
+
+
+def test_the_heartbeat_renews_the_lease_while_the_handler_runs(make_job, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "LEASE_SECONDS": 1}  # renewed every third of a second
+    job = make_job("demo.sleep", {"seconds": 1.2, "steps": 4})
+    thread, errors = in_thread(lambda: runner.run_job(str(job.id)))
+
+    wait_until(lambda: JobEvent.objects.filter(job=job, type="job.progress").exists(), timeout=5)
+    first_lease = Job.objects.get(id=job.id).lease_expires_at
+    wait_until(lambda: JobEvent.objects.filter(job=job, type="job.progress", data__percent__gte=75).exists(), timeout=5)
+    later_lease = Job.objects.get(id=job.id).lease_expires_at
+    thread.join(timeout=10)
+
+    assert errors == []
+    assert later_lease > first_lease
+    job.refresh_from_db()
+    assert job.state == State.SUCCEEDED
+
+
+# --- failures and retries -----------------------------------------------------
+
+
+def test_a_transient_failure_is_retried_after_a_backoff(make_job):
+    job = make_job("demo.fail", {"mode": "transient", "message": "flaky"})
+    [first_row] = broker_rows(job)
+
+    before = timezone.now()
+    job = deliver(job)
+    after = timezone.now()
+
+    assert job.state == State.RETRYING
+    assert job.attempts == 1
+    # First failure: the cap is backoff_base (2 s), the delay between 1 and 2 s.
+    assert before + timedelta(seconds=1) <= job.run_after <= after + timedelta(seconds=2)
+    assert (job.error_type, job.error_message) == ("DemoTransientError", "flaky")
+    assert (job.lease_owner, job.lease_expires_at) == ("", None)
+    [attempt] = attempts_of(job)
+    assert attempt.outcome == Attempt.Outcome.FAILED
+    assert attempt.error_type == "DemoTransientError"
+    assert "DemoTransientError: flaky" in attempt.traceback
+    rows = broker_rows(job)
+    assert len(rows) == 2 and rows[0].pk == first_row.pk
+    assert rows[1].lock == job.run_after
+    retrying = JobEvent.objects.get(job=job, type="job.retrying")
+    assert retrying.data["error_type"] == "DemoTransientError"
+    assert 1 <= retrying.data["delay"] <= 2
+
+
+def test_a_delivery_before_the_retry_is_due_does_nothing(make_job):
+    job = deliver(make_job("demo.fail"))
+    events_before = event_types(job)
+    rows_before = len(broker_rows(job))
+
+    job = deliver(job)
+
+    assert job.state == State.RETRYING
+    assert job.attempts == 1
+    assert len(attempts_of(job)) == 1
+    assert event_types(job) == events_before
+    assert len(broker_rows(job)) == rows_before
+
+
+def test_a_due_retry_runs_the_next_attempt(make_job):
+    job = deliver(make_job("demo.fail"))
+    make_due(job)
+
+    job = deliver(job)
+
+    assert job.state == State.RETRYING
+    assert job.attempts == 2
+    assert [a.number for a in attempts_of(job)] == [1, 2]
+    assert [a.outcome for a in attempts_of(job)] == ["failed", "failed"]
+    # Second failure: cap 4 s, so at least 2 s ahead.
+    assert job.run_after >= timezone.now() + timedelta(seconds=1.5)
+
+
+def test_a_job_that_recovers_succeeds_on_its_second_attempt(make_job):
+    job = deliver(make_job("demo.fail", {"succeed_on_attempt": 2}))
+    assert job.state == State.RETRYING
+    make_due(job)
+
+    job = deliver(job)
+
+    assert job.state == State.SUCCEEDED
+    assert job.result == {"succeeded_on_attempt": 2}
+    assert job.error_type == ""
+    assert [a.outcome for a in attempts_of(job)] == ["failed", "succeeded"]
+
+
+def test_a_permanent_failure_dead_letters_the_job_on_its_first_attempt(make_job):
+    job = deliver(make_job("demo.fail", {"mode": "permanent", "message": "bad input"}))
+
+    assert job.state == State.DEAD
+    assert job.attempts == 1
+    assert job.error_type == "DemoPermanentError"
+    assert job.error_message == "bad input"
+    assert "Traceback (most recent call last)" in job.error_traceback
+    assert "DemoPermanentError: bad input" in job.error_traceback
+    assert job.finished_at is not None
+    [attempt] = attempts_of(job)
+    assert attempt.outcome == Attempt.Outcome.FAILED
+    assert attempt.error_type == "DemoPermanentError"
+    assert len(broker_rows(job)) == 1  # no retry was scheduled
+    assert event_types(job)[-1] == "job.dead"
+
+
+def test_it_dead_letters_after_max_attempts(make_job):
+    job = deliver(make_job("demo.fail", max_attempts=2))
+    assert job.state == State.RETRYING
+    make_due(job)
+
+    job = deliver(job)
+
+    assert job.state == State.DEAD
+    assert job.attempts == 2
+    assert job.error_type == "DemoTransientError"
+    assert [a.outcome for a in attempts_of(job)] == ["failed", "failed"]
+    assert len(broker_rows(job)) == 2  # the submission's and the one retry's
+
+
+# --- deliveries that must do nothing ----------------------------------------
+
+
+def test_a_duplicate_delivery_of_a_succeeded_job_does_nothing(make_job):
+    job = deliver(make_job("demo.noop"))
+    events_before = event_types(job)
+    finished_at = job.finished_at
+
+    job = deliver(job)
+
+    assert job.state == State.SUCCEEDED
+    assert job.attempts == 1
+    assert job.finished_at == finished_at
+    assert len(attempts_of(job)) == 1
+    assert event_types(job) == events_before
+    assert len(broker_rows(job)) == 1
+
+
+def test_a_cancelled_job_is_not_run_when_delivered(make_job):
+    job = make_job("demo.noop")
+    services.cancel_job(job.id)
+
+    job = deliver(job)
+
+    assert job.state == State.CANCELLED
+    assert job.attempts == 0
+    assert attempts_of(job) == []
+    assert "job.started" not in event_types(job)
+
+
+def test_a_scheduled_job_is_not_run_before_its_time(make_job):
+    job = make_job("demo.noop", run_after=timezone.now() + timedelta(minutes=5))
+
+    job = deliver(job)
+
+    assert job.state == State.SCHEDULED
+    assert attempts_of(job) == []
+
+
+def test_a_delivery_of_an_unknown_job_does_nothing():
+    import uuid
+
+    runner.run_job(str(uuid.uuid4()))
+    assert not JobEvent.objects.exists()
+    assert not OrmQ.objects.exists()
+
+
+# --- lost workers -------------------------------------------------------------
+
+
+def test_a_delivery_rescues_a_running_job_whose_lease_expired(make_job):
+    job = make_job("demo.noop")
+    lose_lease(job)
+
+    job = deliver(job)
+
+    assert job.state == State.RETRYING
+    assert job.attempts == 1
+    assert job.error_type == "WorkerLost"
+    assert (job.lease_owner, job.lease_expires_at) == ("", None)
+    [attempt] = attempts_of(job)
+    assert attempt.outcome == Attempt.Outcome.LOST
+    assert attempt.error_type == "WorkerLost"
+    assert attempt.finished_at is not None
+    assert broker_rows(job)[-1].lock == job.run_after
+    assert job.run_after > timezone.now()
+
+
+def test_a_rescued_job_runs_again_when_its_retry_is_due(make_job):
+    job = make_job("demo.noop")
+    lose_lease(job)
+    job = deliver(job)
+    make_due(job)
+
+    job = deliver(job)
+
+    assert job.state == State.SUCCEEDED
+    assert [(a.number, a.outcome) for a in attempts_of(job)] == [(1, "lost"), (2, "succeeded")]
+
+
+def test_a_lost_last_attempt_dead_letters_the_job(make_job):
+    job = make_job("demo.noop", max_attempts=1)
+    lose_lease(job, attempts=1)
+
+    job = deliver(job)
+
+    assert job.state == State.DEAD
+    assert job.error_type == "WorkerLost"
+    assert job.finished_at is not None
+    assert attempts_of(job)[0].outcome == Attempt.Outcome.LOST
+
+
+def test_the_periodic_sweep_rescues_expired_leases(make_job):
+    lost = make_job("demo.noop")
+    lose_lease(lost)
+    lost_last = make_job("demo.noop", max_attempts=2)
+    lose_lease(lost_last, attempts=2)
+    alive = make_job("demo.noop")
+    Job.objects.filter(id=alive.id).update(
+        state=State.RUNNING, attempts=1, lease_owner="y", lease_expires_at=timezone.now() + timedelta(minutes=1)
+    )
+
+    assert runner.rescue_expired() == 2
+
+    states = dict(Job.objects.values_list("id", "state"))
+    assert states[lost.id] == State.RETRYING
+    assert states[lost_last.id] == State.DEAD
+    assert states[alive.id] == State.RUNNING
+    assert attempts_of(lost)[0].outcome == Attempt.Outcome.LOST
+    assert attempts_of(lost_last)[0].outcome == Attempt.Outcome.LOST
+    assert runner.rescue_expired() == 0
+
+
+def test_a_delivery_of_a_job_with_a_live_lease_re_arms_the_watchdog(make_job):
+    job = make_job("demo.noop")
+    expires = timezone.now() + timedelta(seconds=30)
+    Job.objects.filter(id=job.id).update(state=State.RUNNING, attempts=1, lease_owner="y", lease_expires_at=expires)
+    Attempt.objects.create(job_id=job.id, number=1, worker="y", started_at=timezone.now())
+
+    job = deliver(job)
+
+    assert job.state == State.RUNNING
+    assert job.lease_owner == "y"
+    assert attempts_of(job)[0].outcome == ""
+    rows = broker_rows(job)
+    assert len(rows) == 2
+    assert rows[-1].lock > expires
+
+
+# --- cancellation and lease loss while running -------------------------------
+
+
+def test_cancelling_a_running_job_stops_it_at_its_next_progress_report(make_job):
+    job = make_job("demo.sleep", {"seconds": 2, "steps": 10})
+    thread, errors = in_thread(lambda: runner.run_job(str(job.id)))
+
+    wait_until(lambda: JobEvent.objects.filter(job=job, type="job.progress").exists(), timeout=5)
+    services.cancel_job(job.id, actor="tester")
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
+    assert errors == []
+    job.refresh_from_db()
+    assert job.state == State.CANCELLED
+    assert job.progress_percent < 100
+    assert job.finished_at is not None
+    [attempt] = attempts_of(job)
+    assert attempt.outcome == Attempt.Outcome.CANCELLED
+    types = event_types(job)
+    assert types.index("job.cancel_requested") < types.index("job.cancelled")
+    assert "job.succeeded" not in types
+
+
+def test_a_worker_whose_job_was_rescued_does_not_overwrite_the_outcome(make_job):
+    job = make_job("demo.sleep", {"seconds": 1, "steps": 10})
+    thread, errors = in_thread(lambda: runner.run_job(str(job.id)))
+
+    wait_until(lambda: JobEvent.objects.filter(job=job, type="job.progress").exists(), timeout=5)
+    # The worker stalls past its lease: the sweep takes the job from it.
+    Job.objects.filter(id=job.id).update(lease_expires_at=timezone.now() - timedelta(minutes=1))
+    # rescue_job skips a row the worker has locked for a moment (a progress
+    # report), so try until the sweep gets it.
+    wait_until(lambda: runner.rescue_expired() == 1, timeout=5, interval=0.01)
+    thread.join(timeout=10)
+
+    assert errors == []
+    job.refresh_from_db()
+    assert job.state == State.RETRYING
+    assert job.error_type == "WorkerLost"
+    [attempt] = attempts_of(job)
+    assert attempt.outcome == Attempt.Outcome.LOST
+    assert "job.succeeded" not in event_types(job)
+
+
+# --- deliveries and results the engine cannot store -----------------------------
+
+
+def test_a_delivery_with_a_malformed_id_does_nothing():
+    # NOTE: fails (engine bug): run_job claims before it checks the id, so
+    # Postgres raises DataError ("invalid input syntax for type uuid") and the
+    # UUID guard in _look_after_unclaimed is never reached. Fix in the report.
+    runner.run_job("not-a-uuid")
+
+    assert not JobEvent.objects.exists()
+    assert not OrmQ.objects.exists()
+
+
+@pytest.mark.parametrize("result", [{"when": timezone.now()}, {"ratio": float("nan")}])
+def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_stranding_the_job(make_job, monkeypatch, result):
+    # NOTE: fails (engine bug): the result is only serialized by the final
+    # UPDATE in _finish_succeeded, outside the handler's try block, so run_job
+    # raises, the job stays `running` with an open attempt until its lease
+    # expires, and it is then retried as "WorkerLost" (re-running the handler).
+    # Fix in the report.
+    def handler(ctx, payload):
+        return result
+
+    monkeypatch.setitem(
+        registry._registry,
+        "test.unstorable",
+        registry.Handler("test.unstorable", handler, registry.Payload, "default", 5, 60, ""),
+    )
+    job = make_job("test.unstorable")
+
+    job = deliver(job)
+
+    assert job.state in (State.RETRYING, State.DEAD)
+    assert (job.lease_owner, job.lease_expires_at) == ("", None)
+    assert job.error_type in ("TypeError", "ValueError")
+    [attempt] = attempts_of(job)
+    assert attempt.outcome == Attempt.Outcome.FAILED
