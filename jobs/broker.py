@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from django.db import DatabaseError, connection
 from django.utils import timezone
 from django_q.brokers import Broker
 from django_q.conf import Conf
-from django_q.humanhash import uuid as task_uuid
 from django_q.signing import SignedPackage
 
 from jobs.durability import relax_commit_durability
@@ -81,12 +80,27 @@ def enqueue(
         return cursor.fetchone()[0]
 
 
+def ctes() -> str:
+    """SQL that inserts the broker row (and its wake-up) for the job row an
+    earlier CTE named `j` returned, to splice into a `WITH j AS (...)`
+    statement. Parameters: `cte_params(...)`."""
+    return (
+        ", b AS (INSERT INTO django_q_ormq (key, payload, lock, priority)"
+        " SELECT %s, %s, greatest(coalesce(j.run_after, now()), now()), j.priority FROM j RETURNING id)"
+        f", bn AS (SELECT pg_notify('{CHANNEL}', %s) FROM b)"
+    )
+
+
+def cte_params(job_id: UUID | str, *, queue: str, timeout: int) -> list:
+    key = cluster_for_queue(queue)
+    return [key, task_package(job_id, timeout), key]
+
+
 def task_package(job_id: UUID | str, timeout: int) -> str:
     """The signed Django-Q2 task that runs `jobs.runner.run_job(job_id)`."""
-    _, task_id = task_uuid()
     return SignedPackage.dumps(
         {
-            "id": task_id,
+            "id": uuid4().hex,
             "name": f"job:{job_id}",
             "func": RUN_JOB,
             "args": (str(job_id),),

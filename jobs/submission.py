@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
-from django.db import IntegrityError, transaction
+from django.db import connection
 from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
@@ -65,18 +65,15 @@ def submit_job(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
     )
-    try:
-        with transaction.atomic():
-            job = Job.objects.create(owner=owner, batch=batch, **fields)
-            _announce(job)
-    except IntegrityError as exc:
-        if idempotency_key is None or "job_unique_idempotency_key" not in str(exc):
-            raise
-        existing = Job.objects.get(owner=owner, idempotency_key=idempotency_key)
-        if existing.request_fingerprint != fields["request_fingerprint"]:
-            raise IdempotencyKeyReused(existing.id) from None
-        return Submitted(existing, created=False)
-    return Submitted(job, created=True)
+    job = _insert(Job(owner=owner, batch=batch, **fields))
+    if job is not None:
+        return Submitted(job, created=True)
+    # The idempotency key was taken: by this request before (a replay) or by
+    # a different one. The unique index decided, not a check-then-insert.
+    existing = Job.objects.get(owner=owner, idempotency_key=idempotency_key)
+    if existing.request_fingerprint != fields["request_fingerprint"]:
+        raise IdempotencyKeyReused(existing.id)
+    return Submitted(existing, created=False)
 
 
 def prepare_job(
@@ -182,10 +179,26 @@ def fingerprint(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _announce(job: Job) -> None:
-    """The event and broker row of a newly created job (same transaction)."""
-    events.record(job.id, "job.created", {"state": job.state, "kind": job.kind}, queue=job.queue)
-    broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, run_at=job.run_after, priority=job.priority)
+def _insert(job: Job) -> Job | None:
+    """Insert the job, its `job.created` event, its broker row and both
+    notifications in one statement (so one round trip, atomic on its own).
+
+    Returns None when the job's idempotency key is already taken.
+    """
+    fields = [f for f in Job._meta.concrete_fields]
+    columns = ", ".join(f.column for f in fields)
+    values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
+    placeholders = ", ".join(["%s"] * len(fields))
+    sql = (
+        f"WITH j AS (INSERT INTO jobs_job ({columns}) VALUES ({placeholders})"
+        " ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
+        + events.ctes(data_sql="jsonb_build_object('state', state, 'kind', kind)")
+        + broker.ctes()
+        + " SELECT j.*, (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) AS notified FROM j"
+    )
+    params = [*values, "job.created", "job.created", *broker.cte_params(job.id, queue=job.queue, timeout=job.timeout)]
+    rows = list(Job.objects.raw(sql, params))
+    return rows[0] if rows else None
 
 
 def _is_int(value: Any) -> bool:
