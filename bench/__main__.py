@@ -12,13 +12,14 @@ from bench.harness import Table, setup_django
 
 def main(argv: list[str]) -> int:
     setup_django()
-    from bench import queue_bench
+    from bench import llm_bench, queue_bench
 
     benchmarks = {
         "w1": queue_bench.w1_submission,
         "w2": queue_bench.w2_drain,
         "w3": queue_bench.w3_pickup,
         "compete": queue_bench.competing_clusters,
+        "w4": llm_bench.w4_llm,
     }
     chosen = argv or list(benchmarks)
     unknown = [name for name in chosen if name not in benchmarks]

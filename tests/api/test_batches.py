@@ -11,8 +11,8 @@ from django.test.utils import CaptureQueriesContext
 from django_q.models import OrmQ
 from django_q.signing import SignedPackage
 
-from jobs import broker
 from jobs.models import Batch, Job, JobEvent
+from jobs.runner import run_job
 from tests.api.conftest import BASE, assert_problem, make_dead
 
 SLEEP = {"kind": "demo.sleep", "payload": {"seconds": 1}}
@@ -50,7 +50,7 @@ def test_batch_broker_rows_are_those_a_single_submission_writes(api):
 
     task = SignedPackage.loads(payload)
     assert (key, priority, visible) == ("default", 7, True)
-    assert (task["func"], task["args"], task["timeout"]) == (broker.RUN_JOB, (str(job.id),), job.timeout + 30)
+    assert (task["func"], task["args"], task["timeout"]) == (run_job, (str(job.id),), job.timeout + 30)
 
 
 def test_a_batch_is_written_in_a_constant_number_of_queries(api):

@@ -12,6 +12,7 @@ from django_q.models import OrmQ
 
 from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge, UnknownKind
 from jobs.models import Job, JobEvent, State
+from jobs.runner import run_job
 from jobs.submission import submit_job
 
 pytestmark = pytest.mark.django_db
@@ -171,7 +172,7 @@ def test_a_submission_writes_one_created_event_and_one_broker_row():
     row = OrmQ.objects.get()
     assert row.key == "emails"
     assert row.task["args"] == (str(job.id),)
-    assert row.task["func"] == "jobs.runner.run_job"
+    assert row.task["func"] is run_job
 
 
 def test_a_run_after_in_the_future_schedules_the_job_and_its_broker_row():
