@@ -66,6 +66,8 @@ def main() -> None:
         "SECURE_SSL_REDIRECT": "0",
         "ALLOWED_HOSTS": "127.0.0.1",
         "LOG_LEVEL": "WARNING",
+        # As `manage.py up` runs Daphne: pooled connections.
+        "CONVEYOR_DB_POOL": os.environ.get("CONVEYOR_DB_POOL", "1"),
     }
     servers: list[subprocess.Popen] = []
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)

@@ -93,6 +93,16 @@ DATABASES = {
     )
 }
 DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME") or None}
+# Under ASGI, Django runs each request's synchronous code on a thread of its
+# own, so without a pool every request opens a new Postgres connection. Daphne
+# runs with CONVEYOR_DB_POOL=1 (`manage.py up` sets it); workers fork, which a
+# pool does not survive, and keep their one persistent connection instead.
+if env_bool("CONVEYOR_DB_POOL", False):
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("CONVEYOR_DB_POOL_MIN", 2, minimum=0),
+        "max_size": env_int("CONVEYOR_DB_POOL_MAX", 20, minimum=1),
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # A cache every process can read: cluster stats, rate-limit counters.

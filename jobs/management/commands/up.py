@@ -62,8 +62,12 @@ class Command(BaseCommand):
         children: dict[str, subprocess.Popen] = {}
         # Own sessions: Ctrl-C reaches only this process, which stops the
         # children in order instead of all at once.
+        # A listen backlog well above Twisted's 50, for bursts of clients.
+        endpoint = f"tcp:port={port}:interface={host}:backlog=1024"
         children["daphne"] = subprocess.Popen(
-            [python, "-m", "daphne", "-b", host, "-p", str(port), "config.asgi:application"], start_new_session=True
+            [python, "-m", "daphne", "-e", endpoint, "config.asgi:application"],
+            env={**os.environ, "CONVEYOR_DB_POOL": os.environ.get("CONVEYOR_DB_POOL", "1")},
+            start_new_session=True,
         )
         for queue in queue_names:
             env = {**os.environ, "Q_CLUSTER_NAME": queue}
