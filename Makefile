@@ -24,3 +24,8 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Every benchmark in bench/, Conveyor against the stock alternative in the same run.
+bench: setup
+	$(BIN)/python -m bench
+	$(BIN)/python bench/api_submit.py

@@ -10,9 +10,29 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.urls import re_path  # noqa: E402
+
+from dashboard.routing import http_urlpatterns as event_streams  # noqa: E402
+from jobs.llm import simulated  # noqa: E402
 
 # Static files (CSS, htmx) are served by the app itself so that `make run`
 # needs nothing else; a proxy in front may serve STATIC_ROOT instead.
-application = ProtocolTypeRouter({"http": ASGIStaticFilesHandler(django_asgi_app)})
+application = ProtocolTypeRouter(
+    {
+        "http": URLRouter(
+            [
+                # Server-sent events (/events/…, /api/v1/events), with the
+                # dashboard's session and user.
+                re_path(r"^(?=events/|api/v1/events$)", AuthMiddlewareStack(URLRouter(event_streams))),
+                # The simulated LLM provider, ahead of Django's middleware: its
+                # hundreds of concurrent calls would otherwise cost a dozen
+                # thread hops each (the Django views serve the same endpoint).
+                re_path(r"^(?=simulated/v1/)", simulated.asgi_app),
+                re_path(r"", ASGIStaticFilesHandler(django_asgi_app)),
+            ]
+        )
+    }
+)

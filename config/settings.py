@@ -246,3 +246,28 @@ CONVEYOR_WEBHOOKS = {
     # 10 h, 10 h); tests shrink it.
     "BACKOFF_SCALE": _env_scale("CONVEYOR_WEBHOOK_BACKOFF_SCALE", 1.0),
 }
+
+# --- Operations: logs, metrics, readiness (config/logs.py, jobs/metrics.py, config/health.py)
+
+# "json": one JSON object per line; "plain": text. Either way, lines a job
+# produces carry its job_id, kind, attempt and queue, and lines a request
+# causes carry its request_id.
+LOG_FORMAT = env_str("LOG_FORMAT", "plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use 'plain' or 'json'")
+LOGGING["filters"] = {"context": {"()": "config.logs.ContextFilter"}}
+LOGGING["formatters"] = {"plain": {"()": "config.logs.PlainFormatter"}, "json": {"()": "config.logs.JsonFormatter"}}
+LOGGING["handlers"]["console"].update(formatter=LOG_FORMAT, filters=["context"])
+# Django-Q2 logs as "django-q"; the "django_q" entry above never applied.
+LOGGING["loggers"]["django-q"] = {"level": env_str("DJANGO_Q_LOG_LEVEL", "WARNING")}
+
+MIDDLEWARE.insert(0, "config.middleware.RequestIdMiddleware")
+
+# GET /metrics wants `Authorization: Bearer <token>` when set (or METRICS_TOKEN_FILE).
+METRICS_TOKEN = env_str("METRICS_TOKEN") or None
+# The queues /readyz expects a live worker cluster for.
+CONVEYOR_QUEUES = env_list("CONVEYOR_QUEUES", ["default", "llm", "webhooks"])
+# Load balancers and Prometheus probe over plain HTTP, inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+# httpx logs every request at INFO: one line per LLM call or webhook attempt.
+LOGGING["loggers"]["httpx"] = {"level": env_str("HTTPX_LOG_LEVEL", "WARNING")}

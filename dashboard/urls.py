@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 from django.urls import path
 
 from dashboard import views
@@ -5,4 +7,14 @@ from dashboard import views
 app_name = "dashboard"
 urlpatterns = [
     path("", views.overview, name="overview"),
+    path("jobs/", views.jobs, name="jobs"),
+    path("jobs/<uuid:job_id>/", views.job, name="job"),
+    path("jobs/<uuid:job_id>/cancel", views.cancel_job, name="cancel-job"),
+    path("jobs/<uuid:job_id>/retry", views.retry_job, name="retry-job"),
+    path("dead-letter/", views.dead_letter, name="dead-letter"),
+    path("dead-letter/retry", views.dead_letter_action, {"action": "retry"}, name="dead-letter-retry"),
+    path("dead-letter/discard", views.dead_letter_action, {"action": "discard"}, name="dead-letter-discard"),
+    path("submit/", views.submit, name="submit"),
+    path("batches/", views.batches, name="batches"),
+    path("batches/<uuid:batch_id>/", views.batch, name="batch"),
 ]

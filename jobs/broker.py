@@ -15,7 +15,7 @@ delivered row and the earliest-run time of a retry or a scheduled job.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from datetime import datetime
 from uuid import UUID, uuid4
 
@@ -101,6 +101,12 @@ def cte_params(job_id: UUID | str, *, queue: str, timeout: int) -> list:
     return [key, task_package(job_id, timeout), key]
 
 
+def delete_rows(ids: list[int]) -> None:
+    if ids:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM django_q_ormq WHERE id = ANY(%s)", [ids])
+
+
 def task_package(job_id: UUID | str, timeout: int) -> str:
     """The signed Django-Q2 task that runs `jobs.runner.run_job(job_id)`."""
     return SignedPackage.dumps(
@@ -137,16 +143,20 @@ class PostgresBroker(Broker):
 
     def __init__(self, list_key: str | None = None) -> None:
         super().__init__(list_key)
-        self._listener: psycopg.Connection | None = None
-        self._listen_backoff = 0.5
+        self._init_listener()
 
     def get_connection(self, list_key: str | None = None):
         return connection
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self._listener = None
-        self._listen_backoff = 0.5
+        self._init_listener()
+
+    def _init_listener(self) -> None:
+        self._listener: psycopg.Connection | None = None
+        self._listener_thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closed = threading.Event()
 
     # --- Django-Q2's broker interface ---------------------------------------
 
@@ -158,6 +168,9 @@ class PostgresBroker(Broker):
     def dequeue(self):
         relax_commit_durability()
         self._ensure_listener()
+        # Cleared before the claim: a row that arrives while it runs sets it
+        # again, and the wait below returns at once.
+        self._wake.clear()
         rows = self._run(_CLAIM, [self.list_key, Conf.BULK, Conf.RETRY])
         if rows:
             return [(row[0], row[1]) for row in rows]
@@ -193,10 +206,13 @@ class PostgresBroker(Broker):
         return "Postgres (SKIP LOCKED claims, LISTEN/NOTIFY wake-ups)"
 
     def close(self) -> None:
-        """Close the LISTEN connection (the Django connection is Django's)."""
+        """Stop listening (the Django connection is Django's)."""
+        self._closed.set()
         if self._listener is not None:
             self._listener.close()
-            self._listener = None
+        if self._listener_thread is not None:
+            self._listener_thread.join(timeout=5)
+            self._listener_thread = None
 
     # --- internals ----------------------------------------------------------
 
@@ -212,24 +228,47 @@ class PostgresBroker(Broker):
             raise
 
     def _ensure_listener(self) -> None:
-        if self._listener is not None and not self._listener.closed:
-            return
+        """Start the thread that holds this process's LISTEN connection."""
+        if self._listener_thread is None or not self._listener_thread.is_alive():
+            self._closed.clear()
+            self._listener_thread = threading.Thread(target=self._listen, name="conveyor-broker-listen", daemon=True)
+            self._listener_thread.start()
+
+    def _listen(self) -> None:
+        """Read notifications as they come, on a thread of their own: a LISTEN
+        connection whose client stops reading makes its Postgres backend block
+        on the socket, and a blocked backend holds up server-wide operations
+        (CREATE/DROP DATABASE wait for every backend). Reconnects with backoff."""
+        backoff = 0.5
         settings = connection.settings_dict
-        try:
-            self._listener = psycopg.connect(
-                dbname=settings["NAME"],
-                user=settings["USER"] or None,
-                password=settings["PASSWORD"] or None,
-                host=settings["HOST"] or None,
-                port=settings["PORT"] or None,
-                autocommit=True,
-                application_name=f"conveyor-broker-{self.list_key}",
-            )
-            self._listener.execute(f"LISTEN {CHANNEL}")
-            self._listen_backoff = 0.5
-        except psycopg.Error as exc:
-            log.warning("broker LISTEN connection failed (%s); retrying in %.1f s", exc, self._listen_backoff)
-            self._listener = None
+        while not self._closed.is_set():
+            try:
+                self._listener = psycopg.connect(
+                    dbname=settings["NAME"],
+                    user=settings["USER"] or None,
+                    password=settings["PASSWORD"] or None,
+                    host=settings["HOST"] or None,
+                    port=settings["PORT"] or None,
+                    autocommit=True,
+                    application_name=f"conveyor-broker-{self.list_key}",
+                )
+                if self._closed.is_set():
+                    return
+                self._listener.execute(f"LISTEN {CHANNEL}")
+                backoff = 0.5
+                self._wake.set()  # rows may have arrived while not listening
+                for notify in self._listener.notifies():
+                    if notify.payload == self.list_key:
+                        self._wake.set()
+            except psycopg.Error as exc:
+                if self._closed.is_set():
+                    return
+                log.warning("broker LISTEN connection lost (%s); reconnecting in %.1f s", exc, backoff)
+            finally:
+                if self._listener is not None:
+                    self._listener.close()
+            self._closed.wait(backoff)
+            backoff = min(backoff * 2, 10.0)
 
     def _wait(self) -> None:
         """Sleep until this queue gets a row, the next delayed row is due, or
@@ -240,21 +279,5 @@ class PostgresBroker(Broker):
             if due is not None:
                 timeout = max(0.0, min(timeout, float(due)))
         except DatabaseError:
-            timeout = self._listen_backoff
-        if self._listener is None:
-            time.sleep(min(timeout, self._listen_backoff))
-            self._listen_backoff = min(self._listen_backoff * 2, self.FALLBACK_POLL)
-            return
-        deadline = time.monotonic() + timeout
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                for notify in self._listener.notifies(timeout=remaining, stop_after=1):
-                    if notify.payload == self.list_key:
-                        return
-                    break  # another queue's row: keep waiting
-        except psycopg.Error as exc:
-            log.warning("broker LISTEN connection lost (%s); reconnecting", exc)
-            try:
-                self._listener.close()
-            finally:
-                self._listener = None
+            pass
+        self._wake.wait(timeout)

@@ -28,10 +28,20 @@ CHECK_EVERY_SECONDS = 0.5
 
 def install() -> None:
     from django_q.cluster import Sentinel
+    from django_q.status import Stat
 
     if getattr(Sentinel, "_conveyor_hardened", False):
         return
     original = Sentinel.spawn_cluster
+    original_stat = Stat.__init__
+
+    def stat_init(self, sentinel) -> None:
+        original_stat(self, sentinel)
+        # The queue the cluster serves, which Django-Q2's heartbeat leaves out:
+        # /readyz and /metrics count clusters per queue (jobs/metrics.py).
+        self.queue = sentinel.queue_name()
+
+    Stat.__init__ = stat_init
 
     def spawn_cluster(self, *args, **kwargs):
         result = original(self, *args, **kwargs)

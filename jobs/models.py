@@ -236,3 +236,106 @@ class Page(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+
+# --- Webhooks (jobs/webhooks.py) ---------------------------------------------
+
+
+class WebhookEndpoint(models.Model):
+    """A URL that receives signed messages of the event types it subscribes to,
+    about every job and batch. Its secret is shown once, at creation; while a
+    rotation's overlap lasts, messages carry a signature by each secret."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.CharField(max_length=100, blank=True, default="", help_text='"apikey:<id>" or "user:<id>".')
+    url = models.URLField(max_length=2000)
+    description = models.CharField(max_length=200, blank=True, default="")
+    event_types = models.JSONField(default=list, help_text="e.g. job.succeeded, job.dead, batch.completed")
+    # HMAC keys: they must be readable to sign with, so they are kept as they are.
+    secret = models.CharField(max_length=100)
+    previous_secret = models.CharField(max_length=100, blank=True, default="")
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+    disabled_at = models.DateTimeField(null=True, blank=True)
+    disabled_reason = models.CharField(max_length=300, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["owner", "-created_at"], name="webhookendpoint_owner")]
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class SigningSecret(models.Model):
+    """The secret that signs messages to the `callback_url` of what an owner
+    submits: one per API key (owner "apikey:<id>"), and the project's default
+    (owner "") for jobs submitted from the dashboard, the admin or the CLI."""
+
+    owner = models.CharField(max_length=100, unique=True, blank=True)
+    secret = models.CharField(max_length=100)
+    previous_secret = models.CharField(max_length=100, blank=True, default="")
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.owner or "(project default)"
+
+
+class WebhookDelivery(models.Model):
+    """One message to one URL: what is sent (the body, signed anew at each
+    attempt) and under which `webhook-id`, the same on every retry and
+    redelivery. A `webhook.deliver` job carries it; `deliver_job` is the latest."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    message_id = models.CharField(max_length=40, unique=True)
+    event_type = models.CharField(max_length=50)
+    body = models.TextField(help_text="The JSON body exactly as signed.")
+    url = models.URLField(max_length=2000)
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, null=True, blank=True, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    signing_owner = models.CharField(
+        max_length=100, blank=True, default="", help_text="Whose signing secret (callback_url messages)."
+    )
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    batch = models.ForeignKey(
+        Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries"
+    )
+    deliver_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        verbose_name_plural = "webhook deliveries"
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.message_id} -> {self.url}"
+
+
+class WebhookAttempt(models.Model):
+    """One HTTP request of a delivery: its answer, latency and the first KiB of the response."""
+
+    delivery = models.ForeignKey(WebhookDelivery, on_delete=models.CASCADE, related_name="attempts")
+    deliver_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # Keyed by the engine's attempt row: a rerun of one attempt writes once,
+    # and a dead delivery retried from the dead-letter queue (its attempts
+    # numbered from 1 again) keeps the history of the first round.
+    job_attempt = models.OneToOneField(
+        Attempt, null=True, blank=True, on_delete=models.SET_NULL, related_name="webhook_attempt"
+    )
+    number = models.PositiveIntegerField(help_text="The delivery job's attempt number.")
+    started_at = models.DateTimeField()
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.TextField(blank=True, default="", help_text="The first 1 KiB of the response.")
+    error = models.TextField(blank=True, default="", help_text="Timeout, refused address, connection error.")
+
+    class Meta:
+        ordering = ["started_at", "id"]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of {self.delivery_id}: {self.status_code or self.error[:40]}"

@@ -64,5 +64,10 @@ def known_kinds() -> list[str]:
     return sorted(_registry)
 
 
+def async_kinds() -> list[str]:
+    """Kinds whose handlers run in the worker's asyncio lane."""
+    return [kind for kind, h in sorted(_registry.items()) if h.is_async]
+
+
 def all_handlers() -> list[Handler]:
     return [_registry[k] for k in known_kinds()]

@@ -32,12 +32,13 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from config.logs import job_log_context
 from jobs import broker, events, retries
 from jobs.durability import relax_commit_durability
 from jobs.errors import Cancelled, LeaseLost
 from jobs.lane import get_lane
 from jobs.models import Attempt, Job, State
-from jobs.registry import get_handler
+from jobs.registry import async_kinds, get_handler
 from jobs.states import OPEN_ATTEMPT, Sql, close_attempt, transition
 
 log = logging.getLogger(__name__)
@@ -109,28 +110,29 @@ def run_job(job_id: str) -> None:
         return
     handler = get_handler(job.kind)
     if handler is not None and handler.is_async:
-        get_lane().submit(job, handler, worker)
+        get_lane().submit(job, handler, worker, watchdog_id=job.watchdog_id)
         return
     ctx = Context(job, worker)
     heartbeat = _Heartbeat(job.id, worker, ctx.lease_lost)
     heartbeat.start()
-    try:
-        if handler is None:
-            raise _UnknownKind(f"no handler is registered for kind {job.kind!r} on this worker")
-        payload = handler.schema.model_validate(job.payload)
-        result = _storable(handler.func(ctx, payload))
-    except Cancelled:
-        heartbeat.stop()
-        _finish_cancelled(job, worker)
-    except LeaseLost:
-        heartbeat.stop()
-        log.warning("job %s: lease lost while running; another delivery owns it now", job.id)
-    except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
-        heartbeat.stop()
-        _finish_failed(job, worker, exc)
-    else:
-        heartbeat.stop()
-        _finish_succeeded(job, worker, result)
+    with job_log_context(job):
+        try:
+            if handler is None:
+                raise _UnknownKind(f"no handler is registered for kind {job.kind!r} on this worker")
+            payload = handler.schema.model_validate(job.payload)
+            result = _storable(handler.func(ctx, payload))
+        except Cancelled:
+            heartbeat.stop()
+            _finish_cancelled(job, worker)
+        except LeaseLost:
+            heartbeat.stop()
+            log.warning("job %s: lease lost while running; another delivery owns it now", job.id)
+        except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
+            heartbeat.stop()
+            _finish_failed(job, worker, exc)
+        else:
+            heartbeat.stop()
+            _finish_succeeded(job, worker, result)
 
 
 class _UnknownKind(Exception):
@@ -154,11 +156,28 @@ def _claim(job_id: str, worker: str) -> Job | None:
         where=Sql("run_after IS NULL OR run_after <= now()"),
         event="job.started",
         attempt=OPEN_ATTEMPT,
+        watchdog=_lane_watchdog(job_id),
         attempts=Sql("attempts + 1"),
         lease_owner=worker,
         lease_expires_at=Sql("now() + make_interval(secs => %s)", lease_seconds()),
         started_at=Sql("now()"),
         cancel_requested_at=None,
+    )
+
+
+def _lane_watchdog(job_id: str) -> Sql | None:
+    """For async kinds, the claim also inserts the broker row that looks at the
+    job again when its lease would end: the lane acknowledges the delivery at
+    hand-off, so this row is what notices a lane process that died. (The key is
+    the job's queue: `broker.cluster_for_queue` is the identity.)"""
+    kinds = async_kinds()
+    if not kinds:
+        return None
+    return Sql(
+        "INSERT INTO django_q_ormq (key, payload, lock, priority)"
+        " SELECT queue, %s, lease_expires_at + interval '1 second', 0 FROM j WHERE kind = ANY(%s) RETURNING id",
+        broker.task_package(job_id, 60),
+        kinds,
     )
 
 

@@ -124,3 +124,56 @@ def page_jobs(
         # only breaks ties between jobs created in the same microsecond.
         query = query.filter(created_at__lte=created_at).filter(Q(created_at__lt=created_at) | Q(id__lt=job_id))
     return list(query.order_by("-created_at", "-id").prefetch_related("attempt_set")[:limit])
+
+
+# --- Webhooks: endpoints, signing secrets, deliveries ------------------------
+
+from jobs.webhooks import (  # noqa: E402
+    EVENT_TYPES as WEBHOOK_EVENT_TYPES,
+)
+from jobs.webhooks import (  # noqa: E402
+    CreatedEndpoint,
+    DeliveryNotFound,
+    EndpointNotFound,
+    InvalidEndpoint,
+    RotatedSecret,
+    batch_deliveries,
+    create_endpoint,
+    delete_endpoint,
+    delivery_status,
+    disable_endpoint,
+    enable_endpoint,
+    endpoint_deliveries,
+    get_delivery,
+    get_endpoint,
+    job_deliveries,
+    list_endpoints,
+    redeliver,
+    rotate_endpoint_secret,
+    rotate_signing_secret,
+    signing_secret,
+)
+
+__all__ += [
+    "WEBHOOK_EVENT_TYPES",
+    "CreatedEndpoint",
+    "DeliveryNotFound",
+    "EndpointNotFound",
+    "InvalidEndpoint",
+    "RotatedSecret",
+    "batch_deliveries",
+    "create_endpoint",
+    "delete_endpoint",
+    "delivery_status",
+    "disable_endpoint",
+    "enable_endpoint",
+    "endpoint_deliveries",
+    "get_delivery",
+    "get_endpoint",
+    "job_deliveries",
+    "list_endpoints",
+    "redeliver",
+    "rotate_endpoint_secret",
+    "rotate_signing_secret",
+    "signing_secret",
+]

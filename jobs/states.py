@@ -17,9 +17,9 @@ import json
 from typing import Any
 from uuid import UUID
 
-from django.db import connection
+from django.db import connection, transaction
 
-from jobs import events
+from jobs import events, webhooks
 from jobs.models import Job, State
 
 Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
@@ -83,6 +83,7 @@ def transition(
     event: str | None = None,
     event_data: dict[str, Any] | None = None,
     attempt: Sql | None = None,
+    watchdog: Sql | None = None,
     **fields: Any,
 ) -> Job | None:
     """Move a job from any of `source` to `target`, log the event and apply
@@ -97,6 +98,30 @@ def transition(
         raise ValueError(f"illegal transition {sorted(source - allowed)} -> {target}")
     if not source:
         return None
+
+    # A finished job's webhook messages commit with its change (jobs.webhooks).
+    # Outside a transaction the job moves in one statement, as always, if its
+    # row asks for no message; if it does (or another actor won), it moves
+    # inside a transaction instead.
+    quiet = None
+    if target in webhooks.EVENT_STATES and not connection.in_atomic_block:
+
+        def in_transaction() -> Job | None:
+            with transaction.atomic():
+                return transition(
+                    job_id,
+                    target=target,
+                    source=source,
+                    where=where,
+                    event=event,
+                    event_data=event_data,
+                    attempt=attempt,
+                    **fields,
+                )
+
+        quiet = webhooks.quiet_condition(target)
+        if quiet is None:
+            return in_transaction()
 
     sets = ["state = %s", "updated_at = now()"]
     params: list[Any] = [target.value]
@@ -113,14 +138,26 @@ def transition(
     if where is not None:
         condition += f" AND ({where.expression})"
         params += where.params
+    if quiet is not None:
+        condition += f" AND ({quiet.expression})"
+        params += quiet.params
 
     event_type = event or f"job.{target.value}"
     sql = [f"WITH j AS (UPDATE jobs_job SET {', '.join(sets)} WHERE {condition} RETURNING *)"]
     if attempt is not None:
         sql.append(f", a AS ({attempt.expression})")
         params += attempt.params
+    if watchdog is not None:  # a broker row inserted with the claim; its id comes back as job.watchdog_id
+        sql.append(f", w AS ({watchdog.expression})")
+        params += watchdog.params
     sql.append(events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"))
-    sql.append(" SELECT j.* FROM j, (SELECT count(*) FROM n) AS notified")
+    sql.append(" SELECT j.*" + (", (SELECT min(id) FROM w) AS watchdog_id" if watchdog is not None else ""))
+    sql.append(" FROM j, (SELECT count(*) FROM n) AS notified")
     params += [event_type, json.dumps(event_data or {}), event_type]
     rows = list(Job.objects.raw(" ".join(sql), params))
-    return rows[0] if rows else None
+    job = rows[0] if rows else None
+    if quiet is not None:
+        return job or in_transaction()
+    if job is not None and target in webhooks.EVENT_STATES:
+        webhooks.job_finished(job)
+    return job

@@ -17,7 +17,7 @@ from django.db import connection
 from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
-from jobs import broker, events
+from jobs import broker, events, ssrf
 from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge, UnknownKind
 from jobs.models import Batch, Job, State
 from jobs.registry import get_handler, known_kinds
@@ -147,6 +147,13 @@ def prepare_job(
             errors.append({"field": "callback_url", "message": "must be an http or https URL"})
         if len(callback_url) > 2000:
             errors.append({"field": "callback_url", "message": "must be at most 2000 characters"})
+        if not any(e["field"] == "callback_url" for e in errors):
+            try:
+                # Literal addresses and localhost names only: no DNS lookup at
+                # submission. Delivery checks the resolved address again.
+                ssrf.check_url(callback_url, resolve_host=False)
+            except ssrf.UnsafeURL as exc:
+                errors.append({"field": "callback_url", "message": str(exc)})
     if errors:
         raise InvalidJob(errors)
 

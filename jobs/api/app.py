@@ -11,6 +11,7 @@ from jobs.api import problems
 from jobs.api.parsing import ApiParser
 from jobs.api.schemas import BatchCsvForm, BatchIn, ProblemOut
 from jobs.api.views import router
+from jobs.api.webhooks import router as webhooks_router
 
 DESCRIPTION = """\
 Submit and watch Conveyor jobs.
@@ -54,3 +55,4 @@ api = ConveyorAPI(
 )
 problems.install(api)
 api.add_router("", router)
+api.add_router("", webhooks_router)

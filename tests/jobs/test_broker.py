@@ -15,6 +15,7 @@ from django_q.signing import SignedPackage
 
 from jobs import broker as broker_module
 from jobs.broker import PostgresBroker
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -159,6 +160,7 @@ def test_the_broker_listens_again_after_its_connection_is_cut(fast, monkeypatch)
     monkeypatch.setattr(PostgresBroker, "FALLBACK_POLL", 30.0)
     broker = PostgresBroker("q")
     broker._ensure_listener()
+    wait_until(lambda: broker._listener is not None and not broker._listener.closed, timeout=10, message="LISTEN")
     pid = broker._listener.info.backend_pid
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
@@ -170,4 +172,5 @@ def test_the_broker_listens_again_after_its_connection_is_cut(fast, monkeypatch)
     enqueue("q", "after-cut")
     thread.join(timeout=15)
     assert labels(out["rows"]) == ["after-cut"]
-    assert broker._listener is not None and broker._listener.info.backend_pid != pid
+    wait_until(lambda: broker._listener is not None and not broker._listener.closed, timeout=10, message="LISTEN")
+    assert broker._listener.info.backend_pid != pid

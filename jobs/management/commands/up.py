@@ -3,7 +3,7 @@
 1. The embedded Postgres is started by settings when DATABASE_URL is unset.
 2. Migrations are applied.
 3. Daphne serves config.asgi on 127.0.0.1:$PORT, and one Django-Q2 cluster
-   runs per queue in CONVEYOR_QUEUES (default: "default").
+   runs per queue in CONVEYOR_QUEUES (default: "default,llm,webhooks").
 4. Ctrl-C or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace
    period) and then the embedded Postgres if this command started it. If a
    child dies on its own, everything is stopped and the command fails.
@@ -34,7 +34,7 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
         parser.add_argument(
             "--queues",
-            default=os.environ.get("CONVEYOR_QUEUES", "default"),
+            default=",".join(settings.CONVEYOR_QUEUES),
             help="comma-separated queues; one cluster is started for each",
         )
 

@@ -1,0 +1,11 @@
+"""Who may do what on the dashboard."""
+
+from __future__ import annotations
+
+OPERATE = "jobs.operate_job"
+
+
+def can_operate(user) -> bool:
+    """Staff with the operate permission may cancel, retry and discard; everyone
+    else who is signed in may read."""
+    return bool(user and user.is_authenticated and user.is_active and user.is_staff and user.has_perm(OPERATE))

@@ -1,0 +1,81 @@
+"""Queue statistics, published as `queue.stats` events like any other event.
+
+Every Daphne process whose hub runs calls `publish_queue_stats` once a
+second; the advisory lock and the age of the newest `queue.stats` event make
+sure that, across all processes, the statistics are computed at most once a
+second, by one process at a time, and not once per viewer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.db import connection, transaction
+
+from dashboard.queries import clusters_online, dead_total
+from jobs import events, services
+
+log = logging.getLogger(__name__)
+
+# pg_try_advisory_xact_lock key: "cnvystat" read as a 64-bit integer.
+LOCK_KEY = int.from_bytes(b"cnvystat", "big") & 0x7FFF_FFFF_FFFF_FFFF
+# Publish unchanged statistics this often anyway, so the chart keeps moving
+# and a newly opened page has a recent sample.
+HEARTBEAT_SECONDS = 15.0
+
+_LAST_PUBLISHED = """
+SELECT extract(epoch FROM now() - created_at), data
+FROM jobs_jobevent
+WHERE job_id IS NULL AND type = 'queue.stats'
+ORDER BY id DESC
+LIMIT 1
+"""
+
+
+def publish_queue_stats(*, min_interval: float = 1.0, heartbeat: float = HEARTBEAT_SECONDS) -> int | None:
+    """Record a `queue.stats` event unless another process is doing it or did
+    less than `min_interval` seconds ago; returns the event id or None.
+
+    1. Try a transaction-scoped advisory lock without waiting: if another
+       process holds it, that process is publishing right now.
+    2. Skip when the newest `queue.stats` event is younger than `min_interval`
+       (both times read from the database clock).
+    3. Compute the statistics; skip when nothing changed since the last event
+       and it is younger than `heartbeat`.
+    4. Record the event: its row and its pg_notify commit together.
+    """
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])
+            if not cursor.fetchone()[0]:
+                return None
+            cursor.execute(_LAST_PUBLISHED)
+            last = cursor.fetchone()
+        age = float(last[0]) if last else None
+        if age is not None and age < min_interval:
+            return None
+        data = snapshot()
+        # Django's connection hands jsonb over as text.
+        previous = json.loads(last[1]) if last and isinstance(last[1], str) else (last[1] if last else None)
+        if previous is not None and age < heartbeat and _same(previous, data):
+            return None
+        return events.record(None, "queue.stats", data)
+
+
+def snapshot() -> dict[str, Any]:
+    """What a `queue.stats` event carries: per-queue statistics, the clusters
+    online and the dead-letter total."""
+    queues = services.queue_stats(always=["default"])
+    return {"queues": queues, "clusters": clusters_online(), "dead": dead_total(queues)}
+
+
+def _same(previous: dict, current: dict) -> bool:
+    """Equal but for the clusters' uptimes, which change every second."""
+
+    def stable(data: dict) -> dict:
+        clusters = [{k: v for k, v in c.items() if k != "uptime_seconds"} for c in data.get("clusters", [])]
+        return {**data, "clusters": clusters}
+
+    return stable(previous) == stable(current)

@@ -1,0 +1,299 @@
+"""Read helpers of the dashboard: what its pages and streams show.
+
+Reads only; every change goes through `jobs.services`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.paginator import Page, Paginator
+from django.db.models import Count, F, Max, Q, Sum, Window
+from django.db.models.functions import RowNumber
+from django.utils import timezone
+
+from jobs.models import FINISHED_STATES, Attempt, Batch, Job, JobEvent, State
+
+log = logging.getLogger(__name__)
+
+JOBS_PER_PAGE = 50
+DEAD_JOBS_PER_GROUP = 20
+TIMELINE_LIMIT = 200
+STATS_HISTORY = timedelta(minutes=15)
+
+
+# --- events ------------------------------------------------------------------
+
+
+def latest_event_id() -> int:
+    """The cursor of "now": a page rendered now is current up to this event."""
+    return JobEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+
+def stats_history() -> list[tuple[datetime, dict]]:
+    """(time, data) of the `queue.stats` events of the last 15 minutes, oldest first."""
+    cutoff = timezone.now() - STATS_HISTORY
+    # Newest first along the (job, id) index, then cut by time: no scan of
+    # older statistics.
+    rows = (
+        JobEvent.objects.filter(job__isnull=True, type="queue.stats")
+        .order_by("-id")
+        .values_list("created_at", "data")[: int(STATS_HISTORY.total_seconds()) + 60]
+    )
+    return [(at, data) for at, data in reversed(rows) if at >= cutoff]
+
+
+def job_timeline(job_id: uuid.UUID, *, limit: int = TIMELINE_LIMIT) -> tuple[list[JobEvent], int]:
+    """The job's newest `limit` events, oldest first, and how many older ones were left out."""
+    events = list(JobEvent.objects.filter(job_id=job_id).order_by("-id")[: limit + 1])
+    hidden = 0
+    if len(events) > limit:
+        events = events[:limit]
+        hidden = JobEvent.objects.filter(job_id=job_id, id__lt=events[-1].id).count()
+    return list(reversed(events)), hidden
+
+
+def job_attempts(job_id: uuid.UUID) -> list[Attempt]:
+    return list(Attempt.objects.filter(job_id=job_id).order_by("number", "id"))
+
+
+# --- jobs list -----------------------------------------------------------------
+
+
+@dataclass
+class JobFilters:
+    state: str = ""
+    queue: str = ""
+    kind: str = ""
+    batch: str = ""
+    q: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_query(cls, query) -> JobFilters:
+        filters = cls(**{name: query.get(name, "").strip()[:255] for name in ("state", "queue", "kind", "batch", "q")})
+        if filters.state and filters.state not in State.values:
+            filters.errors.append(f"unknown state {filters.state!r}")
+            filters.state = ""
+        if filters.batch and as_uuid(filters.batch) is None:
+            filters.errors.append(f"{filters.batch!r} is not a batch id")
+            filters.batch = ""
+        return filters
+
+    @property
+    def active(self) -> bool:
+        return any((self.state, self.queue, self.kind, self.batch, self.q))
+
+
+def find_jobs(filters: JobFilters, *, page: str | int | None = 1) -> Page:
+    query = Job.objects.all()
+    if filters.state:
+        query = query.filter(state=filters.state)
+    if filters.queue:
+        query = query.filter(queue=filters.queue)
+    if filters.kind:
+        query = query.filter(kind=filters.kind)
+    if filters.batch:
+        query = query.filter(batch_id=filters.batch)
+    if filters.q:
+        query = query.filter(_search(filters.q))
+    query = query.order_by("-created_at", "-id").defer("payload", "result", "error_traceback")
+    return Paginator(query, JOBS_PER_PAGE).get_page(page)
+
+
+def _search(term: str) -> Q:
+    """A whole job id, the start of one (as the tables show it), or an idempotency key."""
+    match = Q(idempotency_key=term)
+    full = as_uuid(term)
+    if full is not None:
+        return match | Q(id=full)
+    hex_part = term.replace("-", "").lower()
+    if 4 <= len(hex_part) < 32 and all(c in "0123456789abcdef" for c in hex_part):
+        # A prefix is a range of the primary key: an index range scan.
+        low = uuid.UUID(hex_part.ljust(32, "0"))
+        high = uuid.UUID(hex_part.ljust(32, "f"))
+        match |= Q(id__gte=low, id__lte=high)
+    return match
+
+
+def as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def known_queues() -> list[str]:
+    """Queues that have jobs, for the filter menus (reads the active partial
+    index plus the handler defaults, not the whole table)."""
+    from jobs.services import all_handlers
+
+    active = set(
+        Job.objects.filter(state__in=["queued", "scheduled", "running", "retrying"])
+        .values_list("queue", flat=True)
+        .distinct()
+    )
+    return sorted(active | {h.queue for h in all_handlers()} | {"default"})
+
+
+# --- dead-letter queue ---------------------------------------------------------
+
+
+@dataclass
+class DeadGroup:
+    kind: str
+    error_type: str
+    count: int
+    last_died: datetime | None
+    jobs: list[Job]
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}|{self.error_type}"
+
+    @property
+    def more(self) -> int:
+        return self.count - len(self.jobs)
+
+
+def dead_letter_groups(*, per_group: int = DEAD_JOBS_PER_GROUP) -> list[DeadGroup]:
+    """Dead jobs grouped by kind and error type, the group that died last first,
+    with the newest `per_group` jobs of each (two queries on the dead-job index)."""
+    counts = list(
+        Job.objects.filter(state=State.DEAD)
+        .values("kind", "error_type")
+        .annotate(count=Count("id"), last_died=Max("finished_at"))
+        .order_by(F("last_died").desc(nulls_last=True), "kind", "error_type")
+    )
+    if not counts:
+        return []
+    ranked = (
+        Job.objects.filter(state=State.DEAD)
+        .annotate(
+            rank=Window(
+                RowNumber(),
+                partition_by=[F("kind"), F("error_type")],
+                order_by=[F("finished_at").desc(nulls_last=True), F("id").desc()],
+            )
+        )
+        .filter(rank__lte=per_group)
+        .defer("payload", "result", "error_traceback")
+    )
+    jobs: dict[tuple[str, str], list[Job]] = {}
+    for job in ranked:
+        jobs.setdefault((job.kind, job.error_type), []).append(job)
+    for group_jobs in jobs.values():
+        group_jobs.sort(key=lambda j: j.finished_at or j.created_at, reverse=True)
+    return [
+        DeadGroup(c["kind"], c["error_type"], c["count"], c["last_died"], jobs.get((c["kind"], c["error_type"]), []))
+        for c in counts
+    ]
+
+
+def dead_total(queues: list[dict] | None = None) -> int:
+    if queues is not None:
+        return sum(q["dead"] for q in queues)
+    return Job.objects.filter(state=State.DEAD).count()
+
+
+# --- batches -------------------------------------------------------------------
+
+
+@dataclass
+class BatchProgress:
+    batch: Batch
+    counts: dict[str, int]
+    # Sum of progress_percent over unfinished jobs; finished jobs count 100.
+    progress_sum: int
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s, 0) for s in FINISHED_STATES)
+
+    @property
+    def active(self) -> int:
+        return sum(n for s, n in self.counts.items() if s not in FINISHED_STATES)
+
+    @property
+    def total(self) -> int:
+        return max(self.batch.total, sum(self.counts.values()))
+
+    @property
+    def percent(self) -> int:
+        if not self.total:
+            return 0
+        return min(100, (self.finished * 100 + self.progress_sum) // self.total)
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(State.DEAD, 0)
+
+    @property
+    def ordered_counts(self) -> list[tuple[str, int]]:
+        """Every state, in lifecycle order, with its count."""
+        return [(state, self.counts.get(state, 0)) for state in State.values]
+
+    @property
+    def done(self) -> bool:
+        return self.total > 0 and self.finished >= self.total
+
+
+def batch_progress(batches: list[Batch]) -> list[BatchProgress]:
+    """Each batch with its jobs counted by state (one grouped query for all)."""
+    counts: dict[Any, dict[str, int]] = {b.id: {} for b in batches}
+    sums: dict[Any, int] = dict.fromkeys(counts, 0)
+    rows = (
+        Job.objects.filter(batch_id__in=list(counts))
+        .values("batch_id", "state")
+        .annotate(n=Count("id"), progress=Sum("progress_percent"))
+    )
+    for row in rows:
+        counts[row["batch_id"]][row["state"]] = row["n"]
+        if row["state"] not in FINISHED_STATES:
+            sums[row["batch_id"]] += row["progress"] or 0
+    return [BatchProgress(b, counts[b.id], sums[b.id]) for b in batches]
+
+
+def batch_page(*, page: str | int | None = 1, per_page: int = 25) -> tuple[Page, list[BatchProgress]]:
+    paginated = Paginator(Batch.objects.order_by("-created_at", "-id"), per_page).get_page(page)
+    return paginated, batch_progress(list(paginated.object_list))
+
+
+def one_batch_progress(batch_id: uuid.UUID) -> BatchProgress | None:
+    batch = Batch.objects.filter(id=batch_id).first()
+    return batch_progress([batch])[0] if batch else None
+
+
+# --- workers -------------------------------------------------------------------
+
+
+def clusters_online() -> list[dict[str, Any]]:
+    """The Django-Q2 clusters that reported in the last few seconds (their
+    stats live in the database cache, so every process sees every cluster)."""
+    from django_q.status import Stat
+
+    try:
+        stats = Stat.get_all()
+    except Exception:  # noqa: BLE001 - a broken cache must not break the dashboard
+        log.exception("reading Django-Q2 cluster stats failed")
+        return []
+    now = timezone.now()
+    clusters = []
+    for stat in stats:
+        tob = getattr(stat, "tob", None)
+        clusters.append(
+            {
+                "id": str(stat.cluster_id),
+                "host": stat.host,
+                "pid": stat.pid,
+                "status": str(stat.status),
+                "workers": len(stat.workers or []),
+                "uptime_seconds": round((now - tob).total_seconds()) if tob else None,
+            }
+        )
+    clusters.sort(key=lambda c: (c["host"], c["pid"]))
+    return clusters
