@@ -260,6 +260,9 @@ LOGGING["formatters"] = {"plain": {"()": "config.logs.PlainFormatter"}, "json": 
 LOGGING["handlers"]["console"].update(formatter=LOG_FORMAT, filters=["context"])
 # Django-Q2 logs as "django-q"; the "django_q" entry above never applied.
 LOGGING["loggers"]["django-q"] = {"level": env_str("DJANGO_Q_LOG_LEVEL", "WARNING")}
+# Without handlers of its own: Django's default console handler (DEBUG only)
+# would print each django.* line a second time, unformatted.
+LOGGING["loggers"]["django"] = {"level": "INFO"}
 
 MIDDLEWARE.insert(0, "config.middleware.RequestIdMiddleware")
 

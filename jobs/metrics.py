@@ -15,7 +15,8 @@ multiprocess mode, and nothing lost when a worker is recycled or killed):
   attempt: exact across processes, never counting a rolled-back change, and
   untouched by the retention purge.
 
-A scrape is four queries plus Django-Q2's reads of the database cache.
+A scrape is three queries plus Django-Q2's reads of its heartbeats from the
+database cache.
 """
 
 from __future__ import annotations

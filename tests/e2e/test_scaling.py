@@ -185,7 +185,10 @@ def test_two_clusters_and_two_daphnes_share_one_postgres(processes, make_job):
 
     # 5. Both processes report the same counts, read from the database.
     after = [scrape(url) for url in daphnes]
-    finished = ("conveyor_jobs_finished_total", (("kind", "demo.sleep"), ("outcome", "succeeded"), ("queue", "default")))
+    finished = (
+        "conveyor_jobs_finished_total",
+        (("kind", "demo.sleep"), ("outcome", "succeeded"), ("queue", "default")),
+    )
     submitted = ("conveyor_jobs_submitted_total", (("kind", "demo.sleep"), ("queue", "default")))
     for old, new in zip(before, after, strict=True):
         assert new[finished] - old.get(finished, 0) == JOBS

