@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".data" / "bench-logs"
@@ -36,11 +35,9 @@ def setup_django() -> None:
 def database_url() -> str:
     from django.db import connection
 
-    s = connection.settings_dict
-    host = quote(s["HOST"] or "", safe="")
-    auth = s["USER"] + (f":{quote(s['PASSWORD'], safe='')}" if s["PASSWORD"] else "")
-    port = f":{s['PORT']}" if s["PORT"] else ""
-    return f"postgres://{auth}@{host}{port}/{s['NAME']}"
+    from config.embedded_db import url_of
+
+    return url_of(connection.settings_dict)
 
 
 def reset() -> None:

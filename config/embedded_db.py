@@ -82,3 +82,13 @@ def _is_root() -> bool:
     import os
 
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def url_of(settings_dict: dict) -> str:
+    """A DATABASE_URL for the database a Django connection uses (for instance
+    pytest-django's test database), so subprocesses can be pointed at it."""
+    s = settings_dict
+    host = quote(s["HOST"] or "", safe="")
+    auth = s["USER"] + (f":{quote(s['PASSWORD'], safe='')}" if s["PASSWORD"] else "")
+    port = f":{s['PORT']}" if s["PORT"] else ""
+    return f"postgres://{auth}@{host}{port}/{s['NAME']}"

@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
@@ -44,11 +43,9 @@ def test_database_url() -> str:
     """A DATABASE_URL that points subprocesses at pytest-django's test database."""
     from django.db import connection
 
-    s = connection.settings_dict
-    host = quote(s["HOST"] or "", safe="")
-    auth = s["USER"] + (f":{quote(s['PASSWORD'], safe='')}" if s["PASSWORD"] else "")
-    port = f":{s['PORT']}" if s["PORT"] else ""
-    return f"postgres://{auth}@{host}{port}/{s['NAME']}"
+    from config.embedded_db import url_of
+
+    return url_of(connection.settings_dict)
 
 
 test_database_url.__test__ = False  # not a test, despite its name
