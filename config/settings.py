@@ -169,6 +169,8 @@ CONVEYOR = {
     "DEFAULT_QUEUE": "default",
     # Async (I/O-bound) jobs one worker process runs at once (jobs/lane.py).
     "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 100, minimum=1),
+    # Threads one Daphne process runs Django's views on (config/handler.py).
+    "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
 }
 
 # Seconds before Django-Q2 hands an unacknowledged broker row out again. The

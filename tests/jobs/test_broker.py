@@ -174,3 +174,14 @@ def test_the_broker_listens_again_after_its_connection_is_cut(fast, monkeypatch)
     assert labels(out["rows"]) == ["after-cut"]
     wait_until(lambda: broker._listener is not None and not broker._listener.closed, timeout=10, message="LISTEN")
     assert broker._listener.info.backend_pid != pid
+
+
+def test_its_task_packages_are_what_django_q2_signs_and_reads():
+    task = {"id": "abc", "name": "job:1", "func": broker_module._run_job(), "args": ("1",), "kwargs": {}, "timeout": 9}
+    for _ in range(5):  # both signed within one second: they carry a timestamp
+        second = int(time.time())
+        ours, theirs = broker_module._sign(task), SignedPackage.dumps(task)
+        if int(time.time()) == second:
+            break
+    assert ours == theirs
+    assert SignedPackage.loads(ours) == task
