@@ -17,6 +17,7 @@ so a delivery only means "look at this job":
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -175,10 +176,17 @@ def _lane_watchdog(job_id: str) -> Sql | None:
         return None
     return Sql(
         "INSERT INTO django_q_ormq (key, payload, lock, priority)"
-        " SELECT queue, %s, lease_expires_at + interval '1 second', 0 FROM j WHERE kind = ANY(%s) RETURNING id",
+        f" SELECT queue, %s, lease_expires_at + interval '1 second', 0 FROM j WHERE kind IN ({_quoted(tuple(kinds))})"
+        " RETURNING id",
         broker.task_package(job_id, 60),
-        kinds,
     )
+
+
+@functools.cache
+def _quoted(kinds: tuple[str, ...]) -> str:
+    # Literals rather than an array parameter: psycopg builds a list dumper per
+    # array parameter and execution. (standard_conforming_strings is on.)
+    return ", ".join("'" + kind.replace("'", "''") + "'" for kind in kinds)
 
 
 def _look_after_unclaimed(job_id: str) -> None:

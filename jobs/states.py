@@ -70,6 +70,11 @@ def close_attempt(outcome: str, *, error_type: str = "", message: str = "", tb: 
     )
 
 
+def _literals(states: frozenset[State]) -> str:
+    # State values are fixed identifiers ([a-z]+), safe to inline.
+    return ", ".join(f"'{state.value}'" for state in sorted(states))
+
+
 def is_allowed(source: State, target: State) -> bool:
     return source in ALLOWED.get(target, frozenset())
 
@@ -133,8 +138,10 @@ def transition(
         else:
             sets.append(f"{field.column} = %s")
             params.append(field.get_db_prep_save(value, connection))
-    condition = "id = %s AND state = ANY(%s)"
-    params += [str(job_id), [s.value for s in source]]
+    # The states as literals: psycopg builds a list dumper for every array
+    # parameter, a tenth of a worker's time per job.
+    condition = f"id = %s AND state IN ({_literals(source)})"
+    params.append(str(job_id))
     if where is not None:
         condition += f" AND ({where.expression})"
         params += where.params
