@@ -20,7 +20,7 @@ from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from dashboard import queries
@@ -58,6 +58,7 @@ class EndpointForm(forms.Form):
 
 
 @login_required
+@require_http_methods(["GET", "POST"])
 def endpoint_list(request: HttpRequest) -> HttpResponse:
     """The endpoints; operators create one here (POST)."""
     form = EndpointForm()
@@ -108,7 +109,10 @@ def _endpoint_page(
 
 
 def _secret_page(request: HttpRequest, endpoint: WebhookEndpoint, secret: str, *, created: bool) -> HttpResponse:
-    """The endpoint's page showing `secret`, the one time it is ever shown."""
+    """The endpoint's page showing `secret`, the one time it is ever shown.
+
+    It is the POST's own answer, not a redirect: a redirect would need the
+    secret kept somewhere (session, message) until the next request."""
     response = _endpoint_page(request, endpoint, secret=secret, created=created)
     if created:
         response.status_code = 201
