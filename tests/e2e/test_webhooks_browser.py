@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from jobs import services
 from jobs.models import WebhookDelivery
 from tests.conftest import wait_until
 from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
@@ -25,7 +26,13 @@ def receiver():
     r.close()
 
 
-def test_an_operator_registers_an_endpoint_and_redelivers_from_the_job_page(processes, context, operator, receiver):  # noqa: F811
+def test_an_operator_registers_an_endpoint_and_redelivers_from_the_job_page(
+    processes,
+    context,  # noqa: F811
+    operator,  # noqa: F811
+    receiver,
+    settings,
+):
     base = start_daphne(processes, **LOOPBACK)
     processes.qcluster(queue="default")
     processes.qcluster(queue="webhooks", **FAST_SCHEDULE)
@@ -88,4 +95,16 @@ def test_an_operator_registers_an_endpoint_and_redelivers_from_the_job_page(proc
     page.locator(".endpoint .state.failed").wait_for()
     assert "disabled by olga" in page.locator(".endpoint").inner_text()
     shot(page, "webhooks-06-endpoint-disabled")
+
+    # A batch's callback gets batch.completed; its page lists the delivery.
+    settings.CONVEYOR_WEBHOOKS = {**settings.CONVEYOR_WEBHOOKS, "ALLOW_PRIVATE": True}  # this process submits
+    batch = services.submit_batch(
+        "nightly", [{"kind": "demo.noop", "payload": {}}], callback_url=receiver.url("/batch")
+    ).batch
+    wait_until(lambda: len(receiver.received("/batch")) == 1, timeout=60, message="batch.completed")
+    (delivery,) = WebhookDelivery.objects.filter(batch=batch)
+    page.goto(f"{base}/batches/{batch.id}/")
+    page.locator(f"#delivery-{delivery.id} .state.delivered").wait_for(timeout=30_000)
+    assert "batch.completed" in page.locator("#webhook-deliveries").inner_text()
+    shot(page, "webhooks-07-batch-deliveries")
     assert not errors, errors
