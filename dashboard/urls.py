@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import views
+from dashboard import views, webhooks
 
 app_name = "dashboard"
 urlpatterns = [
@@ -17,4 +17,12 @@ urlpatterns = [
     path("submit/", views.submit, name="submit"),
     path("batches/", views.batches, name="batches"),
     path("batches/<uuid:batch_id>/", views.batch, name="batch"),
+    path("webhooks/", webhooks.endpoint_list, name="webhooks"),
+    path("webhooks/<uuid:endpoint_id>/", webhooks.endpoint_detail, name="webhook"),
+    path("webhooks/<uuid:endpoint_id>/rotate", webhooks.rotate_secret, name="webhook-rotate"),
+    path("webhooks/<uuid:endpoint_id>/enable", webhooks.set_enabled, {"enabled": True}, name="webhook-enable"),
+    path("webhooks/<uuid:endpoint_id>/disable", webhooks.set_enabled, {"enabled": False}, name="webhook-disable"),
+    path("webhooks/<uuid:endpoint_id>/delete", webhooks.delete_endpoint, name="webhook-delete"),
+    path("webhooks/deliveries/<uuid:delivery_id>/", webhooks.delivery_row, name="webhook-delivery"),
+    path("webhooks/deliveries/<uuid:delivery_id>/redeliver", webhooks.redeliver, name="webhook-redeliver"),
 ]

@@ -118,6 +118,7 @@ def job(request: HttpRequest, job_id: UUID) -> HttpResponse:
         "hidden_events": hidden,
         "attempts": list(job.attempt_set.all()),
         "waiting": _waiting(job),
+        "deliveries": services.job_deliveries(job.id),
     }
     if request.htmx:
         return render(
@@ -187,7 +188,13 @@ def batch(request: HttpRequest, batch_id: UUID) -> HttpResponse:
     return _page(
         request,
         "dashboard/batch.html",
-        {"progress": progress, "page": page, "jobs": list(page.object_list), "filters": filters},
+        {
+            "progress": progress,
+            "page": page,
+            "jobs": list(page.object_list),
+            "filters": filters,
+            "deliveries": services.batch_deliveries(batch.id),
+        },
         title=f"Batch {str(batch.id)[:8]}",
         nav="batches",
         stream=events_url(f"batches/{batch.id}", after=cursor),

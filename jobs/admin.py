@@ -1,5 +1,6 @@
-"""Admin for jobs and batches: read-only records; state changes only through
-the actions, which call `jobs.services` like every other entry point."""
+"""Admin for jobs, batches, API keys and webhooks: read-only records; changes
+only through the actions, which call `jobs.services` like every other entry
+point. Webhook and signing secrets are never among the fields shown."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from django.utils.html import format_html
 
 from jobs import services
 from jobs.errors import ConveyorError
-from jobs.models import ApiKey, Attempt, Batch, Job, JobEvent
+from jobs.models import ApiKey, Attempt, Batch, Job, JobEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -194,3 +195,147 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in queryset:
             services.revoke_api_key(api_key.prefix)
         self.message_user(request, f"{queryset.count()} key(s) revoked.", messages.SUCCESS)
+
+
+# --- webhooks --------------------------------------------------------------------
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    """Endpoints are registered through the API or the dashboard, where their
+    secret is shown once. Here they are listed and switched; the secrets are
+    never shown nor editable (they are not among the fields at all)."""
+
+    list_display = ("url", "owner", "events", "enabled", "created_at", "dashboard")
+    list_filter = (("disabled_at", admin.EmptyFieldListFilter),)
+    search_fields = ("url", "owner", "description")
+    ordering = ("-created_at",)
+    fields = readonly_fields = (
+        "id",
+        "url",
+        "owner",
+        "description",
+        "event_types",
+        "created_at",
+        "rotated_at",
+        "previous_secret_expires_at",
+        "disabled_at",
+        "disabled_reason",
+    )
+    actions = ("enable_endpoints", "disable_endpoints", "rotate_secrets")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_operate_permission(self, request) -> bool:
+        return request.user.is_staff and request.user.has_perm("jobs.operate_job")
+
+    def delete_model(self, request, obj: WebhookEndpoint) -> None:
+        services.delete_endpoint(obj.id)
+
+    def delete_queryset(self, request, queryset: QuerySet[WebhookEndpoint]) -> None:
+        for endpoint_id in queryset.values_list("id", flat=True):
+            services.delete_endpoint(endpoint_id)
+
+    @admin.display(description="event types")
+    def events(self, endpoint: WebhookEndpoint) -> str:
+        return ", ".join(endpoint.event_types)
+
+    @admin.display(description="enabled", boolean=True, ordering="disabled_at")
+    def enabled(self, endpoint: WebhookEndpoint) -> bool:
+        return endpoint.disabled_at is None
+
+    @admin.display(description="")
+    def dashboard(self, endpoint: WebhookEndpoint) -> str:
+        return format_html('<a href="{}">deliveries</a>', reverse("dashboard:webhook", args=[endpoint.id]))
+
+    @admin.action(description="Enable the selected endpoints", permissions=["operate"])
+    def enable_endpoints(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
+        for endpoint_id in queryset.values_list("id", flat=True):
+            services.enable_endpoint(endpoint_id)
+        self.message_user(request, f"{queryset.count()} endpoint(s) enabled.", messages.SUCCESS)
+
+    @admin.action(description="Disable the selected endpoints", permissions=["operate"])
+    def disable_endpoints(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
+        reason = f"disabled by {request.user.get_username()} (admin)"
+        for endpoint_id in queryset.values_list("id", flat=True):
+            services.disable_endpoint(endpoint_id, reason=reason)
+        self.message_user(request, f"{queryset.count()} endpoint(s) disabled.", messages.SUCCESS)
+
+    @admin.action(description="Rotate the secrets of the selected endpoints", permissions=["operate"])
+    def rotate_secrets(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
+        for endpoint_id in queryset.values_list("id", flat=True):
+            services.rotate_endpoint_secret(endpoint_id)
+        self.message_user(
+            request,
+            f"{queryset.count()} secret(s) rotated; the old ones keep signing for 24 hours. New secrets are "
+            "never shown here: an endpoint's owner reads one by rotating in the dashboard or the API.",
+            messages.SUCCESS,
+        )
+
+
+class WebhookAttemptInline(ReadOnlyInline):
+    model = WebhookAttempt
+    fk_name = "delivery"
+    fields = readonly_fields = ("number", "started_at", "status_code", "latency_ms", "response_body", "error")
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    list_display = ("message_id", "event_type", "url", "status", "about", "created_at")
+    list_filter = ("event_type",)
+    search_fields = ("=message_id", "url")
+    ordering = ("-created_at",)
+    date_hierarchy = "created_at"
+    list_select_related = ("deliver_job",)
+    show_full_result_count = False
+    inlines = (WebhookAttemptInline,)
+    actions = ("redeliver",)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in WebhookDelivery._meta.fields] + ["status"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # the delivery history goes with its job, batch or endpoint
+
+    def has_operate_permission(self, request) -> bool:
+        return request.user.is_staff and request.user.has_perm("jobs.operate_job")
+
+    @admin.display(description="status")
+    def status(self, delivery: WebhookDelivery) -> str:
+        return services.delivery_status(delivery)
+
+    @admin.display(description="about")
+    def about(self, delivery: WebhookDelivery) -> str:
+        if delivery.job_id:
+            return format_html(
+                '<a href="{}">job {}</a>', reverse("dashboard:job", args=[delivery.job_id]), str(delivery.job_id)[:8]
+            )
+        return format_html(
+            '<a href="{}">batch {}</a>',
+            reverse("dashboard:batch", args=[delivery.batch_id]),
+            str(delivery.batch_id)[:8],
+        )
+
+    @admin.action(description="Redeliver the selected messages (same webhook-id)", permissions=["operate"])
+    def redeliver(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        sent, refused = 0, []
+        for delivery_id in queryset.values_list("id", flat=True):
+            try:
+                services.redeliver(delivery_id)
+            except ConveyorError as exc:
+                refused.append(str(exc))
+                continue
+            sent += 1
+        self.message_user(request, f"{sent} message(s) sent again.", messages.SUCCESS if sent else messages.WARNING)
+        for reason in refused:
+            self.message_user(request, reason, messages.WARNING)

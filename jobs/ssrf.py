@@ -27,7 +27,7 @@ import ipaddress
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -66,6 +66,7 @@ class Response:
     status_code: int
     body: bytes  # at most MAX_BODY bytes
     elapsed: float  # seconds, request sent to body read
+    headers: httpx.Headers = field(default_factory=httpx.Headers)
 
 
 def allow_private() -> bool:
@@ -185,7 +186,7 @@ def post(
                 body += chunk
                 if len(body) >= max_body:
                     break
-            return Response(response.status_code, body[:max_body], time.monotonic() - started)
+            return Response(response.status_code, body[:max_body], time.monotonic() - started, response.headers)
 
 
 def _parse(url: str):

@@ -42,6 +42,8 @@ from typing import Any, TypedDict
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from jobs import ssrf, states
@@ -514,6 +516,21 @@ def endpoint_deliveries(endpoint_id: uuid.UUID | str, *, limit: int = 50) -> lis
     """An endpoint's latest messages, newest first, with their attempts."""
     query = WebhookDelivery.objects.filter(endpoint_id=endpoint_id).order_by("-created_at", "-id")[:limit]
     return list(query.select_related("deliver_job", "endpoint").prefetch_related("attempts"))
+
+
+def recent_deliveries(
+    endpoint_ids: Iterable[uuid.UUID | str], *, per_endpoint: int = 5
+) -> dict[uuid.UUID, list[WebhookDelivery]]:
+    """The latest `per_endpoint` messages of each endpoint, newest first, with
+    their attempts: endpoint id -> deliveries (three queries in all)."""
+    ranked = WebhookDelivery.objects.filter(endpoint_id__in=list(endpoint_ids)).annotate(
+        rank=Window(RowNumber(), partition_by=F("endpoint_id"), order_by=[F("created_at").desc(), F("id").desc()])
+    )
+    found: dict[uuid.UUID, list[WebhookDelivery]] = {}
+    query = ranked.filter(rank__lte=per_endpoint).order_by("-created_at", "-id")
+    for delivery in query.select_related("deliver_job", "endpoint").prefetch_related("attempts"):
+        found.setdefault(delivery.endpoint_id, []).append(delivery)
+    return found
 
 
 def _deliveries(query) -> list[WebhookDelivery]:

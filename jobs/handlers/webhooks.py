@@ -14,6 +14,11 @@ and first KiB of the response. Then:
   30 min, 2 h, 5 h, 10 h, 10 h: eight attempts over about 28 hours), ±10 %
   so that messages that failed together do not return together. Once they
   are spent the job is dead: the dead-letter queue's retry sends it again.
+- 429 or 503 with a `Retry-After` header (seconds or an HTTP date): the
+  next attempt comes when the receiver asked, at most the schedule's longest
+  delay later (a receiver cannot park a message for a week). The attempt
+  still counts: a receiver that always throttles ends in the dead-letter
+  queue like one that always fails.
 - a URL that may not be reached (see jobs.ssrf): PermanentError, dead at once.
 """
 
@@ -29,9 +34,12 @@ from django.utils import timezone
 
 from jobs import ssrf, webhooks
 from jobs.errors import PermanentError, RetryableError
+from jobs.llm.client import parse_retry_after
 from jobs.registry import Payload, handler
 
 SCHEDULE = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 10 * 3600)
+# The answers whose Retry-After header sets the next attempt.
+THROTTLED = frozenset({429, 503})
 
 
 class DeliverPayload(Payload):
@@ -50,6 +58,17 @@ def retry_delay(attempt: int) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based)."""
     base = SCHEDULE[min(attempt, len(SCHEDULE)) - 1]
     return base * settings.CONVEYOR_WEBHOOKS["BACKOFF_SCALE"] * random.uniform(0.9, 1.1)
+
+
+def next_delay(attempt: int, response: ssrf.Response) -> float:
+    """Seconds to wait after `response` failed attempt number `attempt`: what
+    its Retry-After asks on a 429 or 503 (at most the schedule's longest
+    delay), else the schedule's."""
+    if response.status_code in THROTTLED:
+        asked = parse_retry_after(response.headers)
+        if asked is not None:
+            return min(asked, max(SCHEDULE) * settings.CONVEYOR_WEBHOOKS["BACKOFF_SCALE"])
+    return retry_delay(attempt)
 
 
 @handler(webhooks.DELIVER_KIND, schema=DeliverPayload, queue=webhooks.QUEUE, max_attempts=len(SCHEDULE) + 1, timeout=60)
@@ -94,4 +113,4 @@ def deliver(ctx, payload: DeliverPayload) -> dict:
     if response.status_code == 410:
         webhooks.endpoint_gone(delivery)
         return {**result, "gone": True, "endpoint_disabled": delivery.endpoint_id is not None}
-    raise DeliveryFailed(f"the receiver answered {response.status_code}", retry_after=retry_delay(ctx.attempt))
+    raise DeliveryFailed(f"the receiver answered {response.status_code}", retry_after=next_delay(ctx.attempt, response))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from jobs import runner, webhooks
 from jobs.models import Job, State, WebhookDelivery
 from jobs.states import transition
 from tests.api.conftest import api, make_key  # noqa: F401 - fixtures
+from tests.dashboard.conftest import operator, operator_client, reader, reader_client  # noqa: F401 - fixtures
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Received:
     body: bytes
     # Each secret the path expects, and whether the message verified with it.
     verified: dict[str, bool] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def message_id(self) -> str:
@@ -39,21 +42,25 @@ class Received:
 class Receiver:
     """An HTTP server on a thread. `expect(path, secret, …)` makes every message
     to `path` verified with each secret; `answer(path, 500, 500, 200)` sets the
-    statuses it answers in turn (the last one repeats; 200 by default)."""
+    statuses it answers in turn (the last one repeats; 200 by default), and
+    `headers=` headers sent with each of them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._secrets: dict[str, tuple[str, ...]] = {}
         self._plans: dict[str, list[int]] = {}
+        self._headers: dict[str, dict[str, str]] = {}
         self._received: list[Received] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status = receiver._record(self.path, dict(self.headers.items()), body)
+                status, extra = receiver._record(self.path, dict(self.headers.items()), body)
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain")
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 text = f"answered {status}".encode()
                 self.send_header("Content-Length", str(len(text)))
                 self.end_headers()
@@ -74,9 +81,10 @@ class Receiver:
         with self._lock:
             self._secrets[path] = secrets
 
-    def answer(self, path: str, *statuses: int) -> None:
+    def answer(self, path: str, *statuses: int, headers: dict[str, str] | None = None) -> None:
         with self._lock:
             self._plans[path] = list(statuses)
+            self._headers[path] = headers or {}
 
     def received(self, path: str | None = None) -> list[Received]:
         with self._lock:
@@ -86,12 +94,13 @@ class Receiver:
         self.server.shutdown()
         self.server.server_close()
 
-    def _record(self, path: str, headers: dict[str, str], body: bytes) -> int:
+    def _record(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
         headers = {k.lower(): v for k, v in headers.items()}
         with self._lock:
             secrets = self._secrets.get(path, ())
             plan = self._plans.get(path, [200])
             status = plan.pop(0) if len(plan) > 1 else plan[0]
+            extra = self._headers.get(path, {})
         received = Received(path, headers, body)
         for secret in secrets:
             try:
@@ -102,7 +111,7 @@ class Receiver:
                 received.verified[secret] = True
         with self._lock:
             self._received.append(received)
-        return status
+        return status, extra
 
 
 @pytest.fixture(autouse=True)

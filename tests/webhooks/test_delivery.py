@@ -122,3 +122,23 @@ def test_410_gone_disables_the_endpoint(processes, receiver, make_job, allow_pri
     assert len(receiver.received("/gone")) == 1
     assert services.delivery_status(WebhookDelivery.objects.get(id=delivery.id)) == "gone"
     assert deliveries_of(finish(make_job(), State.CANCELLED)) == []
+
+
+def test_a_throttling_receiver_gets_the_next_attempt_when_its_retry_after_says(
+    processes, receiver, make_job, allow_private
+):
+    # The cluster's schedule is 10,000 times faster (its first step is 0.5 ms)
+    # and its longest delay 3.6 s: the 2 s asked for stands out from both.
+    _endpoint(receiver, "/throttled", "job.succeeded")
+    receiver.answer("/throttled", 429, 200, headers={"Retry-After": "2"})
+    job = finish(make_job())
+    (delivery,) = deliveries_of(job)
+
+    processes.qcluster(queue="webhooks", **WEBHOOKS_CLUSTER)
+    wait_until(lambda: Job.objects.get(id=delivery.deliver_job_id).state == State.SUCCEEDED, timeout=60)
+
+    first, second = receiver.received("/throttled")
+    assert first.message_id == second.message_id == delivery.message_id
+    assert second.at - first.at >= 2.0
+    attempts = WebhookAttempt.objects.filter(delivery=delivery).order_by("number")
+    assert [(a.number, a.status_code) for a in attempts] == [(1, 429), (2, 200)]
