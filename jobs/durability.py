@@ -15,18 +15,24 @@ for. No data is corrupted and no job is lost.
 
 from __future__ import annotations
 
+import threading
+
 from django.db import connection
 
-_relaxed: set[int] = set()
+# thread -> id of the raw connection already relaxed. Django's connections are
+# per thread, and a worker has several (its main thread, the lane's database
+# thread): one slot per thread, so they don't evict each other and re-send the
+# SET on every call.
+_relaxed: dict[int, int] = {}
 
 
 def relax_commit_durability() -> None:
-    """Turn off the commit flush wait for this process's Django connection."""
+    """Turn off the commit flush wait for this thread's Django connection."""
     connection.ensure_connection()
-    raw = connection.connection
-    if id(raw) in _relaxed:
+    raw = id(connection.connection)
+    thread = threading.get_ident()
+    if _relaxed.get(thread) == raw:
         return
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit TO off")
-    _relaxed.clear()  # a reconnect replaces the old connection
-    _relaxed.add(id(raw))
+    _relaxed[thread] = raw  # a reconnect replaces the old connection (and its id)
