@@ -62,7 +62,7 @@ _FREE = """
     AND j.lease_owner = s.worker AND j.lease_expires_at > now())))
 """
 
-_REFILLED = "least(%(burst)s, tokens + greatest(0, extract(epoch FROM now() - refilled_at)) * %(rate)s)"
+_REFILLED = "least(%(burst)s, tokens + greatest(0, extract(epoch FROM statement_timestamp() - refilled_at)) * %(rate)s)"
 
 _ACQUIRE = f"""
 WITH budget AS (
@@ -75,7 +75,7 @@ WITH budget AS (
       AND NOT EXISTS (SELECT 1 FROM budget WHERE spent)
     ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED
 ), bucket AS (
-    UPDATE jobs_providerrate SET tokens = {_REFILLED} - 1, refilled_at = greatest(refilled_at, now())
+    UPDATE jobs_providerrate SET tokens = {_REFILLED} - 1, refilled_at = greatest(refilled_at, statement_timestamp())
     WHERE provider = %(provider)s AND %(rpm)s > 0 AND EXISTS (SELECT 1 FROM free) AND {_REFILLED} >= 1
     RETURNING provider
 ), taken AS (
@@ -98,7 +98,7 @@ WITH slots AS (
     SELECT %(provider)s, n, NULL, '', NULL FROM generate_series(0, %(slots)s - 1) AS n
     ON CONFLICT (provider, slot) DO NOTHING RETURNING 1
 ), bucket AS (
-    INSERT INTO jobs_providerrate (provider, tokens, refilled_at) VALUES (%(provider)s, %(burst)s, now())
+    INSERT INTO jobs_providerrate (provider, tokens, refilled_at) VALUES (%(provider)s, %(burst)s, statement_timestamp())
     ON CONFLICT (provider) DO NOTHING RETURNING 1
 )
 SELECT (SELECT count(*) FROM slots), (SELECT count(*) FROM bucket)
