@@ -224,7 +224,8 @@ class ProviderBusy(RetryableError):
 
 class TokenBudgetExhausted(RetryableError):
     """The job's batch has used its token budget: the job waits (uncounted) until an
-    operator raises the budget or cancels it."""
+    operator raises the budget or cancels it. (Its class name is the error type
+    `jobs.usage.BUDGET_ERROR_TYPE` finds waiting jobs by.)"""
 
     MESSAGE = "token budget exhausted"
 
