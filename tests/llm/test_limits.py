@@ -122,7 +122,9 @@ def test_a_batch_whose_budget_is_spent_gets_no_call():
     assert limits.in_use("limited") == 0
 
     Batch.objects.filter(id=batch.id).update(token_budget=101)
-    assert isinstance(limits.acquire(p, job_id=running_job(batch=batch).id, worker="h", batch_id=batch.id), limits.Permit)
+    assert isinstance(
+        limits.acquire(p, job_id=running_job(batch=batch).id, worker="h", batch_id=batch.id), limits.Permit
+    )
 
 
 @pytest.mark.django_db
