@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import views
+from dashboard import usage, views
 
 app_name = "dashboard"
 urlpatterns = [
@@ -17,4 +17,5 @@ urlpatterns = [
     path("submit/", views.submit, name="submit"),
     path("batches/", views.batches, name="batches"),
     path("batches/<uuid:batch_id>/", views.batch, name="batch"),
+    path("batches/<uuid:batch_id>/budget", usage.set_budget, name="batch-budget"),
 ]

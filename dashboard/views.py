@@ -187,7 +187,8 @@ def batch(request: HttpRequest, batch_id: UUID) -> HttpResponse:
     return _page(
         request,
         "dashboard/batch.html",
-        {"progress": progress, "page": page, "jobs": list(page.object_list), "filters": filters},
+        {"progress": progress, "page": page, "jobs": list(page.object_list), "filters": filters,
+         "budget_waiting": services.waiting_on_budget(batch.id)},
         title=f"Batch {str(batch.id)[:8]}",
         nav="batches",
         stream=events_url(f"batches/{batch.id}", after=cursor),

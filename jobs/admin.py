@@ -13,7 +13,7 @@ from django.utils.html import format_html
 
 from jobs import services
 from jobs.errors import ConveyorError
-from jobs.models import ApiKey, Attempt, Batch, Job, JobEvent
+from jobs.models import ApiKey, Attempt, Batch, Job, JobEvent, TokenUsage
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -148,7 +148,7 @@ class JobAdmin(admin.ModelAdmin):
 
 @admin.register(Batch)
 class BatchAdmin(admin.ModelAdmin):
-    list_display = ("name", "owner", "total", "created_at", "finished_at", "dashboard")
+    list_display = ("name", "owner", "total", "tokens_used", "token_budget", "created_at", "finished_at", "dashboard")
     search_fields = ("name", "owner")
     ordering = ("-created_at",)
     date_hierarchy = "created_at"
@@ -194,3 +194,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in queryset:
             services.revoke_api_key(api_key.prefix)
         self.message_user(request, f"{queryset.count()} key(s) revoked.", messages.SUCCESS)
+
+
+@admin.register(TokenUsage)
+class TokenUsageAdmin(admin.ModelAdmin):
+    """Tokens per owner and day, written by the workers (jobs.llm.limits): read only."""
+
+    list_display = ("day", "owner", "requests", "prompt_tokens", "completion_tokens")
+    list_filter = ("owner",)
+    date_hierarchy = "day"
+    fields = readonly_fields = ("owner", "day", "requests", "prompt_tokens", "completion_tokens")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
