@@ -17,6 +17,7 @@ from datetime import date, timedelta
 from uuid import UUID
 
 from django.db.models import Sum
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from jobs import states
@@ -72,12 +73,10 @@ def set_batch_budget(batch_id: UUID | str, token_budget: int | None, *, actor: s
 
 
 def waiting_on_budget(batch_id: UUID | str) -> int:
-    """How many of the batch's jobs wait for its token budget to be raised."""
-    return Job.objects.filter(batch_id=batch_id, state=State.RETRYING, error_type=BUDGET_ERROR_TYPE).count()
-
-
-def is_waiting_on_budget(job: Job) -> bool:
-    return job.state == State.RETRYING and job.error_type == BUDGET_ERROR_TYPE
+    """How many of the batch's jobs wait for its token budget to be raised (not yet woken)."""
+    return Job.objects.filter(
+        batch_id=batch_id, state=State.RETRYING, error_type=BUDGET_ERROR_TYPE, run_after__gt=Now()
+    ).count()
 
 
 def owner_usage(owner: str, *, days: int = 30) -> OwnerUsage:
