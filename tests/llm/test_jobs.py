@@ -16,7 +16,8 @@ from django.utils import timezone
 
 from jobs import runner, services
 from jobs.lane import FLUSH_SECONDS, get_lane
-from jobs.models import Batch, Job, TokenUsage
+from jobs.llm import limits
+from jobs.models import Batch, Job, ProviderSlot, TokenUsage
 from tests.conftest import wait_until
 from tests.llm.conftest import API_KEY
 
@@ -201,3 +202,23 @@ def test_a_job_without_a_fallback_keeps_failing_on_its_provider(configure):
     done = run(job)
     assert done.state == "dead" and done.error_type == "ProviderUnavailable"
     assert done.tokens_used == 0
+
+
+def test_a_cancelled_call_gives_its_slot_back(configure):
+    configure({"name": "sim", "max_concurrency": 1, "default_model": "simulated@latency_ms=6000"})
+    job = services.submit_job("llm.generate", {"prompt": "Write a long answer", "max_tokens": 200}).job
+    runner.run_job(str(job.id))
+    wait_until(lambda: limits.in_use("sim") == 1, timeout=30, message="the call to hold the slot")
+
+    services.cancel_job(job.id, actor="ops")
+
+    wait_until(lambda: Job.objects.get(id=job.id).state == "cancelled", timeout=30, message="the cancellation")
+    assert limits.in_use("sim") == 0
+    assert not ProviderSlot.objects.filter(provider="sim", job_id__isnull=False).exists()  # released, not just stale
+
+
+def test_a_failed_call_gives_its_slot_back(configure):
+    configure({"name": "sim", "max_concurrency": 1, "default_model": "simulated@fail=500"})
+    job = services.submit_job("llm.generate", {"prompt": "x"}, max_attempts=1).job
+    assert run(job).state == "dead"
+    assert not ProviderSlot.objects.filter(provider="sim", job_id__isnull=False).exists()
