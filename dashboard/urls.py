@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import views, webhooks
+from dashboard import usage, views, webhooks
 
 app_name = "dashboard"
 urlpatterns = [
@@ -25,4 +25,5 @@ urlpatterns = [
     path("webhooks/<uuid:endpoint_id>/delete", webhooks.delete_endpoint, name="webhook-delete"),
     path("webhooks/deliveries/<uuid:delivery_id>/", webhooks.delivery_row, name="webhook-delivery"),
     path("webhooks/deliveries/<uuid:delivery_id>/redeliver", webhooks.redeliver, name="webhook-redeliver"),
+    path("batches/<uuid:batch_id>/budget", usage.set_budget, name="batch-budget"),
 ]

@@ -194,6 +194,7 @@ def batch(request: HttpRequest, batch_id: UUID) -> HttpResponse:
             "jobs": list(page.object_list),
             "filters": filters,
             "deliveries": services.batch_deliveries(batch.id),
+            "budget_waiting": services.waiting_on_budget(batch.id),
         },
         title=f"Batch {str(batch.id)[:8]}",
         nav="batches",

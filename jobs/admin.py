@@ -14,7 +14,17 @@ from django.utils.html import format_html
 
 from jobs import services
 from jobs.errors import ConveyorError
-from jobs.models import ApiKey, Attempt, Batch, Job, JobEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from jobs.models import (
+    ApiKey,
+    Attempt,
+    Batch,
+    Job,
+    JobEvent,
+    TokenUsage,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -149,7 +159,7 @@ class JobAdmin(admin.ModelAdmin):
 
 @admin.register(Batch)
 class BatchAdmin(admin.ModelAdmin):
-    list_display = ("name", "owner", "total", "created_at", "finished_at", "dashboard")
+    list_display = ("name", "owner", "total", "tokens_used", "token_budget", "created_at", "finished_at", "dashboard")
     search_fields = ("name", "owner")
     ordering = ("-created_at",)
     date_hierarchy = "created_at"
@@ -339,3 +349,22 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
         self.message_user(request, f"{sent} message(s) sent again.", messages.SUCCESS if sent else messages.WARNING)
         for reason in refused:
             self.message_user(request, reason, messages.WARNING)
+
+
+@admin.register(TokenUsage)
+class TokenUsageAdmin(admin.ModelAdmin):
+    """Tokens per owner and day, written by the workers (jobs.llm.limits): read only."""
+
+    list_display = ("day", "owner", "requests", "prompt_tokens", "completion_tokens")
+    list_filter = ("owner",)
+    date_hierarchy = "day"
+    fields = readonly_fields = ("owner", "day", "requests", "prompt_tokens", "completion_tokens")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -75,6 +75,7 @@ def submit_batch(
     callback_url: str = "",
     idempotency_key: str | None = None,
     label: Callable[[int], str] = "jobs[{}]".format,
+    token_budget: int | None = None,
 ) -> BatchSubmitted:
     """Create a batch of jobs: all of them or, when any is invalid, none.
 
@@ -88,9 +89,13 @@ def submit_batch(
        The idempotency row goes in before the bulk work, so a concurrent
        duplicate waits on its unique index and fails before doing any.
 
+    `token_budget`: the tokens the batch's LLM calls may use (jobs.usage).
+
     Raises InvalidBatch, or BatchIdempotencyKeyReused when the key was used
     for a different batch.
     """
+    from jobs import usage  # jobs.usage builds on this module
+
     name = name.strip() if isinstance(name, str) else ""
     errors = []
     if not 1 <= len(name) <= 200:
@@ -101,6 +106,10 @@ def submit_batch(
         errors.append({"field": "idempotency_key", "message": "must be 1-255 characters"})
     if not 1 <= len(jobs) <= MAX_JOBS:
         errors.append({"field": "jobs", "message": f"must hold 1 to {MAX_JOBS} jobs; it holds {len(jobs)}"})
+    try:
+        usage.check_budget(token_budget)
+    except InvalidBatch as exc:
+        errors += exc.errors
     if errors:
         raise InvalidBatch(errors)
 
@@ -118,7 +127,9 @@ def submit_batch(
     fingerprint = _fingerprint(name, callback_url, prepared)
     try:
         with transaction.atomic():
-            batch = Batch.objects.create(name=name, owner=owner, total=len(prepared), callback_url=callback_url)
+            batch = Batch.objects.create(
+                name=name, owner=owner, total=len(prepared), callback_url=callback_url, token_budget=token_budget
+            )
             if idempotency_key is not None:
                 BatchIdempotencyKey.objects.create(
                     batch=batch, owner=owner, key=idempotency_key, request_fingerprint=fingerprint

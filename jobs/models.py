@@ -34,6 +34,12 @@ class Batch(models.Model):
     callback_url = models.URLField(max_length=2000, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Tokens its jobs' provider calls used (jobs.usage), and the optional cap.
+    prompt_tokens = models.BigIntegerField(default=0, db_default=0)
+    completion_tokens = models.BigIntegerField(default=0, db_default=0)
+    token_budget = models.BigIntegerField(
+        null=True, blank=True, help_text="Jobs wait once the batch has used this many tokens; empty: no limit."
+    )
 
     class Meta:
         verbose_name_plural = "batches"
@@ -41,6 +47,10 @@ class Batch(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.total})"
+
+    @property
+    def tokens_used(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class Job(models.Model):
@@ -65,6 +75,9 @@ class Job(models.Model):
     progress_percent = models.PositiveSmallIntegerField(default=0)
     progress_message = models.CharField(max_length=500, blank=True, default="")
     result = models.JSONField(null=True, blank=True)
+    # Tokens of every provider call the job made, failed attempts included (jobs.usage).
+    prompt_tokens = models.BigIntegerField(default=0, db_default=0)
+    completion_tokens = models.BigIntegerField(default=0, db_default=0)
 
     error_type = models.CharField(max_length=200, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
@@ -118,6 +131,10 @@ class Job(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+    @property
+    def tokens_used(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class Attempt(models.Model):
@@ -339,3 +356,54 @@ class WebhookAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"attempt {self.number} of {self.delivery_id}: {self.status_code or self.error[:40]}"
+
+
+# --- LLM providers: shared limits and token accounting (jobs/llm/limits.py, jobs/usage.py) ---
+
+
+class ProviderSlot(models.Model):
+    """One of a provider's `max_concurrency` call slots, shared by every worker
+    on every host. Held while `job_id` is running under `worker`'s lease and
+    `expires_at` is ahead; anything else makes it free (a killed worker's slot
+    frees itself when its job's lease expires)."""
+
+    provider = models.CharField(max_length=100)
+    slot = models.PositiveIntegerField()
+    job_id = models.UUIDField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, default="")
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["provider", "slot"], name="providerslot_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.provider}#{self.slot}"
+
+
+class ProviderRate(models.Model):
+    """A provider's requests-per-minute token bucket, shared by every worker."""
+
+    provider = models.CharField(max_length=100, primary_key=True)
+    tokens = models.FloatField(default=0)
+    refilled_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.provider
+
+
+class TokenUsage(models.Model):
+    """Tokens used per owner (an API key, "apikey:<id>", or "" for the dashboard) per day."""
+
+    owner = models.CharField(max_length=100, blank=True, default="")
+    day = models.DateField()
+    requests = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-day", "owner"]
+        verbose_name_plural = "token usage"
+        constraints = [models.UniqueConstraint(fields=["owner", "day"], name="tokenusage_unique_owner_day")]
+
+    def __str__(self) -> str:
+        return f"{self.owner or '(dashboard)'} {self.day}"

@@ -179,3 +179,10 @@ __all__ += [
     "rotate_signing_secret",
     "signing_secret",
 ]
+
+
+# --- Token accounting and batch budgets --------------------------------------
+
+from jobs.usage import OwnerUsage, Usage, owner_usage, set_batch_budget, waiting_on_budget  # noqa: E402
+
+__all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_on_budget"]

@@ -19,7 +19,7 @@ from uuid import UUID
 
 from django.db import connection, transaction
 
-from jobs import events, webhooks
+from jobs import broker, events, webhooks
 from jobs.models import Job, State
 
 Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
@@ -168,3 +168,23 @@ def transition(
     if job is not None and target in webhooks.EVENT_STATES:
         webhooks.job_finished(job)
     return job
+
+
+def resume_waiting(*, batch_id: UUID | str, error_type: str, reason: str) -> int:
+    """Make a batch's `retrying` jobs that wait on `error_type` (a spent token budget)
+    due now: one UPDATE (run_after, its events and notifications), then a broker row
+    for each, in one transaction. Not a change of state, so no transition: the jobs
+    stay `retrying` and the claim moves them on. Returns how many were woken."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            "WITH j AS (UPDATE jobs_job SET run_after = now(), updated_at = now()"
+            " WHERE batch_id = %s AND state = 'retrying' AND error_type = %s"
+            " RETURNING id, queue, timeout, priority)"
+            + events.ctes()
+            + " SELECT j.id, j.queue, j.timeout, j.priority FROM j, (SELECT count(*) FROM n) AS notified",
+            [str(batch_id), error_type, "job.resumed", json.dumps({"reason": reason}), "job.resumed"],
+        )
+        woken = cursor.fetchall()
+        for job_id, queue, timeout, priority in woken:
+            broker.enqueue(job_id, queue=queue, timeout=timeout, priority=priority)
+    return len(woken)

@@ -9,7 +9,7 @@ on what depends on the kind (the payload) or on the clock (run_after).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -90,6 +90,12 @@ class AttemptOut(Schema):
     error: ErrorOut | None
 
 
+class TokensOut(Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
 class JobOut(Schema):
     id: UUID
     kind: str
@@ -110,6 +116,7 @@ class JobOut(Schema):
     started_at: datetime | None
     finished_at: datetime | None
     attempt_history: list[AttemptOut]
+    usage: TokensOut = Field(description="Tokens of every provider call the job made, failed attempts included.")
 
 
 class JobPage(Schema):
@@ -191,12 +198,20 @@ class QueueStatsOut(Schema):
 # --- batches -------------------------------------------------------------
 
 
+_BUDGET = (
+    "Tokens the batch's LLM calls may use; once used, its remaining jobs wait (retrying, "
+    'error "token budget exhausted") until the budget is raised. Null: no limit.'
+)
+TokenBudget = Annotated[int, Field(strict=True, ge=1, le=10**15)]
+
+
 class BatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
     callback_url: str = Field("", max_length=2000)
     jobs: list[JobIn] = Field(min_length=1, max_length=MAX_JOBS)
+    token_budget: TokenBudget | None = Field(None, description=_BUDGET)
 
 
 class BatchCsvForm(BaseModel):
@@ -226,6 +241,33 @@ class BatchOut(Schema):
     callback_url: str | None
     created_at: datetime
     finished_at: datetime | None
+    tokens_used: int = Field(description="Prompt and completion tokens of the batch's provider calls.")
+    usage: TokensOut
+    token_budget: int | None
+    budget_exhausted: bool = Field(description="The budget is used up: the batch's remaining jobs wait.")
+
+
+class BatchPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token_budget: TokenBudget | None = Field(description=_BUDGET)
+
+
+class DayUsageOut(Schema):
+    day: date
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageOut(Schema):
+    owner: str = Field(description='Whose usage: "apikey:<id>" for an API key.')
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    days: list[DayUsageOut] = Field(description="The last 30 days with any usage, newest first.")
 
 
 class BatchPage(Schema):

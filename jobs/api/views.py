@@ -22,6 +22,7 @@ from jobs.api.schemas import (
     BatchIn,
     BatchOut,
     BatchPage,
+    BatchPatch,
     Count,
     DeadFilters,
     DeadSelection,
@@ -34,6 +35,7 @@ from jobs.api.schemas import (
     Page,
     ProblemType,
     QueueStatsOut,
+    UsageOut,
 )
 from jobs.models import Attempt, Batch, Job
 
@@ -217,12 +219,14 @@ def submit_batch(request: HttpRequest, response: HttpResponse, idempotency_key: 
         body = _validate(BatchIn, loads(read_body(request, limit=MAX_BATCH_BODY)))
         name, callback_url, label = body.name, body.callback_url, "jobs[{}]".format
         jobs = [job.model_dump() for job in body.jobs]
+        budget = {"token_budget": body.token_budget}
     else:
         form, jobs = _csv_jobs(request)
         # rows[1] is the first row after the header, as jobs_from_csv counts.
         name, callback_url, label = form.name, form.callback_url, lambda index: f"rows[{index + 1}]"
+        budget = {}
     submitted = services.submit_batch(
-        name, jobs, owner=request.auth.owner, callback_url=callback_url, idempotency_key=key, label=label
+        name, jobs, owner=request.auth.owner, callback_url=callback_url, idempotency_key=key, label=label, **budget
     )
     batch = submitted.batch
     response["Location"] = reverse("api-v1:get_batch", args=[batch.id])
@@ -244,6 +248,20 @@ def list_batches(request: HttpRequest, filters: Query[Page]):
 def get_batch(request: HttpRequest, batch_id: UUID):
     """A batch with its jobs counted by state."""
     return batch_out(services.get_batch(batch_id))
+
+
+@router.patch("/batches/{batch_id}", auth=OPERATE, response=BatchOut, openapi_extra=_doc(400, 404, 415))
+def update_batch(request: HttpRequest, batch_id: UUID, body: BatchPatch):
+    """Change a batch's `token_budget` (null removes it); jobs waiting on a spent budget run at once if it leaves room."""
+    return batch_out(services.set_batch_budget(batch_id, body.token_budget, actor=request.auth.actor))
+
+
+@router.get("/usage", auth=READ, response=UsageOut, openapi_extra=_doc())
+def usage(request: HttpRequest):
+    """Tokens used by what this API key submitted: in all, and per day for the last 30 days."""
+    used = services.owner_usage(request.auth.owner)
+    return {"owner": used.owner, **_tokens(used.total), "requests": used.total.requests,
+            "days": [{"day": day, "requests": u.requests, **_tokens(u)} for day, u in used.days]}
 
 
 # --- problem types -------------------------------------------------------
@@ -282,6 +300,7 @@ def job_out(job: Job, *, attempts: list[Attempt] | None = None) -> dict[str, Any
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "attempt_history": [_attempt_out(a) for a in (job.attempt_set.all() if attempts is None else attempts)],
+        "usage": _tokens(job),
     }
 
 
@@ -296,6 +315,18 @@ def batch_out(batch: Batch, progress: services.BatchProgress | None = None) -> d
         "callback_url": batch.callback_url or None,
         "created_at": batch.created_at,
         "finished_at": progress.finished_at,
+        "tokens_used": batch.tokens_used,
+        "usage": _tokens(batch),
+        "token_budget": batch.token_budget,
+        "budget_exhausted": batch.token_budget is not None and batch.tokens_used >= batch.token_budget,
+    }
+
+
+def _tokens(used) -> dict[str, int]:
+    return {
+        "prompt_tokens": used.prompt_tokens,
+        "completion_tokens": used.completion_tokens,
+        "total_tokens": used.prompt_tokens + used.completion_tokens,
     }
 
 

@@ -4,6 +4,8 @@ process keeps many provider calls in flight."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
 import string
 from typing import Literal
@@ -22,6 +24,16 @@ class Message(BaseModel):
     content: str = Field(max_length=200_000)
 
 
+class Fallback(BaseModel):
+    """Another provider (and model) to call once the primary has failed `after` times
+    with 429, 5xx, a timeout or a connection error."""
+
+    model_config = ConfigDict(extra="forbid")
+    provider: str = Field(min_length=1, max_length=100)
+    model: str | None = Field(default=None, max_length=200)
+    after: int = Field(ge=1, le=50)
+
+
 class GeneratePayload(Payload):
     messages: list[Message] | None = Field(default=None, min_length=1, max_length=200)
     prompt: str | None = Field(default=None, min_length=1, max_length=200_000)
@@ -29,6 +41,7 @@ class GeneratePayload(Payload):
     max_tokens: int | None = Field(default=None, ge=1, le=32_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
     provider: str | None = Field(default=None, max_length=100)
+    fallback: Fallback | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -42,10 +55,55 @@ class GeneratePayload(Payload):
         return [{"role": "user", "content": self.prompt}]
 
 
-async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperature) -> dict:
-    from jobs.llm.client import chat
+# How long a job waits inside the lane for provider capacity before it hands its
+# lane slot back and returns to `retrying` (uncounted) until capacity should free.
+LIMIT_WAIT_SECONDS = 2.0
+# The provider failures a fallback counts (attempts' error types; our own limits'
+# ProviderBusy and the budget's wait are not the provider failing).
+_PROVIDER_FAILURES = ("ProviderThrottled", "ProviderUnavailable")
+
+
+async def _permit(ctx, provider):
+    """A permit for one call to `provider` (jobs.llm.limits), waiting a little in the
+    lane; raises TokenBudgetExhausted or ProviderBusy (both retried, uncounted)."""
+    from jobs.llm import limits
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LIMIT_WAIT_SECONDS
+    pause = 0.05
+    while True:
+        outcome = await ctx.run_db(
+            limits.acquire, provider, job_id=ctx.job_id, worker=ctx.worker, batch_id=ctx.batch_id
+        )
+        if isinstance(outcome, limits.Permit):
+            return outcome
+        if outcome.budget_spent:
+            raise limits.TokenBudgetExhausted(outcome.used, outcome.budget)
+        pause = max(pause, outcome.wait)
+        if loop.time() + pause > deadline:
+            # Jitter, so that jobs refused together do not all come back together.
+            raise limits.ProviderBusy(outcome.reason, retry_after=outcome.wait + random.uniform(0.5, 2.0))
+        ctx.check_cancelled()
+        await asyncio.sleep(pause + random.uniform(0, pause / 2))
+        pause = min(pause * 2, 0.5)
+
+
+def _provider_failures(job_id) -> int:
+    from jobs.models import Attempt
+
+    return Attempt.objects.filter(
+        job_id=job_id, outcome=Attempt.Outcome.FAILED, error_type__in=_PROVIDER_FAILURES
+    ).count()
+
+
+async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperature, fallback=None) -> dict:
+    from jobs.llm import limits
+    from jobs.llm.client import chat, estimate_tokens
     from jobs.llm.providers import get_provider
 
+    on_fallback = fallback is not None and await ctx.run_db(_provider_failures, ctx.job_id) >= fallback.after
+    if on_fallback:
+        provider_name, model = fallback.provider, fallback.model
     provider = get_provider(provider_name)
     received: list[str] = []
     budget = max_tokens or 512
@@ -57,10 +115,27 @@ async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperat
         percent = min(99, int(100 * (len(text) / 4) / budget))
         ctx.report_progress(percent, f"streaming, {len(text)} characters", output=text)
 
-    result = await chat(
-        provider, messages=messages, model=model, max_tokens=max_tokens, temperature=temperature,
-        stream=True, on_delta=on_delta,
-    )
+    permit = await _permit(ctx, provider)
+    result = None
+    try:
+        result = await chat(
+            provider,
+            messages=messages,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stream=True,
+            on_delta=on_delta,
+        )
+    finally:
+        # A call cut short still used the tokens it streamed (estimated, as the provider sent no usage).
+        if result is not None:
+            used = (result.prompt_tokens, result.completion_tokens)
+        elif received:
+            used = (estimate_tokens(m.get("content") or "" for m in messages), estimate_tokens(received))
+        else:
+            used = (0, 0)
+        await ctx.run_db(limits.release, permit, prompt_tokens=used[0], completion_tokens=used[1], account=any(used))
     ctx.output = result.text
     return {
         "text": result.text,
@@ -70,6 +145,7 @@ async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperat
         "model": result.model,
         "provider": provider.name,
         "simulated": provider.simulated,
+        "fallback": on_fallback,
     }
 
 
@@ -77,8 +153,13 @@ async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperat
 async def generate(ctx, payload: GeneratePayload) -> dict:
     """One chat completion, streamed; partial output shows as progress."""
     return await _generate(
-        ctx, provider_name=payload.provider, messages=payload.chat_messages(), model=payload.model,
-        max_tokens=payload.max_tokens, temperature=payload.temperature,
+        ctx,
+        provider_name=payload.provider,
+        messages=payload.chat_messages(),
+        model=payload.model,
+        max_tokens=payload.max_tokens,
+        temperature=payload.temperature,
+        fallback=payload.fallback,
     )
 
 
@@ -88,6 +169,7 @@ class PagePayload(Payload):
     provider: str | None = Field(default=None, max_length=100)
     model: str | None = Field(default=None, max_length=200)
     max_tokens: int | None = Field(default=None, ge=1, le=32_000)
+    fallback: Fallback | None = None
 
     @model_validator(mode="after")
     def _template_fits(self):
@@ -134,8 +216,13 @@ async def page(ctx, payload: PagePayload) -> dict:
 
     prompt = render_prompt(payload.template, payload.variables)
     generated = await _generate(
-        ctx, provider_name=payload.provider, messages=[{"role": "user", "content": prompt}], model=payload.model,
-        max_tokens=payload.max_tokens, temperature=None,
+        ctx,
+        provider_name=payload.provider,
+        messages=[{"role": "user", "content": prompt}],
+        model=payload.model,
+        max_tokens=payload.max_tokens,
+        temperature=None,
+        fallback=payload.fallback,
     )
     keyword = str(payload.variables.get("keyword") or "")
     fields = page_from_text(generated["text"], keyword)
@@ -145,14 +232,26 @@ async def page(ctx, payload: PagePayload) -> dict:
     def store() -> int:
         # Keyed by (batch, slug): a re-run of this job overwrites the same page.
         stored, _ = Page.objects.update_or_create(
-            batch_id=ctx.batch_id, slug=slug,
-            defaults={**fields, "job_id": ctx.job_id, "keyword": keyword, "simulated": generated["simulated"],
-                      "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]},
+            batch_id=ctx.batch_id,
+            slug=slug,
+            defaults={
+                **fields,
+                "job_id": ctx.job_id,
+                "keyword": keyword,
+                "simulated": generated["simulated"],
+                "prompt_tokens": usage["prompt_tokens"],
+                "completion_tokens": usage["completion_tokens"],
+            },
         )
         return stored.pk
 
     page_id = await ctx.run_db(store)
     return {
-        "page_id": page_id, "slug": slug, "title": fields["title"], "word_count": fields["word_count"],
-        "usage": usage, "provider": generated["provider"], "simulated": generated["simulated"],
+        "page_id": page_id,
+        "slug": slug,
+        "title": fields["title"],
+        "word_count": fields["word_count"],
+        "usage": usage,
+        "provider": generated["provider"],
+        "simulated": generated["simulated"],
     }

@@ -11,6 +11,9 @@ names (`<NAME>` upper-cased, `-` as `_`); an `api_key` in the JSON is the fallba
 provider is `CONVEYOR_LLM_DEFAULT_PROVIDER`, else the first in the list. Without any of this,
 the one provider is "simulated": the endpoint this project serves on `PORT` (see simulated.py).
 
+`max_concurrency` and `requests_per_minute` hold across every worker on every host: they
+are enforced in Postgres before each call (jobs/llm/limits.py).
+
 The environment is read on each call (tests change it); the parse is cached per distinct
 environment, so the hot path costs one scan of `os.environ`.
 """

@@ -31,6 +31,7 @@ hundreds of concurrent streams. A client that disconnects cancels its view.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,7 +40,8 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -293,8 +295,16 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
     async def respond() -> None:
         try:
+            if path.endswith("/chat/completions") and method == "POST":
+                with load.call():
+                    await _send(await _chat(headers, raw), tracked_send)
+                return
             if path.endswith("/chat/completions"):
-                reply = await _chat(headers, raw) if method == "POST" else _error(405, "use POST")
+                reply = _error(405, "use POST")
+            elif path.endswith("/load"):
+                if method == "DELETE":
+                    load.reset()
+                reply = _json(200, load.snapshot())
             elif path.endswith("/models"):
                 reply = await _models(headers) if method == "GET" else _error(405, "use GET")
             else:
@@ -314,6 +324,41 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     listening.cancel()
     responding.cancel()
     await asyncio.gather(responding, listening, return_exceptions=True)
+
+
+class Load:
+    """What this process is answering: calls in flight, their peak and when each
+    started (the last 10,000), so tests can check the limits a client claims to keep.
+    `GET /simulated/v1/load` reads it (bare ASGI app only); `DELETE` resets it."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.in_flight = getattr(self, "in_flight", 0)
+        self.peak = self.in_flight
+        self.started: deque[float] = deque(maxlen=10_000)
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.started.append(time.time())
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "in_flight": self.in_flight,
+            "peak": self.peak,
+            "requests": len(self.started),
+            "started": list(self.started),
+        }
+
+
+load = Load()
 
 
 async def _disconnected(receive: Any) -> None:

@@ -31,6 +31,7 @@ JOB_FIELDS = {
     "started_at",
     "finished_at",
     "attempt_history",
+    "usage",
 }
 
 
