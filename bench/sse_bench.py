@@ -527,6 +527,7 @@ async def _bench(args: argparse.Namespace) -> bool:
         last_before = marker.execute("SELECT coalesce(max(id), 0) FROM jobs_jobevent").fetchone()[0]
         marker.execute(f"SELECT 'bench-sse window start {window}'")
         cpu_before = rss.process.cpu_times()
+        waited_before = _run_queue_wait(daphne.pid)
         own_before = time.process_time()
         go_at = time.monotonic()
         messages_before = sum(r.messages for r in load.results)  # the replays of the jobs' logs
@@ -537,6 +538,7 @@ async def _bench(args: argparse.Namespace) -> bool:
         expected = expected_events(specs, logged=logged, produced=produced)
         complete = await load.wait_for(expected, timeout=GRACE_SECONDS)
         cpu_after = rss.process.cpu_times()
+        waited = _run_queue_wait(daphne.pid) - waited_before
         own_cpu = time.process_time() - own_before
         window_wall = time.monotonic() - go_at
         marker.execute(f"SELECT 'bench-sse window end {window}'")
@@ -571,6 +573,7 @@ async def _bench(args: argparse.Namespace) -> bool:
             own_cpu=own_cpu,
             window_wall=window_wall,
             messages_before=messages_before,
+            waited=waited,
         )
     finally:
         if producer is not None and producer.returncode is None:
@@ -610,6 +613,7 @@ def _report(
     own_cpu: float,
     window_wall: float,
     messages_before: int,
+    waited: float,
 ) -> bool:
     from bench.harness import percentile
 
@@ -650,6 +654,11 @@ def _report(
             "",
         ),
         (
+            "Daphne waiting for a CPU",
+            f"{waited:.1f} s runnable but not running (its event loop thread, /proc/<pid>/schedstat)",
+            "",
+        ),
+        (
             "hub queries per event",
             f"{per_event:.3f} ({hub} statements / {window_events} events incl. queue.stats)",
             f"≤ {TARGET_QUERIES:g} whatever the clients: {verdict(per_event <= TARGET_QUERIES)}",
@@ -685,6 +694,16 @@ def _report(
         )
     print(f"  statements in the window by application: {statements}")
     return check.ok and complete
+
+
+def _run_queue_wait(pid: int) -> float:
+    """Seconds the process's main thread (Daphne's event loop) has spent
+    ready to run but waiting for a CPU: how much the machine's other load
+    held it back."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def _start_postgres() -> tuple[str, Path]:
