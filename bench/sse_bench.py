@@ -29,12 +29,14 @@ stream of job events. Issue 4's benchmark.
    that commit time.
 7. Every client must receive every event its filter selects, each once, in
    id order: the job's replayed log and all run events for job clients, all
-   run events for queue clients. Anything else is reported as lost.
-8. Queries per event: the statements the Postgres log attributes to Daphne
-   (its hub connection, `conveyor-event-hub`, and its request pool, tagged by
-   PGAPPNAME) between two marker statements around the run, divided by the
-   events that committed in that window (the producer's and the `queue.stats`
-   events Daphne publishes itself).
+   run events for queue clients. What has not arrived GRACE_SECONDS after
+   the last commit counts as lost; the bench then says so and exits 1.
+8. Queries per event: the statements the Postgres log attributes to the
+   hub's LISTEN connection (`conveyor-event-hub`) between two marker
+   statements around the run, divided by the events that committed in that
+   window (the producer's and the `queue.stats` events Daphne publishes
+   itself). Daphne's request pool (tagged by PGAPPNAME; the queue.stats
+   publisher) is counted beside them.
 9. Daphne's RSS is sampled with psutil every 0.2 s; the peak is reported.
 
 Targets (issue 4): p99 ≤ 250 ms, Daphne RSS ≤ 500 MB, one query per event
