@@ -29,3 +29,4 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench
 	$(BIN)/python bench/api_submit.py
+	$(BIN)/python bench/sse_bench.py

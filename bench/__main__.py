@@ -1,5 +1,6 @@
-"""`make bench` (with bench/api_submit.py): every benchmark, Conveyor against the stock alternative in the
-same run, medians of 3. Usage: python -m bench [w1 w2 w3 compete ...]"""
+"""`make bench` (with bench/api_submit.py and bench/sse_bench.py): every benchmark,
+Conveyor against the stock alternative in the same run, medians of 3.
+Usage: python -m bench [w1 w2 w3 compete ...]"""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ class EventStreamConsumer(AsyncHttpConsumer):
                 raise HttpError(405, "use GET", [(b"Allow", b"GET")])
             stream = await self.make_stream(hub)
             await stream.open()
-            subscription = await hub.subscribe(stream.wants)
+            subscription = await hub.subscribe(stream.wants, job_id=stream.only_job)
         except HttpError as error:
             await self.send_response(
                 error.status,

@@ -7,9 +7,12 @@ stream that this Daphne process serves.
    notifications is read back with one query, the event joined with its job,
    so the database work per event does not depend on how many people watch.
 3. Each update is offered to every subscription whose filter wants it,
-   through a bounded asyncio.Queue. A subscription whose queue is full is
-   dropped: its stream ends, the browser reconnects with Last-Event-ID and
-   replays from the event log, and memory never grows with a slow reader.
+   through a bounded asyncio.Queue. Subscriptions to one job's events are
+   filed under that job, so an event is checked against its job's streams
+   and the unscoped ones, not against every stream of the process. A
+   subscription whose queue is full is dropped: its stream ends, the browser
+   reconnects with Last-Event-ID and replays from the event log, and memory
+   never grows with a slow reader.
 4. When the connection drops (Postgres restart, network), reconnect with
    exponential backoff and read what was missed from the event log. Event ids
    are drawn before commit, so they do not commit in order: the catch-up
@@ -118,8 +121,9 @@ class HubUnavailable(Exception):
 
 
 class Subscription:
-    def __init__(self, wants: Callable[[Update], bool], maxsize: int) -> None:
+    def __init__(self, wants: Callable[[Update], bool], maxsize: int, *, job_id: Any = None) -> None:
         self.wants = wants
+        self.job_id = job_id  # not None: wants nothing but this job's events
         self.queue: asyncio.Queue[Update] = asyncio.Queue(maxsize)
         self.dropped = False
 
@@ -200,6 +204,9 @@ class EventHub:
         self.publish_stats = live["PUBLISH_QUEUE_STATS"] if publish_stats is None else publish_stats
         self.stats_interval = stats_interval or live["STATS_INTERVAL_SECONDS"]
         self.subscriptions: set[Subscription] = set()
+        # The same subscriptions split for the fan-out (see step 3).
+        self._unscoped: set[Subscription] = set()
+        self._by_job: dict[Any, set[Subscription]] = {}
         self.shared = SharedReads()
         self.last_id = 0
         # Events up to this id committed before the hub first listened: they
@@ -224,20 +231,37 @@ class EventHub:
 
     # --- subscribers ---------------------------------------------------------
 
-    async def subscribe(self, wants: Callable[[Update], bool], *, timeout: float = 10.0) -> Subscription:
+    async def subscribe(
+        self, wants: Callable[[Update], bool], *, job_id: Any = None, timeout: float = 10.0
+    ) -> Subscription:
         """Register a subscription once the hub is listening (so that nothing
-        committed after this returns can be missed); raises HubUnavailable."""
+        committed after this returns can be missed); raises HubUnavailable.
+
+        With `job_id`, `wants` is only ever asked about that job's events.
+        """
         self.start()
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             raise HubUnavailable("the event hub is not connected to Postgres") from None
-        subscription = Subscription(wants, self.queue_size)
+        subscription = Subscription(wants, self.queue_size, job_id=job_id)
         self.subscriptions.add(subscription)
+        if job_id is None:
+            self._unscoped.add(subscription)
+        else:
+            self._by_job.setdefault(job_id, set()).add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self.subscriptions.discard(subscription)
+        if subscription.job_id is None:
+            self._unscoped.discard(subscription)
+            return
+        scoped = self._by_job.get(subscription.job_id)
+        if scoped is not None:
+            scoped.discard(subscription)
+            if not scoped:
+                del self._by_job[subscription.job_id]
 
     # --- life cycle ----------------------------------------------------------
 
@@ -339,14 +363,17 @@ class EventHub:
             self._remember_stats(update.id, update.event.created_at, update.event.data)
             if self.latest_stats is None or update.id > self.latest_stats.id:
                 self.latest_stats = update
-        for subscription in list(self.subscriptions):
+        candidates = list(self._unscoped)
+        if update.event.job_id is not None:
+            candidates.extend(self._by_job.get(update.event.job_id, ()))
+        for subscription in candidates:
             try:
                 wanted = subscription.wants(update)
             except Exception:  # noqa: BLE001 - one broken filter must not starve the others
                 log.exception("event hub: a subscription filter failed on %r", update)
                 continue
             if wanted and not subscription.offer(update):
-                self.subscriptions.discard(subscription)
+                self.unsubscribe(subscription)
                 log.info("event hub: dropped a subscriber that fell %d events behind", self.queue_size)
 
     def _remember_stats(self, event_id: int, created_at: datetime, data: dict) -> None:

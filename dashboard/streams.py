@@ -52,6 +52,9 @@ class Stream:
     """Base of every stream. Subclasses say what they want and how to show it."""
 
     title = ""
+    # Set when the stream wants one job's events and nothing else: the hub
+    # then asks it about that job's events only.
+    only_job: uuid.UUID | None = None
 
     def __init__(self, hub: EventHub, viewer: Viewer) -> None:
         self.hub = hub
@@ -409,6 +412,7 @@ class ApiStream(Stream):
         super().__init__(hub, viewer)
         self.job_id = job_id
         self.queue = queue
+        self.only_job = job_id
 
     def wants(self, update: Update) -> bool:
         if update.type == STATS_EVENT and update.job is None:
@@ -431,7 +435,9 @@ class ApiStream(Stream):
         return 0 if self.job_id is not None else None
 
     async def render_one(self, update: Update, *, replaying: bool) -> list[Message]:
-        return [Message(update.type, json.dumps(api_event(update, queue=self.queue)), update.id, mode="append")]
+        # Once per update and queue filter, shared by every API stream of the process.
+        data = update.memo(("api", self.queue), lambda: json.dumps(api_event(update, queue=self.queue)))
+        return [Message(update.type, data, update.id, mode="append")]
 
     async def snapshot(self, cursor: int, *, since: int | None = None) -> list[Message]:
         latest = self.hub.latest_stats

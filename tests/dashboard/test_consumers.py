@@ -272,6 +272,67 @@ async def test_a_state_change_adds_one_shared_read_whatever_the_number_of_viewer
                 await client.close()
 
 
+async def test_api_streams_share_one_rendering_of_each_event(operator, monkeypatch):
+    from dashboard import streams
+
+    cookie = await cookie_for(operator)
+    job = await submit()
+    rendered = []
+    original = streams.api_event
+
+    def counting_api_event(update, **options):
+        rendered.append(update.id)
+        return original(update, **options)
+
+    monkeypatch.setattr(streams, "api_event", counting_api_event)
+    async with running_hub():
+        clients = [await SSEClient(f"/api/v1/events?job={job.id}", cookie=cookie).open() for _ in range(10)]
+        try:
+            for client in clients:  # each replays the job's log (its job.created) first, rendered per stream
+                assert [m["event"] for m in await client.events(1)] == ["job.created"]
+            rendered.clear()
+            ids = [await progress(job, percent) for percent in (30, 60, 90)]
+            for client in clients:
+                assert [m["id"] for m in await client.events(3)] == ids
+            assert sorted(rendered) == ids  # once per event, not once per event and stream
+        finally:
+            for client in clients:
+                await client.close()
+
+
+async def test_a_job_scoped_stream_is_never_asked_about_other_jobs_events(operator, monkeypatch):
+    from dashboard import streams
+
+    cookie = await cookie_for(operator)
+    watched, busy = await submit(), await submit()
+    cursor = await last_event_id()
+    asked = []
+    original = streams.ApiStream.wants
+
+    def recording_wants(self, update):
+        asked.append((self.job_id, update.event.job_id))
+        return original(self, update)
+
+    monkeypatch.setattr(streams.ApiStream, "wants", recording_wants)
+    async with running_hub() as hub:
+        watchers = [
+            await SSEClient(f"/api/v1/events?job={watched.id}&after={cursor}", cookie=cookie).open() for _ in range(5)
+        ]
+        everything = await SSEClient(f"/api/v1/events?after={cursor}", cookie=cookie).open()
+        try:
+            await wait_for(lambda: len(hub.subscriptions) == 6)
+            busy_ids = [await progress(busy, percent) for percent in (10, 20, 30)]
+            watched_id = await progress(watched, 50)
+            assert [m["id"] for m in await everything.events(4)] == [*busy_ids, watched_id]
+            for watcher in watchers:
+                assert [m["id"] for m in await watcher.events(1)] == [watched_id]
+            assert not [pair for pair in asked if pair[0] == watched.id and pair[1] != watched.id]
+            assert (watched.id, watched.id) in asked
+        finally:
+            for client in [*watchers, everything]:
+                await client.close()
+
+
 # --- dashboard fragments ---------------------------------------------------------------
 
 
