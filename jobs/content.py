@@ -20,7 +20,6 @@ from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Count, Sum
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.http import content_disposition_header
@@ -413,7 +412,9 @@ def _csv_chunks(pages: Iterable[Page]) -> Iterator[bytes]:
 def _json_chunks(pages: Iterable[Page]) -> Iterator[bytes]:
     yield b"["
     for index, page in enumerate(pages):
-        text = json.dumps(page_record(page), cls=DjangoJSONEncoder, ensure_ascii=False)
+        record = page_record(page)
+        record["updated_at"] = record["updated_at"].isoformat()
+        text = json.dumps(record, ensure_ascii=False)
         yield (",\n" if index else "\n").encode() + text.encode()
     yield b"\n]\n"
 
