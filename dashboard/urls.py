@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import views
+from dashboard import content, views
 
 app_name = "dashboard"
 urlpatterns = [
@@ -17,4 +17,10 @@ urlpatterns = [
     path("submit/", views.submit, name="submit"),
     path("batches/", views.batches, name="batches"),
     path("batches/<uuid:batch_id>/", views.batch, name="batch"),
+    path("batches/content/", content.new_content_batch, name="content-new"),
+    path("batches/content/preview", content.preview_content_batch, name="content-preview"),
+    path("batches/<uuid:batch_id>/content", content.batch_content, name="batch-content"),
+    path("batches/<uuid:batch_id>/pages/<slug:slug>/", content.batch_page, name="batch-page"),
+    path("batches/<uuid:batch_id>/export.<str:fmt>", content.export_batch, name="batch-export"),
+    path("batches/<uuid:batch_id>/retry", content.retry_batch_jobs, name="batch-retry"),
 ]

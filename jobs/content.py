@@ -125,12 +125,10 @@ def plan_content(
                     "message": f"names {names}, not a column of the file (its columns: {', '.join(columns)})",
                 }
             )
+    slugs = _slugs(rows, errors) if rows is not None else []
     if errors:
         raise InvalidBatch(errors[:MAX_ERRORS])
     assert columns is not None and fields is not None and rows is not None
-    slugs = _slugs(rows, errors)
-    if errors:
-        raise InvalidBatch(errors[:MAX_ERRORS])
     wanted = [KEYWORD, *(f for f in fields if f != KEYWORD)]
     variables = [{name: row[name] for name in wanted} for row in rows]
     return ContentPlan(columns, fields, variables, slugs, template or "", provider, model)
