@@ -166,7 +166,11 @@ class ContentBatchForm(forms.Form):
     provider = forms.ChoiceField(required=False, choices=())
     model = forms.CharField(max_length=200, required=False, help_text="Default: the provider's default model.")
     callback_url = forms.URLField(
-        required=False, max_length=2000, assume_scheme="https", help_text="Called when the batch finishes."
+        required=False,
+        max_length=2000,
+        assume_scheme="https",
+        label="Callback URL",
+        help_text="Called when the batch finishes.",
     )
 
     def __init__(self, *args, providers: list[str], **kwargs) -> None:
