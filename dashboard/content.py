@@ -18,15 +18,14 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from dashboard import queries
 from dashboard.forms import ContentBatchForm
 from dashboard.permissions import can_operate
 from dashboard.views import _notice, _operator, _page
-from jobs import content, services
+from jobs import content
 from jobs.batches import InvalidBatch
 from jobs.errors import InvalidState, JobNotFound
 from jobs.llm.providers import all_providers
-from jobs.models import FINISHED_STATES, Batch, Job, Page, State
+from jobs.models import Batch
 
 PAGES_PER_PAGE = 50
 # A no-JS preview keeps an uploaded file's text in the form (browsers drop a
@@ -134,18 +133,11 @@ def _render_form(
 def batch_content_context(request: HttpRequest, batch: Batch) -> dict[str, Any]:
     """What the batch page's content section shows (also its live refresh)."""
     summary = content.content_summary(batch)
-    pages = Paginator(
-        Page.objects.filter(batch=batch).only("slug", "title", "word_count", "keyword", "simulated", "updated_at"),
-        PAGES_PER_PAGE,
-    ).get_page(request.GET.get("pages"))
-    active = Job.objects.filter(batch=batch).exclude(state__in=FINISHED_STATES)
     return {
         "batch": batch,
         "summary": summary,
-        "pages": pages,
+        "pages": Paginator(content.batch_pages(batch.id), PAGES_PER_PAGE).get_page(request.GET.get("pages")),
         "failed": content.failed_jobs(batch.id),
-        "failed_total": Job.objects.filter(batch=batch, state=State.DEAD).count(),
-        "active": active.exists(),
         "can_operate": can_operate(request.user),
         "formats": list(content.EXPORT_FORMATS),
     }
@@ -198,10 +190,8 @@ def retry_batch_jobs(request: HttpRequest, batch_id: UUID) -> HttpResponse:
     level = "info"
     job_id = request.POST.get("job")
     if job_id:
-        if queries.as_uuid(job_id) is None or not Job.objects.filter(id=job_id, batch=batch).exists():
-            raise Http404("no such job in this batch")
         try:
-            services.retry_job(job_id, actor=actor)
+            content.retry_batch_job(batch.id, job_id, actor=actor)
             text = f"Queued job {job_id[:8]} again."
         except JobNotFound:
             raise Http404("no such job in this batch") from None

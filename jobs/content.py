@@ -19,18 +19,19 @@ from typing import Any
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import ValidationError
 from django.core.handlers.asgi import ASGIRequest
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
 from jobs.batches import MAX_ERRORS, MAX_JOBS, BatchSubmitted, InvalidBatch, submit_batch
-from jobs.deadletter import retry_jobs
-from jobs.errors import ConveyorError
+from jobs.deadletter import retry_job, retry_jobs
+from jobs.errors import ConveyorError, JobNotFound
 from jobs.handlers.llm import render_prompt, template_fields
 from jobs.llm.providers import UnknownProvider, get_provider
-from jobs.models import Batch, Job, Page, State
+from jobs.models import FINISHED_STATES, Batch, Job, Page, State
 
 KIND = "content.page"
 KEYWORD = "keyword"
@@ -279,14 +280,27 @@ def _slugs(rows: list[dict[str, str]], errors: list[dict[str, str]]) -> list[str
 class ContentSummary:
     pages: int
     words: int
+    failed: int  # dead jobs
+    active: bool  # some job has not finished
     is_content: bool  # the batch has content.page jobs (or pages)
 
 
 def content_summary(batch: Batch) -> ContentSummary:
     totals = Page.objects.filter(batch=batch).aggregate(n=Count("id"), words=Sum("word_count"))
+    jobs = Job.objects.filter(batch=batch).aggregate(
+        content=Count("id", filter=Q(kind=KIND)),
+        failed=Count("id", filter=Q(state=State.DEAD)),
+        active=Count("id", filter=~Q(state__in=FINISHED_STATES)),
+    )
     pages = totals["n"] or 0
-    is_content = bool(pages) or Job.objects.filter(batch=batch, kind=KIND).exists()
-    return ContentSummary(pages, totals["words"] or 0, is_content)
+    return ContentSummary(
+        pages, totals["words"] or 0, jobs["failed"], bool(jobs["active"]), bool(pages or jobs["content"])
+    )
+
+
+def batch_pages(batch_id: UUID | str) -> QuerySet[Page]:
+    """The batch's pages by slug, without their bodies (for a listing)."""
+    return Page.objects.filter(batch_id=batch_id).defer("body_markdown").order_by("slug")
 
 
 def get_page(batch_id: UUID | str, slug: str) -> Page:
@@ -300,6 +314,18 @@ def get_page(batch_id: UUID | str, slug: str) -> Page:
 def failed_jobs(batch_id: UUID | str, *, limit: int = 50) -> list[Job]:
     """The batch's dead jobs, most recent failure first."""
     return list(Job.objects.filter(batch_id=batch_id, state=State.DEAD).order_by("-finished_at", "-id")[:limit])
+
+
+def retry_batch_job(batch_id: UUID | str, job_id: UUID | str, *, actor: str = "") -> Job:
+    """Queue one dead job of the batch again. Raises JobNotFound (also for a
+    job of another batch) or InvalidState."""
+    try:
+        in_batch = Job.objects.filter(id=job_id, batch_id=batch_id).exists()
+    except (ValidationError, ValueError):
+        in_batch = False
+    if not in_batch:
+        raise JobNotFound(f"no job {job_id} in batch {batch_id}")
+    return retry_job(job_id, actor=actor)
 
 
 def retry_failed(batch_id: UUID | str, *, actor: str = "") -> int:
