@@ -138,7 +138,18 @@ def preview_content_batch(request: HttpRequest):
     }
 
 
-@router.get("/batches/{batch_id}/pages", auth=READ, openapi_extra=_doc(404))
+_EXPORT_DOC = _doc(404)
+_EXPORT_DOC["responses"][200] = {
+    "description": "The pages, streamed, as an attachment (Content-Disposition names the file).",
+    "content": {
+        "text/csv": {"schema": {"type": "string"}},
+        "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/PageOut"}}},
+        "application/zip": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+@router.get("/batches/{batch_id}/pages", auth=READ, openapi_extra=_EXPORT_DOC)
 def export_pages(request: HttpRequest, batch_id: UUID, format: Query[Literal["csv", "json", "zip"]] = "json"):
     """The batch's generated pages, streamed: `csv` (cells that would start a
     spreadsheet formula get a leading '), `json` (an array), or `zip` (one
