@@ -38,6 +38,7 @@ KEYWORD = "keyword"
 MAX_PAGES = MAX_JOBS  # one job per page: the batch limit
 MAX_CSV_BYTES = 20 * 1024 * 1024
 MAX_TEMPLATE = 20_000  # PagePayload.template's limit
+MAX_KEYWORD = 300  # Page.keyword's length
 EXPORT_FORMATS = {
     "csv": "text/csv; charset=utf-8",
     "json": "application/json",
@@ -120,10 +121,11 @@ def plan_content(
         missing = [f for f in fields if f not in columns]
         if missing:
             names = ", ".join(f"{{{f}}}" for f in missing)
+            what = "not a column" if len(missing) == 1 else "not columns"
             errors.append(
                 {
                     "field": "template",
-                    "message": f"names {names}, not a column of the file (its columns: {', '.join(columns)})",
+                    "message": f"names {names}, {what} of the file (its columns: {', '.join(columns)})",
                 }
             )
     slugs = _slugs(rows, errors) if rows is not None else []
@@ -257,6 +259,8 @@ def _slugs(rows: list[dict[str, str]], errors: list[dict[str, str]]) -> list[str
         field = f"rows[{number}].{KEYWORD}"
         if not keyword:
             errors.append({"field": field, "message": "is empty"})
+        elif len(keyword) > MAX_KEYWORD:
+            errors.append({"field": field, "message": f"has {len(keyword)} characters; at most {MAX_KEYWORD}"})
         elif not slug:
             errors.append({"field": field, "message": f"{keyword!r} gives an empty slug: it needs a letter or digit"})
         elif slug in first_row:

@@ -98,6 +98,8 @@ def test_the_same_idempotency_key_answers_the_first_batch_again(api):
         ),
         ("keyword,audience\nBlue Widgets,a\nblue widgets,b\n", TEMPLATE, "rows[2].keyword", "as rows[1] does"),
         ("keyword,audience\n,a\n", TEMPLATE, "rows[1].keyword", "is empty"),
+        ("keyword,audience\n" + "k" * 301 + ",a\n", TEMPLATE, "rows[1].keyword", "has 301 characters; at most 300"),
+        (CSV, "{keyword} {a} {b}", "template", "names {a}, {b}, not columns of the file"),
         ("keyword,audience\nwidgets,a,extra\n", TEMPLATE, "rows[1]", "has 3 cells; the header has 2"),
         (CSV, "Plain prompt", "template", "names no column"),
         (CSV, "About {keyword", "template", "is malformed"),
