@@ -104,3 +104,53 @@ def test_a_content_batch_is_previewed_run_watched_and_exported(processes, simula
     assert as_csv.headers["content-type"] == "text/csv; charset=utf-8"
     assert [(r["slug"], int(r["word_count"])) for r in rows] == [(s, stored[s].word_count) for s in slugs]
     assert [r["markdown"] for r in json.loads(as_json.content)] == [stored[s].body_markdown for s in slugs]
+
+
+def test_an_operator_retries_a_batch_s_failed_pages_from_its_page(processes, simulator, context, operator):  # noqa: F811
+    from jobs.content import submit_content
+    from tests.conftest import wait_until
+
+    base = start_daphne(processes)
+    rows = "keyword\nalpha\nbeta\ngamma\n"
+    batch = submit_content("rejected", rows, "About {keyword}", model="simulated@fail=400").batch
+    processes.qcluster("llm", **simulator)
+    dead = Job.objects.filter(batch=batch, state="dead")
+    wait_until(lambda: dead.count() == 3, timeout=60, message="three dead pages")
+    context.add_cookies([{"name": "sessionid", "value": session_cookie(operator), "url": base}])
+    page = context.new_page()
+
+    page.goto(f"{base}/batches/{batch.id}/")
+    failures = page.locator("#batch-content .failures")
+    assert failures.locator("tbody tr").count() == 3
+    assert "ProviderRejected" in failures.inner_text()
+    shot(page, "content-04-batch-failures")
+
+    # One job: it runs again, dies again, and the section follows live.
+    first = failures.locator("tbody tr").first
+    job_id = first.get_attribute("id").removeprefix("failed-")
+    first.get_by_role("button", name="Retry").click()
+    page.locator("#notice").get_by_text(f"Queued job {job_id[:8]} again.").wait_for()
+    wait_until(
+        lambda: Job.objects.get(id=job_id).attempts == 1 and dead.count() == 3,
+        timeout=60,
+        message="the retried job to die again",
+    )
+    wait_until(
+        lambda: Job.objects.get(id=job_id).events.filter(type="job.dead").count() == 2,
+        timeout=60,
+        message="a second death",
+    )
+
+    # All of them.
+    page.get_by_role("button", name="Retry all 3 failed").click()
+    page.locator("#notice").get_by_text("Queued 3 failed jobs again.").wait_for()
+    wait_until(
+        lambda: (
+            dead.count() == 3
+            and all(j.events.filter(type="job.dead").count() >= 2 for j in Job.objects.filter(batch=batch))
+        ),
+        timeout=60,
+        message="every job to die again",
+    )
+    page.locator("#batch-content .failures tbody tr").nth(2).wait_for()
+    shot(page, "content-05-batch-failures-after-retry")
