@@ -16,7 +16,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from dashboard.forms import ContentBatchForm
 from dashboard.permissions import can_operate
@@ -38,6 +38,7 @@ KEEP_TEXT_UP_TO = 1024 * 1024
 
 
 @login_required
+@require_http_methods(["GET", "POST"])
 def new_content_batch(request: HttpRequest) -> HttpResponse:
     """GET: the form. POST: preview (the `preview` button) or submit."""
     if request.method != "POST":
@@ -47,7 +48,7 @@ def new_content_batch(request: HttpRequest) -> HttpResponse:
     plan = _plan(form)
     if "preview" in request.POST:
         if plan is not None and form.cleaned_data.get("file") is not None:
-            form = _keep_text(request, form, plan)
+            form = _keep_text(request, form)
         return _render_form(request, form, plan, status=200 if plan else 422)
     if plan is not None and not form.cleaned_data["name"].strip():
         form.add_error("name", "is required to submit")
@@ -104,7 +105,7 @@ def _plan(form: ContentBatchForm) -> content.ContentPlan | None:
         return None
 
 
-def _keep_text(request: HttpRequest, form: ContentBatchForm, plan: content.ContentPlan) -> ContentBatchForm:
+def _keep_text(request: HttpRequest, form: ContentBatchForm) -> ContentBatchForm:
     """The same form with the uploaded file's text in `csv_text` (when small)."""
     text = form.csv_data().decode("utf-8-sig")
     if len(text.encode()) > KEEP_TEXT_UP_TO:
