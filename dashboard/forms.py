@@ -9,6 +9,8 @@ from typing import Any
 
 from django import forms
 
+from jobs.content import MAX_CSV_BYTES, MAX_PAGES
+
 # Schema types a plain input can edit; anything else (objects, arrays,
 # unions of several types) is edited as JSON.
 _SIMPLE = {"string", "integer", "number", "boolean"}
@@ -134,3 +136,67 @@ class OptionsForm(forms.Form):
             if data.get(name) not in (None, ""):
                 options[name] = data[name]
         return options
+
+
+class ContentBatchForm(forms.Form):
+    """A content batch: a CSV of keywords (uploaded or pasted) and a prompt
+    template. The checks that matter are `jobs.content.plan_content`'s; its
+    errors land on these fields through `add_plan_errors`."""
+
+    name = forms.CharField(max_length=200, required=False, help_text="Required to submit.")
+    file = forms.FileField(
+        required=False,
+        label="CSV file",
+        help_text="UTF-8, one row per page: a keyword column and every column the template names; "
+        f"at most {MAX_PAGES:,} rows.",
+    )
+    csv_text = forms.CharField(
+        required=False,
+        label="…or paste the CSV",
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 4, "class": "code", "spellcheck": "false"}),
+    )
+    template = forms.CharField(
+        required=False,
+        label="Prompt template",
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 5}),
+        help_text="{keyword} and any other column in braces is filled from each row.",
+    )
+    provider = forms.ChoiceField(required=False, choices=())
+    model = forms.CharField(max_length=200, required=False, help_text="Default: the provider's default model.")
+    callback_url = forms.URLField(
+        required=False,
+        max_length=2000,
+        assume_scheme="https",
+        label="Callback URL",
+        help_text="Called when the batch finishes.",
+    )
+
+    def __init__(self, *args, providers: list[str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        default = providers[0] if providers else "none configured"
+        self.fields["provider"].choices = [("", f"default ({default})"), *((p, p) for p in providers)]
+
+    def csv_data(self) -> bytes | str | None:
+        """The uploaded file's bytes, else the pasted text, else None."""
+        upload = self.cleaned_data.get("file")
+        if upload is not None:
+            upload.seek(0)  # read again for the submission after the plan
+            return upload.read()
+        return self.cleaned_data.get("csv_text") or None
+
+    def clean_file(self):
+        upload = self.cleaned_data.get("file")
+        if upload is not None and upload.size > MAX_CSV_BYTES:
+            raise forms.ValidationError(f"is over {MAX_CSV_BYTES // (1024 * 1024)} MiB")
+        return upload
+
+    def add_plan_errors(self, errors: list[dict[str, str]]) -> None:
+        """Each error next to its field; a row's errors next to the CSV."""
+        for error in errors:
+            field, message = error["field"], error["message"]
+            if field in self.fields:
+                self.add_error(field, message)
+            else:
+                self.add_error("file", f"{field}: {message}")

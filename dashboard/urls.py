@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import usage, views, webhooks
+from dashboard import content, usage, views, webhooks
 
 app_name = "dashboard"
 urlpatterns = [
@@ -26,4 +26,10 @@ urlpatterns = [
     path("webhooks/deliveries/<uuid:delivery_id>/", webhooks.delivery_row, name="webhook-delivery"),
     path("webhooks/deliveries/<uuid:delivery_id>/redeliver", webhooks.redeliver, name="webhook-redeliver"),
     path("batches/<uuid:batch_id>/budget", usage.set_budget, name="batch-budget"),
+    path("batches/content/", content.new_content_batch, name="content-new"),
+    path("batches/content/preview", content.preview_content_batch, name="content-preview"),
+    path("batches/<uuid:batch_id>/content", content.batch_content, name="batch-content"),
+    path("batches/<uuid:batch_id>/pages/<slug:slug>/", content.batch_page, name="batch-page"),
+    path("batches/<uuid:batch_id>/export.<str:fmt>", content.export_batch, name="batch-export"),
+    path("batches/<uuid:batch_id>/retry", content.retry_batch_jobs, name="batch-retry"),
 ]

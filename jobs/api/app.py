@@ -8,6 +8,7 @@ from ninja import NinjaAPI
 from pydantic import BaseModel
 
 from jobs.api import problems
+from jobs.api.content import router as content_router
 from jobs.api.parsing import ApiParser
 from jobs.api.schemas import BatchCsvForm, BatchIn, ProblemOut
 from jobs.api.views import router
@@ -54,5 +55,7 @@ api = ConveyorAPI(
     parser=ApiParser(),
 )
 problems.install(api)
+# Before `router`: its /batches/{batch_id} would otherwise take /batches/content.
+api.add_router("", content_router)
 api.add_router("", router)
 api.add_router("", webhooks_router)
