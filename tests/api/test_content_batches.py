@@ -65,6 +65,7 @@ def test_it_submits_one_content_page_job_per_row_in_one_batch(api):
         "provider": "simulated",
         "model": "simulated@latency_ms=10",
         "max_tokens": None,
+        "fallback": None,
     }
     assert OrmQ.objects.filter(key="llm").count() == 3
 
