@@ -311,5 +311,7 @@ METRICS_TOKEN = env_str("METRICS_TOKEN") or None
 CONVEYOR_QUEUES = env_list("CONVEYOR_QUEUES", ["default", "llm", "webhooks"])
 # Load balancers and Prometheus probe over plain HTTP, inside the network.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+# django-axes logs each lockout at WARNING; its INFO lines (one per sign-in) are noise.
+LOGGING["loggers"]["axes"] = {"level": "WARNING"}
 # httpx logs every request at INFO: one line per LLM call or webhook attempt.
 LOGGING["loggers"]["httpx"] = {"level": env_str("HTTPX_LOG_LEVEL", "WARNING")}

@@ -237,7 +237,7 @@ class DashboardEventsConsumer(EventStreamConsumer):
     async def make_stream(self, hub: EventHub) -> Stream:
         user = await self.user()
         if user is None:
-            raise HttpError(403, "sign in to watch live updates")
+            raise HttpError(401, "sign in to watch live updates")
         viewer = Viewer(can_operate=await database_sync_to_async(can_operate)(user))
         page, query = self.route("page"), self.query()
         if page == "overview":

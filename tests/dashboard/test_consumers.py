@@ -454,7 +454,7 @@ async def test_anonymous_clients_are_refused():
         dashboard = await SSEClient("/events/overview").open()
         api = await SSEClient("/api/v1/events").open()
         bearer = await SSEClient("/api/v1/events", headers=[(b"authorization", b"Bearer cvk_nope")]).open()
-        assert dashboard.status == 403
+        assert dashboard.status == 401
         assert api.status == 401 and api.headers[b"www-authenticate"] == b"Bearer"
         assert bearer.status == 401
         for client in (dashboard, api, bearer):
