@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -149,14 +150,52 @@ CONVEYOR_LIVE = {
 }
 
 # --- Security (secure defaults whenever DEBUG is off) -----------------------
+# DEBUG=1 (the default, what `make run` and the tests use) serves plain HTTP on
+# loopback. DEBUG=0 is production: HTTPS only, HSTS, cookies marked Secure.
 if not DEBUG:
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000, minimum=0)
-    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
-    SECURE_HSTS_PRELOAD = True
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+# Trusting X-Forwarded-Proto is only safe when a proxy always sets it (and
+# strips what clients send): a client talking to Daphne directly could
+# otherwise claim HTTPS. So it is opt-in, in either spelling.
+_PROXY_SSL_HEADER = env_str("SECURE_PROXY_SSL_HEADER")
+if _PROXY_SSL_HEADER:
+    _header, _, _value = _PROXY_SSL_HEADER.partition(",")
+    if not _header.strip() or not _value.strip():
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER={_PROXY_SSL_HEADER!r}: use 'HTTP_X_FORWARDED_PROTO,https' (header, value)"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header.strip(), _value.strip())
+elif env_bool("CONVEYOR_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+# Login rate limiting (django-axes): failures are counted per username and
+# client address in the database, so every Daphne process sees the same
+# count. After AXES_FAILURE_LIMIT failures that pair is locked out for
+# AXES_COOLOFF_MINUTES; a success resets its count.
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "config.login.locked_out"
+AXES_VERBOSE = False
+# The client address is REMOTE_ADDR: behind a proxy, run Daphne with
+# --proxy-headers so that it is the client's, not the proxy's.
+INSTALLED_APPS.append("axes")
+# Last, as django-axes asks: it answers a locked-out login with its template.
+MIDDLEWARE.append("axes.middleware.AxesMiddleware")
+AUTHENTICATION_BACKENDS = [
+    # First: it refuses a locked-out username+address before a password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 
 # --- Jobs engine ------------------------------------------------------------
 CONVEYOR = {
@@ -274,5 +313,7 @@ METRICS_TOKEN = env_str("METRICS_TOKEN") or None
 CONVEYOR_QUEUES = env_list("CONVEYOR_QUEUES", ["default", "llm", "webhooks"])
 # Load balancers and Prometheus probe over plain HTTP, inside the network.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+# django-axes logs each lockout at WARNING; its INFO lines (one per sign-in) are noise.
+LOGGING["loggers"]["axes"] = {"level": "WARNING"}
 # httpx logs every request at INFO: one line per LLM call or webhook attempt.
 LOGGING["loggers"]["httpx"] = {"level": env_str("HTTPX_LOG_LEVEL", "WARNING")}

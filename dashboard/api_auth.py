@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs import services
+from jobs.api.auth import sees_all
 
 READ_SCOPE = "read"
 
@@ -16,6 +17,12 @@ class ApiPrincipal:
     name: str
     owner: str  # what its jobs are submitted as ("apikey:<id>")
     scopes: frozenset[str]
+
+    @property
+    def visible_owner(self) -> str | None:
+        """Whose jobs' events it may watch; None: everyone's (the REST API's
+        tenancy rule, jobs/api/auth.py)."""
+        return None if sees_all(self.scopes) else self.owner
 
 
 def authenticate_bearer(token: str) -> ApiPrincipal | None:
@@ -30,6 +37,15 @@ def authenticate_bearer(token: str) -> ApiPrincipal | None:
     if api_key is None:
         return None
     return ApiPrincipal(name=api_key.name, owner=api_key.owner, scopes=frozenset(api_key.scopes))
+
+
+def owns_job(job_id, owner: str | None) -> bool:
+    """Whether a caller limited to `owner` (None: no limit) may watch the job."""
+    try:
+        services.get_job(job_id, owner=owner)
+    except services.JobNotFound:
+        return False
+    return True
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -237,7 +237,7 @@ class DashboardEventsConsumer(EventStreamConsumer):
     async def make_stream(self, hub: EventHub) -> Stream:
         user = await self.user()
         if user is None:
-            raise HttpError(403, "sign in to watch live updates")
+            raise HttpError(401, "sign in to watch live updates")
         viewer = Viewer(can_operate=await database_sync_to_async(can_operate)(user))
         page, query = self.route("page"), self.query()
         if page == "overview":
@@ -261,12 +261,14 @@ class ApiEventsConsumer(EventStreamConsumer):
 
     async def make_stream(self, hub: EventHub) -> Stream:
         token = api_auth.bearer_token(self.scope.get("headers", []))
+        owner = None  # dashboard users see every job's events
         if token is not None:
             principal = await database_sync_to_async(api_auth.authenticate_bearer)(token)
             if principal is None:
                 raise HttpError(401, "invalid API key", [(b"WWW-Authenticate", b'Bearer error="invalid_token"')])
             if api_auth.READ_SCOPE not in principal.scopes:
                 raise HttpError(403, f"this API key lacks the {api_auth.READ_SCOPE!r} scope")
+            owner = principal.visible_owner
         elif await self.user() is None:
             raise HttpError(
                 401, "send an API key (Authorization: Bearer …) or sign in", [(b"WWW-Authenticate", b"Bearer")]
@@ -278,4 +280,7 @@ class ApiEventsConsumer(EventStreamConsumer):
                 job_id = uuid.UUID(query["job"])
             except ValueError:
                 raise HttpError(400, "job must be a job id") from None
-        return ApiStream(hub, Viewer(), job_id=job_id, queue=query.get("queue") or None)
+            # Another owner's job is "not found", as on the REST API.
+            if owner is not None and not await database_sync_to_async(api_auth.owns_job)(job_id, owner):
+                raise HttpError(404, "no such job")
+        return ApiStream(hub, Viewer(), job_id=job_id, queue=query.get("queue") or None, owner=owner)

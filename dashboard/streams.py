@@ -406,18 +406,31 @@ async def batch_message(
 
 
 class ApiStream(Stream):
-    """JSON events for API clients, optionally for one job or one queue."""
+    """JSON events for API clients, optionally for one job or one queue; with
+    `owner`, only the events of that owner's jobs (and the queue statistics,
+    which are counts that /api/v1/queues shows every key too)."""
 
-    def __init__(self, hub: EventHub, viewer: Viewer, *, job_id: uuid.UUID | None, queue: str | None) -> None:
+    def __init__(
+        self,
+        hub: EventHub,
+        viewer: Viewer,
+        *,
+        job_id: uuid.UUID | None,
+        queue: str | None,
+        owner: str | None = None,
+    ) -> None:
         super().__init__(hub, viewer)
         self.job_id = job_id
         self.queue = queue
         self.only_job = job_id
+        self.owner = owner
 
     def wants(self, update: Update) -> bool:
         if update.type == STATS_EVENT and update.job is None:
             return self.job_id is None
         if self.job_id is not None and update.event.job_id != self.job_id:
+            return False
+        if self.owner is not None and (update.job is None or update.job.owner != self.owner):
             return False
         return not self.queue or update.queue == self.queue
 
@@ -425,6 +438,8 @@ class ApiStream(Stream):
         # Statistics are state, not history: a reconnecting client gets the
         # latest ones from the live stream, not every second it missed.
         events = JobEvent.objects.filter(job__isnull=False)
+        if self.owner is not None:
+            events = events.filter(job__owner=self.owner)
         if self.job_id is not None:
             events = events.filter(job_id=self.job_id)
         if self.queue:

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_POST
 
 from dashboard import charts, queries
 from dashboard.forms import OptionsForm, payload_form
-from dashboard.permissions import can_operate
+from dashboard.permissions import can_operate, can_submit
 from dashboard.waiting import waiting_reason
 from jobs import services
 from jobs.errors import IdempotencyKeyReused, InvalidJob, InvalidState, JobNotFound
@@ -218,6 +218,8 @@ def submit(request: HttpRequest) -> HttpResponse:
 
     schema = handler.schema.model_json_schema()
     if request.method == "POST":
+        if not can_submit(request.user):
+            raise PermissionDenied("You may look, not submit: submitting jobs needs the jobs.add_job permission.")
         form = payload_form(schema, data=request.POST)
         options = OptionsForm(request.POST, prefix="options")
         if form.is_valid() and options.is_valid():

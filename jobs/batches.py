@@ -198,17 +198,22 @@ def jobs_from_csv(
     return items
 
 
-def get_batch(batch_id: uuid.UUID | str) -> Batch:
-    """Raises BatchNotFound (also for a malformed id)."""
+def get_batch(batch_id: uuid.UUID | str, *, owner: str | None = None) -> Batch:
+    """Raises BatchNotFound (also for a malformed id, and for another owner's
+    batch when `owner` is given)."""
+    query = Batch.objects.all() if owner is None else Batch.objects.filter(owner=owner)
     try:
-        return Batch.objects.get(id=batch_id)
+        return query.get(id=batch_id)
     except (Batch.DoesNotExist, ValidationError, ValueError, TypeError):
         raise BatchNotFound(f"no batch with id {batch_id}") from None
 
 
-def page_batches(*, before: tuple[datetime, uuid.UUID] | None = None, limit: int = 50) -> list[Batch]:
-    """Newest first; the batches after position `before` (keyset pagination)."""
-    query = Batch.objects.all()
+def page_batches(
+    *, owner: str | None = None, before: tuple[datetime, uuid.UUID] | None = None, limit: int = 50
+) -> list[Batch]:
+    """Newest first; the batches after position `before` (keyset pagination);
+    with `owner`, only that owner's."""
+    query = Batch.objects.all() if owner is None else Batch.objects.filter(owner=owner)
     if before is not None:
         created_at, batch_id = before
         query = query.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=batch_id))

@@ -34,10 +34,14 @@ __all__ = [
 ]
 
 
-def get_job(job_id: UUID | str) -> Job:
-    """The job with its attempts; raises JobNotFound (also for a malformed id)."""
+def get_job(job_id: UUID | str, *, owner: str | None = None) -> Job:
+    """The job with its attempts; raises JobNotFound (also for a malformed id,
+    and for another owner's job when `owner` is given: ids do not leak)."""
+    query = Job.objects.prefetch_related("attempt_set")
+    if owner is not None:
+        query = query.filter(owner=owner)
     try:
-        return Job.objects.prefetch_related("attempt_set").get(id=job_id)
+        return query.get(id=job_id)
     except (Job.DoesNotExist, ValidationError, ValueError, TypeError):
         raise JobNotFound(f"no job with id {job_id}") from None
 
@@ -106,12 +110,16 @@ def page_jobs(
     kind: str | None = None,
     batch: UUID | str | None = None,
     error_type: str | None = None,
+    owner: str | None = None,
     before: tuple[datetime, UUID] | None = None,
     limit: int = 50,
 ) -> list[Job]:
     """Newest first (created_at, then id), with their attempts: the jobs after
-    position `before`, for keyset pagination (a page costs the same at any depth)."""
+    position `before`, for keyset pagination (a page costs the same at any depth).
+    With `owner`, only the jobs that owner submitted."""
     query = Job.objects.all()
+    if owner is not None:
+        query = query.filter(owner=owner)
     if state:
         if state not in State.values:
             raise ValueError(f"unknown state {state!r}; states are {', '.join(State.values)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +26,9 @@ from jobs.registry import get_handler, known_kinds
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 MAX_BACKOFF = 7 * 24 * 3600.0
 MAX_RUN_AFTER = timedelta(days=366)
+# JSON nested deeper than this is refused: Python's json, pydantic and
+# Postgres would each fail on much deeper input with errors of their own.
+MAX_PAYLOAD_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,9 @@ def prepare_job(
         )
     if not isinstance(payload, dict):
         raise InvalidJob([{"field": "payload", "message": "must be a JSON object"}])
+    unstorable = _unstorable(payload, "payload")
+    if unstorable:
+        raise InvalidJob(unstorable)
     size = len(json.dumps(payload, ensure_ascii=False).encode())
     limit = settings.CONVEYOR["MAX_PAYLOAD_BYTES"]
     if size > limit:
@@ -139,8 +146,14 @@ def prepare_job(
             errors.append({"field": "run_after", "message": "must be within a year from now"})
     if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 255):
         errors.append({"field": "idempotency_key", "message": "must be 1-255 characters"})
+    elif idempotency_key is not None:
+        errors += _unstorable(idempotency_key, "idempotency_key")
     callback_url = callback_url or ""
-    if callback_url:
+    if callback_url and not isinstance(callback_url, str):
+        errors.append({"field": "callback_url", "message": "must be an http or https URL"})
+    elif callback_url and _unstorable(callback_url, "callback_url"):
+        errors += _unstorable(callback_url, "callback_url")
+    elif callback_url:
         try:
             URLValidator(schemes=["http", "https"])(callback_url)
         except ValidationError:
@@ -206,6 +219,53 @@ def _insert(job: Job) -> Job | None:
     params = [*values, "job.created", "job.created", *broker.cte_params(job.id, queue=job.queue, timeout=job.timeout)]
     rows = list(Job.objects.raw(sql, params))
     return rows[0] if rows else None
+
+
+def _unstorable(value: Any, path: str) -> list[dict[str, str]]:
+    """Errors for what Postgres cannot store in text or jsonb (a NUL character,
+    an unpaired surrogate, NaN or an infinity) or nests deeper than
+    MAX_PAYLOAD_DEPTH, each naming where it is. The API refuses most of these
+    when it parses a body; the dashboard, the CLI and Python callers meet them
+    here only. Iterative: a deep payload must not exhaust the stack."""
+    errors: list[dict[str, str]] = []
+    stack: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while stack and len(errors) < 20:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            problem = _text_problem(value)
+            if problem:
+                errors.append({"field": path, "message": problem})
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append({"field": path, "message": f"{value} is not a JSON number"})
+        elif isinstance(value, (dict, list, tuple)):
+            if depth >= MAX_PAYLOAD_DEPTH:
+                errors.append({"field": path, "message": f"nests deeper than {MAX_PAYLOAD_DEPTH} levels"})
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, dict):
+                    problem = _text_problem(key) if isinstance(key, str) else "is not a string"
+                    if problem:
+                        errors.append({"field": path, "message": f"has a key that {problem}"})
+                        continue
+                stack.append((item, f"{path}.{key}", depth + 1))
+    return errors
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    if not _is_utf8(text):
+        return "contains an unpaired surrogate, which is not valid Unicode"
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(value: Any) -> bool:

@@ -5,6 +5,11 @@ Scopes: `read` for GETs, `submit` to create jobs and batches, `operate` to
 cancel, retry and discard. A key carries its scopes; a user has `read`, and
 `submit`/`operate` through the `jobs.add_job`/`jobs.operate_job` permissions
 (a superuser has all).
+
+Tenancy: an API key sees only the jobs and batches it submitted (and their
+events and deliveries), unless it has the `operate` scope, which is for
+operators and sees everything. Dashboard users see everything. What a caller
+may not see answers 404, exactly as what does not exist, so ids do not leak.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 class Caller:
     owner: str  # "apikey:<id>" or "user:<id>": whose idempotency keys these are
     actor: str  # how event logs name them
+    sees_all: bool  # an operator (a key with `operate`, any dashboard user)
+
+    @property
+    def visible_owner(self) -> str | None:
+        """The owner this caller's reads are limited to; None: everything."""
+        return None if self.sees_all else self.owner
 
 
 class ApiKeyAuth(HttpBearer):
@@ -82,7 +93,7 @@ class SessionAuth(APIKeyCookie):
         permission = USER_PERMISSIONS[self.scope]
         if permission and not user.has_perm(permission):
             raise Problem("forbidden", f"You lack the {permission!r} permission this operation needs.")
-        return Caller(owner=f"user:{user.pk}", actor=f"user:{user.get_username()}")
+        return Caller(owner=f"user:{user.pk}", actor=f"user:{user.get_username()}", sees_all=True)
 
 
 def require(scope: str) -> list:
@@ -93,4 +104,9 @@ def require(scope: str) -> list:
 
 
 def _caller_of_key(api_key: ApiKey) -> Caller:
-    return Caller(owner=api_key.owner, actor=f"apikey:{api_key.name}")
+    return Caller(owner=api_key.owner, actor=f"apikey:{api_key.name}", sees_all=sees_all(api_key.scopes))
+
+
+def sees_all(scopes) -> bool:
+    """Whether a key with `scopes` reads every owner's jobs (see the module docstring)."""
+    return "operate" in scopes

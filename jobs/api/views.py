@@ -116,6 +116,7 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]):
         queue=filters.queue,
         kind=filters.kind,
         batch=filters.batch,
+        owner=request.auth.visible_owner,
         before=pagination.decode(filters.cursor),
         limit=filters.limit + 1,
     )
@@ -126,13 +127,13 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]):
 @router.get("/jobs/{job_id}", auth=READ, response=JobOut, openapi_extra=_doc(404))
 def get_job(request: HttpRequest, job_id: UUID):
     """A job with its attempts."""
-    return job_out(services.get_job(job_id))
+    return job_out(services.get_job(job_id, owner=request.auth.visible_owner))
 
 
 @router.get("/jobs/{job_id}/events", auth=READ, response=list[EventOut], openapi_extra=_doc(404))
 def job_events(request: HttpRequest, job_id: UUID, filters: Query[EventFilters]):
     """The job's events, oldest first (those after the event id `after`)."""
-    job = services.get_job(job_id)
+    job = services.get_job(job_id, owner=request.auth.visible_owner)
     return [
         {"id": e.id, "type": e.type, "data": e.data, "created_at": e.created_at}
         for e in services.job_events(job.id, after=filters.after)
@@ -162,6 +163,7 @@ def list_dead_jobs(request: HttpRequest, filters: Query[DeadFilters]):
         queue=filters.queue,
         kind=filters.kind,
         error_type=filters.error_type,
+        owner=request.auth.visible_owner,
         before=pagination.decode(filters.cursor),
         limit=filters.limit + 1,
     )
@@ -238,7 +240,9 @@ def submit_batch(request: HttpRequest, response: HttpResponse, idempotency_key: 
 @router.get("/batches", auth=READ, response=BatchPage, openapi_extra=_doc())
 def list_batches(request: HttpRequest, filters: Query[Page]):
     """Batches, newest first, a page at a time."""
-    rows = services.page_batches(before=pagination.decode(filters.cursor), limit=filters.limit + 1)
+    rows = services.page_batches(
+        owner=request.auth.visible_owner, before=pagination.decode(filters.cursor), limit=filters.limit + 1
+    )
     batches, next_cursor = pagination.page(rows, filters.limit)
     progress = services.batch_progress(batches)
     return {"items": [batch_out(b, progress[b.id]) for b in batches], "next_cursor": next_cursor}
@@ -247,7 +251,7 @@ def list_batches(request: HttpRequest, filters: Query[Page]):
 @router.get("/batches/{batch_id}", auth=READ, response=BatchOut, openapi_extra=_doc(404))
 def get_batch(request: HttpRequest, batch_id: UUID):
     """A batch with its jobs counted by state."""
-    return batch_out(services.get_batch(batch_id))
+    return batch_out(services.get_batch(batch_id, owner=request.auth.visible_owner))
 
 
 @router.patch("/batches/{batch_id}", auth=OPERATE, response=BatchOut, openapi_extra=_doc(400, 404, 415))

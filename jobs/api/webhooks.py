@@ -190,7 +190,7 @@ def endpoint_deliveries(request: HttpRequest, endpoint_id: UUID):
 @router.get("/jobs/{job_id}/deliveries", auth=READ, response=list[DeliveryOut], openapi_extra=_doc(404))
 def job_deliveries(request: HttpRequest, job_id: UUID):
     """The webhook messages about a job, oldest first, with every attempt."""
-    job = services.get_job(job_id)
+    job = services.get_job(job_id, owner=request.auth.visible_owner)
     return [delivery_out(d) for d in services.job_deliveries(job.id)]
 
 
@@ -209,7 +209,7 @@ def redeliver_job_message(request: HttpRequest, job_id: UUID, delivery_id: UUID)
 @router.get("/batches/{batch_id}/deliveries", auth=READ, response=list[DeliveryOut], openapi_extra=_doc(404))
 def batch_deliveries(request: HttpRequest, batch_id: UUID):
     """The `batch.completed` messages of a batch, oldest first, with every attempt."""
-    batch = services.get_batch(batch_id)
+    batch = services.get_batch(batch_id, owner=request.auth.visible_owner)
     return [delivery_out(d) for d in services.batch_deliveries(batch.id)]
 
 

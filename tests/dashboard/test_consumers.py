@@ -515,7 +515,7 @@ async def test_anonymous_clients_are_refused():
         dashboard = await SSEClient("/events/overview").open()
         api = await SSEClient("/api/v1/events").open()
         bearer = await SSEClient("/api/v1/events", headers=[(b"authorization", b"Bearer cvk_nope")]).open()
-        assert dashboard.status == 403
+        assert dashboard.status == 401
         assert api.status == 401 and api.headers[b"www-authenticate"] == b"Bearer"
         assert bearer.status == 401
         for client in (dashboard, api, bearer):
@@ -529,10 +529,17 @@ def _api_key(scopes):
     return create_api_key("sse client", scopes=scopes).key
 
 
+def _owner_of(key: str) -> str:
+    from jobs.services import verify_api_key
+
+    return verify_api_key(key).owner
+
+
 async def test_api_clients_stream_with_a_key_that_may_read():
     reader_key = await sync_to_async(_api_key)(["read"])
     submit_only = await sync_to_async(_api_key)(["submit"])
-    job = await submit()
+    # A key without `operate` watches only the jobs it submitted.
+    job = await submit(owner=await sync_to_async(_owner_of)(reader_key))
     async with running_hub():
         allowed = await SSEClient(
             f"/api/v1/events?job={job.id}", headers=[(b"authorization", f"Bearer {reader_key}".encode())]

@@ -113,7 +113,8 @@ def worker_pids(cluster) -> set[int]:
 
 
 def test_two_clusters_and_two_daphnes_share_one_postgres(processes, make_job):
-    key = create_api_key("scaling test", scopes=["read"]).key
+    # An operator's key: a key without `operate` would only see its own jobs.
+    key = create_api_key("scaling test", scopes=["read", "operate"]).key
     daphnes = [start_daphne(processes), start_daphne(processes)]
     clusters = [processes.qcluster(LOG_FORMAT="json"), processes.qcluster(LOG_FORMAT="json")]
 
