@@ -254,7 +254,7 @@ import json
 from jobs.apikeys import create_api_key
 from jobs.services import submit_job
 key = create_api_key("faults: postgres restart", scopes=["read"]).key
-ids = [str(submit_job("demo.sleep", {"seconds": 3, "steps": 6}, backoff_base=0.2, backoff_max=1).job.id)
+ids = [str(submit_job("demo.sleep", {"seconds": 2, "steps": 4}, backoff_base=0.2, backoff_max=1).job.id)
        for _ in range(JOBS)]
 print(json.dumps({"key": key, "ids": ids}))
 """
@@ -313,7 +313,7 @@ def test_workers_and_sse_clients_recover_from_a_postgres_restart(processes, priv
     env = {"DATABASE_URL": url}
     start_daphne(processes, port, **env)
     submitted = json.loads(
-        _manage(["shell", "-c", _SUBMIT.replace("JOBS", "8")], url, timeout=60).strip().splitlines()[-1]
+        _manage(["shell", "-c", _SUBMIT.replace("JOBS", "6")], url, timeout=60).strip().splitlines()[-1]
     )
     ids = set(submitted["ids"])
     # One client stays connected throughout; the other goes away before the
