@@ -75,6 +75,7 @@ class ResumingReader(threading.Thread):
         self.last_event_id: int | None = None
         self.connections = 0
         self.resumed_with: list[int | None] = []  # the Last-Event-ID of each connection
+        self.heard_before: list[int] = []  # how many events had arrived before each connection
         self.stop = threading.Event()
         self._away = threading.Event()
         self._response: httpx.Response | None = None
@@ -110,6 +111,7 @@ class ResumingReader(threading.Thread):
                 self._response = response
                 self.connections += 1
                 self.resumed_with.append(self.last_event_id)
+                self.heard_before.append(len(self.events))
                 event_id, name, data = None, "", []
                 for line in response.iter_lines():
                     if self.stop.is_set() or self._away.is_set():
@@ -133,6 +135,11 @@ class ResumingReader(threading.Thread):
             if event["job"] in seen:
                 seen[event["job"]].append(event["id"])
         return seen
+
+
+def report(line: str) -> None:
+    """A figure for RELIABILITY.md (shown with `pytest -s`)."""
+    print(f"\n[faults] {line}")
 
 
 def logged_ids(rows) -> dict[str, list[int]]:
@@ -196,6 +203,10 @@ def test_it_finishes_every_job_after_a_whole_qcluster_is_killed_with_jobs_in_fli
         assert events[(job.id, "job.started")] == job.attempts
         assert events[(job.id, "job.succeeded")] == 1
     assert Attempt.objects.filter(job_id__in=ids, outcome="succeeded").count() == len(ids)
+    report(
+        f"qcluster SIGKILL: {len(ids)} jobs succeeded, {len(running_at_kill)} were in flight, "
+        f"{Attempt.objects.filter(job_id__in=ids).count()} attempts"
+    )
 
 
 # --- Daphne restarted -------------------------------------------------------------
@@ -243,6 +254,10 @@ def test_a_client_resumes_on_a_restarted_daphne_and_misses_no_event(processes, m
     assert len(reader.events) > heard_before_restart
     cursors = [event["id"] for event in reader.events]
     assert len(cursors) == len(set(cursors))
+    report(
+        f"Daphne SIGKILL: {len(ids)} jobs, {sum(map(len, logged.values()))} events, "
+        f"{len(reader.events) - reader.heard_before[1]} received after resuming on the new Daphne"
+    )
 
 
 # --- Postgres restarted ----------------------------------------------------------
@@ -336,6 +351,7 @@ def test_workers_and_sse_clients_recover_from_a_postgres_restart(processes, priv
     try:
         wait_until(running_with_progress, timeout=60, interval=0.2, message="jobs to be running")
         returning.pause()
+        heard_at_pause = len(returning.events)
         # Fast shutdown ends every session: workers, LISTEN connections, pools.
         embedded_db.stop(pgdata)
         time.sleep(2)
@@ -385,3 +401,9 @@ def test_workers_and_sse_clients_recover_from_a_postgres_restart(processes, priv
         _query(url, "SELECT state, count(*) FROM jobs_job WHERE id = ANY(%s::uuid[]) GROUP BY state", [list(ids)])
     )
     assert counts == {"succeeded": len(ids)}
+    broken = sum(len(outcomes) - 1 for outcomes in per_job.values())
+    report(
+        f"Postgres restart: {len(ids)} jobs succeeded, {broken} attempts broken by the restart and retried, "
+        f"{sum(map(len, logged.values()))} events; the returning client replayed "
+        f"{len(returning.events) - heard_at_pause} it had missed after resuming"
+    )
