@@ -269,8 +269,11 @@ import json
 from jobs.apikeys import create_api_key
 from jobs.services import submit_job
 key = create_api_key("faults: postgres restart", scopes=["read"]).key
-ids = [str(submit_job("demo.sleep", {"seconds": 2, "steps": 4}, backoff_base=0.2, backoff_max=1).job.id)
-       for _ in range(JOBS)]
+# Async jobs first: they are in the asyncio lane when Postgres goes away.
+ids = [str(submit_job("demo.async_sleep", {"seconds": 4, "steps": 8}, backoff_base=0.2, backoff_max=1).job.id)
+       for _ in range(2)]
+ids += [str(submit_job("demo.sleep", {"seconds": 2, "steps": 4}, backoff_base=0.2, backoff_max=1).job.id)
+        for _ in range(JOBS)]
 print(json.dumps({"key": key, "ids": ids}))
 """
 
