@@ -107,6 +107,19 @@ def delete_rows(ids: list[int]) -> None:
             cursor.execute("DELETE FROM django_q_ormq WHERE id = ANY(%s)", [ids])
 
 
+def replace_broken_connection() -> None:
+    """Close this thread's Django connection if a query found it broken (for
+    instance Postgres restarted), so the next query opens a new one. A
+    process's long-lived threads need this: Django only does it around
+    requests. Costs nothing unless a query failed; never inside a transaction."""
+    if connection.connection is None or connection.in_atomic_block or not connection.errors_occurred:
+        return
+    if connection.is_usable():
+        connection.errors_occurred = False
+    else:
+        connection.close()
+
+
 def task_package(job_id: UUID | str, timeout: int) -> str:
     """The signed Django-Q2 task that runs `jobs.runner.run_job(job_id)`."""
     return SignedPackage.dumps(
@@ -216,7 +229,7 @@ class PostgresBroker(Broker):
         # The sentinel saves its heartbeat here every half second (through the
         # database cache) and nothing else in that process replaces a
         # connection that a Postgres restart broke.
-        connection.close_if_unusable_or_obsolete()
+        replace_broken_connection()
         super().set_stat(key, value, timeout)
 
     def ping(self) -> bool:

@@ -144,7 +144,7 @@ def _handler_done(heartbeat: _Heartbeat) -> None:
     handler's last query found it broken (Postgres restarted mid-job): the
     outcome is recorded on a fresh one instead of failing the delivery too."""
     heartbeat.stop()
-    connection.close_if_unusable_or_obsolete()
+    broker.replace_broken_connection()
 
 
 def _storable(result: Any) -> Any:
