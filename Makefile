@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint setup
+.PHONY: run test bench lint setup soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,8 @@ bench: setup
 	$(BIN)/python -m bench
 	$(BIN)/python bench/api_submit.py
 	$(BIN)/python bench/sse_bench.py
+
+# Fault soak (bench/soak.py): SOAK_JOBS mixed jobs (default 10,000), two
+# clusters, a worker SIGKILLed every SOAK_KILL_EVERY s; not part of `make test`.
+soak: setup
+	$(BIN)/python -m bench.soak

@@ -113,6 +113,19 @@ def delete_rows(ids: list[int]) -> None:
             cursor.execute("DELETE FROM django_q_ormq WHERE id = ANY(%s)", [ids])
 
 
+def replace_broken_connection() -> None:
+    """Close this thread's Django connection if a query found it broken (for
+    instance Postgres restarted), so the next query opens a new one. A
+    process's long-lived threads need this: Django only does it around
+    requests. Costs nothing unless a query failed; never inside a transaction."""
+    if connection.connection is None or connection.in_atomic_block or not connection.errors_occurred:
+        return
+    if connection.is_usable():
+        connection.errors_occurred = False
+    else:
+        connection.close()
+
+
 def task_package(job_id: UUID | str, timeout: int) -> str:
     """The signed Django-Q2 task that runs `jobs.runner.run_job(job_id)`."""
     return _sign(
@@ -191,20 +204,33 @@ class PostgresBroker(Broker):
             return cursor.fetchone()[0]
 
     def dequeue(self):
-        relax_commit_durability()
         self._ensure_listener()
         # Cleared before the claim: a row that arrives while it runs sets it
         # again, and the wait below returns at once.
         self._wake.clear()
-        rows = self._run(_CLAIM, [self.list_key, Conf.BULK, Conf.RETRY])
+        try:
+            relax_commit_durability()
+            rows = self._run(_CLAIM, [self.list_key, Conf.BULK, Conf.RETRY])
+        except DatabaseError as exc:
+            # Postgres restarting: Django-Q2's pusher would log, sleep 10 s and
+            # die on an exception; returning nothing keeps it polling instead.
+            log.warning("broker: cannot claim rows (%s); trying again in %.1f s", exc, self.FALLBACK_POLL)
+            self._closed.wait(self.FALLBACK_POLL)
+            return None
         if rows:
             return [(row[0], row[1]) for row in rows]
         self._wait()
         return None
 
     def acknowledge(self, task_id) -> None:
-        relax_commit_durability()
-        self._run("DELETE FROM django_q_ormq WHERE id = %s", [task_id], fetch=False)
+        try:
+            relax_commit_durability()
+            self._run("DELETE FROM django_q_ormq WHERE id = %s", [task_id], fetch=False)
+        except DatabaseError as exc:
+            # The row is delivered again after its visibility timeout, and the
+            # runner treats that as a duplicate; raising would only kill
+            # Django-Q2's monitor process.
+            log.warning("broker: cannot acknowledge row %s (%s); it will be delivered again", task_id, exc)
 
     def fail(self, task_id) -> None:
         self.acknowledge(task_id)
@@ -223,6 +249,13 @@ class PostgresBroker(Broker):
 
     def delete_queue(self):
         return self.purge_queue()
+
+    def set_stat(self, key: str, value: str, timeout: int) -> None:
+        # The sentinel saves its heartbeat here every half second (through the
+        # database cache) and nothing else in that process replaces a
+        # connection that a Postgres restart broke.
+        replace_broken_connection()
+        super().set_stat(key, value, timeout)
 
     def ping(self) -> bool:
         return self._run("SELECT 1", [])[0][0] == 1

@@ -227,6 +227,10 @@ class Lane:
 
 
 def _in_db_thread(func, *args, **kwargs):
+    # The lane's thread keeps one connection for the life of the process:
+    # replace it once a query found it broken (Postgres restarted), or every
+    # later renewal and outcome would fail on it too.
+    broker.replace_broken_connection()
     relax_commit_durability()
     return func(*args, **kwargs)
 

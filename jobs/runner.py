@@ -31,7 +31,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -130,16 +130,16 @@ def run_job(job_id: str) -> None:
             payload = handler.schema.model_validate(job.payload)
             result = _storable(handler.func(ctx, payload))
         except Cancelled:
-            heartbeat.stop()
+            _handler_done(heartbeat)
             _finish_cancelled(job, worker)
         except LeaseLost:
-            heartbeat.stop()
+            _handler_done(heartbeat)
             log.warning("job %s: lease lost while running; another delivery owns it now", job.id)
         except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
-            heartbeat.stop()
+            _handler_done(heartbeat)
             _finish_failed(job, worker, exc)
         else:
-            heartbeat.stop()
+            _handler_done(heartbeat)
             if DEFER_FINISH:
                 _get_finisher().submit(job, worker, result)
             else:
@@ -148,6 +148,14 @@ def run_job(job_id: str) -> None:
 
 class _UnknownKind(Exception):
     pass
+
+
+def _handler_done(heartbeat: _Heartbeat) -> None:
+    """Stop renewing the lease, and replace the worker's connection if the
+    handler's last query found it broken (Postgres restarted mid-job): the
+    outcome is recorded on a fresh one instead of failing the delivery too."""
+    heartbeat.stop()
+    broker.replace_broken_connection()
 
 
 def _storable(result: Any) -> Any:
@@ -348,9 +356,17 @@ class _Heartbeat:
         interval = lease_seconds() / 3
         try:
             while not self._stop.wait(interval):
-                renewed = Job.objects.filter(id=self.job_id, state=State.RUNNING, lease_owner=self.worker).update(
-                    lease_expires_at=Now() + timedelta(seconds=lease_seconds())
-                )
+                try:
+                    renewed = Job.objects.filter(id=self.job_id, state=State.RUNNING, lease_owner=self.worker).update(
+                        lease_expires_at=Now() + timedelta(seconds=lease_seconds())
+                    )
+                except DatabaseError as exc:
+                    # Postgres restarting: try again on a new connection at the
+                    # next beat. If the outage outlasts the lease, the job is
+                    # rescued and the next renewal matches nothing.
+                    log.warning("job %s: lease renewal failed (%s); retrying", self.job_id, exc)
+                    connection.close()
+                    continue
                 if not renewed:
                     self.lost.set()
                     return
