@@ -43,6 +43,8 @@ INSTALLED_APPS = [
     "django_q",
     "django_htmx",
     "template_partials",
+    # Serves the API docs' Swagger UI from static files instead of a CDN.
+    "ninja",
     "jobs",
     "dashboard",
 ]

@@ -108,3 +108,13 @@ def test_the_openapi_document_and_the_docs_are_served(client):
     assert schema["openapi"].startswith("3.")
     assert {"/api/v1/jobs", "/api/v1/batches", "/api/v1/dlq/retry", "/api/v1/queues"} <= set(schema["paths"])
     assert client.get("/api/v1/docs").status_code == 200
+
+
+def test_the_docs_load_swagger_from_this_server_not_a_cdn(client):
+    from django.contrib.staticfiles import finders
+
+    html = client.get("/api/v1/docs").content.decode()
+
+    assert "cdn." not in html and "https://" not in html
+    assert "/static/ninja/swagger-ui-bundle.js" in html
+    assert finders.find("ninja/swagger-ui-bundle.js") is not None
