@@ -5,6 +5,7 @@ stock ORM broker), in the same run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -86,7 +87,13 @@ def conveyor_run(sim: Simulator) -> tuple[float, float, float, int]:
     from jobs.services import submit_batch
 
     reset()
-    with Cluster("postgres", workers=2, queue="llm", PORT=str(sim.port), CONVEYOR_LANE_CAPACITY="250") as cluster:
+    # The simulated provider's default limit is 200 calls at once across all
+    # workers; this workload wants its 400 in flight together.
+    providers = json.dumps([{"name": "simulated", "simulated": True, "default_model": "simulated", "max_concurrency": N}])
+    with Cluster(
+        "postgres", workers=2, queue="llm", PORT=str(sim.port), CONVEYOR_LANE_CAPACITY="250",
+        CONVEYOR_LLM_PROVIDERS=providers,
+    ) as cluster:
         time.sleep(3)  # cluster up and idle, as the stock one
         sampler = MemorySampler([p.pid for p in cluster.procs])
         started = time.perf_counter()

@@ -213,7 +213,7 @@ def test_it_finishes_every_job_after_a_whole_qcluster_is_killed_with_jobs_in_fli
 
 
 def test_a_client_resumes_on_a_restarted_daphne_and_misses_no_event(processes, make_job):
-    key = create_api_key("faults: daphne restart", scopes=["read"]).key
+    key = create_api_key("faults: daphne restart", scopes=["read", "operate"]).key
     port = free_port()
     daphne = start_daphne(processes, port)
     reader = ResumingReader(f"http://127.0.0.1:{port}", key)
@@ -268,7 +268,7 @@ _SUBMIT = """
 import json
 from jobs.apikeys import create_api_key
 from jobs.services import submit_job
-key = create_api_key("faults: postgres restart", scopes=["read"]).key
+key = create_api_key("faults: postgres restart", scopes=["read", "operate"]).key
 # Async jobs first: they are in the asyncio lane when Postgres goes away.
 ids = [str(submit_job("demo.async_sleep", {"seconds": 4, "steps": 8}, backoff_base=0.2, backoff_max=1).job.id)
        for _ in range(2)]

@@ -24,7 +24,8 @@ def test_every_bench_client_gets_every_event_it_should(processes):
     )
     from jobs.apikeys import create_api_key
 
-    key = create_api_key("sse-bench", scopes=("read",)).key
+    # Operate: the producer's jobs are not this key's own (keys without it see only theirs).
+    key = create_api_key("sse-bench", scopes=("read", "operate")).key
     base = start_daphne(processes)
     port = int(base.rsplit(":", 1)[1])
     logged = prepare_jobs(4)
