@@ -13,13 +13,14 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from dashboard.forms import ContentBatchForm
-from dashboard.permissions import can_operate
+from dashboard.permissions import can_operate, can_submit
 from dashboard.views import _notice, _operator, _page
 from jobs import content
 from jobs.batches import InvalidBatch
@@ -45,6 +46,8 @@ def new_content_batch(request: HttpRequest) -> HttpResponse:
         form = _form()
         return _render_form(request, form, None)
     form = _form(request)
+    if "preview" not in request.POST and not can_submit(request.user):
+        raise PermissionDenied("Submitting needs the jobs.add_job permission or operator rights.")
     plan = _plan(form)
     if "preview" in request.POST:
         if plan is not None and form.cleaned_data.get("file") is not None:
