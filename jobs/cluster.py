@@ -13,9 +13,6 @@ held, and its recorded holder is dead, it releases the lock (a
 multiprocessing Lock is a semaphore: any process may release it). A live
 holder is never second-guessed, however slow.
 
-Workers forked by the cluster also write the success of synchronous jobs on a
-thread of their own (`jobs.runner.DEFER_FINISH`, see `runner._Finisher`).
-
 Its heartbeat (the `Stat` it saves every half second) also names the queue the
 cluster serves, for /readyz and /metrics.
 """
@@ -54,11 +51,8 @@ def install() -> None:
     Stat.__init__ = stat_init
 
     def spawn_cluster(self, *args, **kwargs):
-        from jobs import runner
-
-        # Before the workers fork: they inherit both.
+        # Before the workers fork: they inherit it.
         self.task_queue._conveyor_holder = get_mp_context().Value("i", 0, lock=False)
-        runner.DEFER_FINISH = True
         result = original(self, *args, **kwargs)
         threading.Thread(target=watch_task_queue, args=(self,), name="conveyor-queue-watch", daemon=True).start()
         return result

@@ -21,12 +21,10 @@ import functools
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import traceback
 from datetime import timedelta
-from multiprocessing import util as mp_util
 from typing import Any
 from uuid import UUID
 
@@ -45,11 +43,6 @@ from jobs.registry import async_kinds, get_handler
 from jobs.states import OPEN_ATTEMPT, Sql, close_attempt, transition
 
 log = logging.getLogger(__name__)
-
-# Write the success of synchronous jobs on a thread of their own (see
-# _Finisher). jobs/cluster.py turns it on in Django-Q2's processes before the
-# workers fork; run in-process (tests, `manage.py jobs`), jobs finish inline.
-DEFER_FINISH = False
 
 
 def _worker_id() -> str:
@@ -140,10 +133,7 @@ def run_job(job_id: str) -> None:
             _finish_failed(job, worker, exc)
         else:
             _handler_done(heartbeat)
-            if DEFER_FINISH:
-                _get_finisher().submit(job, worker, result)
-            else:
-                _finish_succeeded(job, worker, result)
+            _finish_succeeded(job, worker, result)
 
 
 class _UnknownKind(Exception):
@@ -375,58 +365,3 @@ class _Heartbeat:
         finally:
             close_old_connections()
             connection.close()
-
-
-class _Finisher:
-    """Records the success of synchronous jobs on a thread of its own, so a
-    worker goes back for its next delivery while the last outcome is written:
-    one round trip per job off the worker's path, as the lane's database
-    thread does for async jobs.
-
-    Django-Q2 acknowledges the delivery once `run_job` returns, which may be
-    before the outcome commits. If the process dies in between, the job is
-    still running under a lease nobody renews: it expires, the rescue records
-    the attempt as lost and the job runs again (at least once, as always).
-    The queue is bounded (a slow database holds the worker back) and drained
-    when the process exits.
-    """
-
-    def __init__(self, size: int = 32) -> None:
-        self.pending: queue.Queue = queue.Queue(maxsize=size)
-        self.thread = threading.Thread(target=self._run, name="conveyor-finisher", daemon=True)
-        self.thread.start()
-        mp_util.Finalize(self, self.drain, exitpriority=100)
-
-    def submit(self, job: Job, worker: str, result: Any) -> None:
-        self.pending.put((job, worker, result))
-
-    def drain(self, timeout: float = 30.0) -> None:
-        """Write what is queued, then stop the thread."""
-        self.pending.put(None)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            log.warning("finisher: %d outcomes not written at exit; their leases will expire", self.pending.qsize())
-
-    def _run(self) -> None:
-        while (item := self.pending.get()) is not None:
-            job, worker, result = item
-            try:
-                relax_commit_durability()
-                with job_log_context(job):
-                    _finish_succeeded(job, worker, result)
-            except Exception:  # noqa: BLE001 - the lease expires and the job is rescued
-                log.exception("job %s: could not record its success", job.id)
-                connection.close()  # a broken connection is replaced on the next write
-        connection.close()
-
-
-_finisher: _Finisher | None = None
-_finisher_lock = threading.Lock()
-
-
-def _get_finisher() -> _Finisher:
-    global _finisher
-    with _finisher_lock:
-        if _finisher is None:  # per process: threads do not survive the fork
-            _finisher = _Finisher()
-        return _finisher

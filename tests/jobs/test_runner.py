@@ -95,39 +95,6 @@ def test_a_noop_job_succeeds_with_full_progress_and_an_empty_result(make_job):
     assert event_types(job) == ["job.created", "job.started", "job.succeeded"]
 
 
-def test_in_a_worker_process_success_is_written_by_the_finisher_thread(make_job, monkeypatch):
-    monkeypatch.setattr(runner, "DEFER_FINISH", True)
-    monkeypatch.setattr(runner, "_finisher", None)
-    jobs = [make_job("demo.noop") for _ in range(5)]
-    for job in jobs:
-        runner.run_job(str(job.id))
-    finisher = runner._finisher
-    assert finisher is not None
-    finisher.drain()  # what the process does at exit
-    assert not finisher.thread.is_alive()
-    for job in jobs:
-        job.refresh_from_db()
-        assert (job.state, job.progress_percent, job.lease_owner) == (State.SUCCEEDED, 100, "")
-        assert event_types(job) == ["job.created", "job.started", "job.succeeded"]
-        assert [a.outcome for a in attempts_of(job)] == [Attempt.Outcome.SUCCEEDED]
-
-
-def test_a_success_the_finisher_could_not_write_leaves_the_lease_to_expire(make_job, monkeypatch):
-    monkeypatch.setattr(runner, "DEFER_FINISH", True)
-    monkeypatch.setattr(runner, "_finisher", None)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("database gone")
-
-    monkeypatch.setattr(runner, "_finish_succeeded", broken)
-    job = make_job("demo.noop")
-    runner.run_job(str(job.id))
-    runner._finisher.drain()
-    job.refresh_from_db()
-    # Still running under its lease: the rescue retries it once the lease expires.
-    assert job.state == State.RUNNING and job.lease_expires_at is not None
-
-
 def test_a_sleep_job_records_its_progress_as_events(make_job):
     job = deliver(make_job("demo.sleep", {"seconds": 0.05, "steps": 5}))
 
