@@ -121,18 +121,27 @@ class HubUnavailable(Exception):
 
 
 class Subscription:
+    """A stream's bounded inbox. Its reader waits on a bare future rather than
+    an `asyncio.Queue` inside `asyncio.wait` (a task, a wait set and a timer per
+    message): with a thousand streams that machinery was a tenth of Daphne's
+    time per message."""
+
     def __init__(self, wants: Callable[[Update], bool], maxsize: int, *, job_id: Any = None) -> None:
         self.wants = wants
         self.job_id = job_id  # not None: wants nothing but this job's events
-        self.queue: asyncio.Queue[Update] = asyncio.Queue(maxsize)
+        self.maxsize = maxsize
+        self.pending: deque[Update] = deque()
         self.dropped = False
+        self._waiter: asyncio.Future | None = None
 
     def offer(self, update: Update) -> bool:
-        try:
-            self.queue.put_nowait(update)
-        except asyncio.QueueFull:
+        if len(self.pending) >= self.maxsize:
             self.dropped = True
             return False
+        self.pending.append(update)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         return True
 
     async def get(self, timeout: float) -> Update | None:
@@ -143,22 +152,29 @@ class Subscription:
         """
         if self.dropped:
             raise SubscriberTooSlow
-        if self.queue.empty():
-            getter = asyncio.ensure_future(self.queue.get())
+        if not self.pending:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, waiter)
             try:
-                done, _ = await asyncio.wait({getter}, timeout=timeout)
+                await waiter  # cancelled with the stream itself
             finally:
-                if not getter.done():
-                    getter.cancel()  # on timeout, and when the stream itself is cancelled
-            return getter.result() if done else None
-        return self.queue.get_nowait()
+                timer.cancel()
+                self._waiter = None
+            if not self.pending:
+                return None
+        return self.pending.popleft()
 
     def drain(self) -> list[Update]:
         """Whatever else is already waiting (to render a burst as one batch)."""
-        updates = []
-        while not self.queue.empty():
-            updates.append(self.queue.get_nowait())
+        updates = list(self.pending)
+        self.pending.clear()
         return updates
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class SharedReads:
