@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +39,12 @@ def make_job(db):
         return submit_job(kind, payload if payload is not None else {}, **options).job
 
     return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_database_url() -> str:
@@ -81,6 +89,28 @@ class Processes:
         )
         self.started.append((proc, log_path))
         return proc
+
+    def daphne(self, port: int | None = None, **env: str) -> tuple[subprocess.Popen, str]:
+        """`daphne config.asgi:application` on a loopback port (a free one by
+        default), once /healthz answers: the process and its base URL."""
+        port = port or free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = self.start(
+            "daphne",
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+            **env,
+        )
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"daphne exited:\n{self.log_of(proc)}")
+            try:
+                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout=60, interval=0.2, message=f"daphne on {url}")
+        return proc, url
 
     def qcluster(self, queue: str = "default", **env: str) -> subprocess.Popen:
         return self.start(f"qcluster-{queue}", [sys.executable, "manage.py", "qcluster"], Q_CLUSTER_NAME=queue, **env)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,35 +24,13 @@ import pytest
 
 from jobs.apikeys import create_api_key
 from jobs.models import Attempt, Job, JobEvent
-from tests.conftest import ROOT, Processes, process_env, wait_until
+from tests.conftest import ROOT, Processes, free_port, process_env, wait_until
 
 pytestmark = pytest.mark.processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_daphne(processes: Processes, port: int, **env: str) -> subprocess.Popen:
-    proc = processes.start(
-        "daphne",
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-        CONVEYOR_DB_POOL="1",
-        **env,
-    )
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"daphne exited:\n{processes.log_of(proc)}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=60, interval=0.2, message=f"daphne on port {port}")
-    return proc
+    return processes.daphne(port, CONVEYOR_DB_POOL="1", **env)[0]
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -12,26 +12,27 @@ import pytest
 
 from jobs.models import Job, Page
 from jobs.services import submit_batch
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def simulator(processes):
     """The simulated provider on its own Daphne; returns the env that points workers at it."""
-    port = _free_port()
+    port = free_port()
     processes.start(
         "simulator",
-        [sys.executable, "-m", "daphne", "-e", f"tcp:port={port}:interface=127.0.0.1:backlog=1024",
-         "jobs.llm.simulated:asgi_app"],
-        CONVEYOR_SIM_TTFT_MS="50", CONVEYOR_SIM_TPS="400",
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-e",
+            f"tcp:port={port}:interface=127.0.0.1:backlog=1024",
+            "jobs.llm.simulated:asgi_app",
+        ],
+        CONVEYOR_SIM_TTFT_MS="50",
+        CONVEYOR_SIM_TPS="400",
     )
 
     def listening():
@@ -66,10 +67,17 @@ def test_a_provider_400_dead_letters_the_job_with_the_provider_s_message(process
 
 def test_a_batch_of_pages_is_stored_once_each_despite_failures_and_a_killed_worker(processes, simulator):
     items = [
-        {"kind": "content.page", "backoff_base": 0.3, "backoff_max": 1, "max_attempts": 10,
-         "payload": {"template": "Write a page about {keyword} for {audience}.",
-                     "variables": {"keyword": f"topic {i}", "audience": "operators"},
-                     "model": "simulated@latency_ms=1500,rate_500=0.15,rate_429=0.1"}}
+        {
+            "kind": "content.page",
+            "backoff_base": 0.3,
+            "backoff_max": 1,
+            "max_attempts": 10,
+            "payload": {
+                "template": "Write a page about {keyword} for {audience}.",
+                "variables": {"keyword": f"topic {i}", "audience": "operators"},
+                "model": "simulated@latency_ms=1500,rate_500=0.15,rate_429=0.1",
+            },
+        }
         for i in range(50)
     ]
     batch = submit_batch("fifty pages", items).batch
@@ -82,8 +90,12 @@ def test_a_batch_of_pages_is_stored_once_each_despite_failures_and_a_killed_work
     victim = Job.objects.filter(batch=batch, state="running").first()
     os.kill(int(victim.lease_owner.rsplit(":", 1)[1]), signal.SIGKILL)
 
-    wait_until(lambda: Job.objects.filter(batch=batch, state="succeeded").count() == 50, timeout=120, interval=0.5,
-               message="all 50 pages")
+    wait_until(
+        lambda: Job.objects.filter(batch=batch, state="succeeded").count() == 50,
+        timeout=120,
+        interval=0.5,
+        message="all 50 pages",
+    )
     pages = Page.objects.filter(batch=batch)
     assert pages.count() == 50
     assert sorted(pages.values_list("slug", flat=True)) == sorted(f"topic-{i}" for i in range(50))

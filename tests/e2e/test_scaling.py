@@ -6,8 +6,6 @@ processes report the same metrics and readiness."""
 from __future__ import annotations
 
 import json
-import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,31 +25,8 @@ JOBS = 40
 DAPHNE_ENV = {"CONVEYOR_QUEUES": "default", "METRICS_TOKEN": "scrape-me"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_daphne(processes: Processes) -> str:
-    port = free_port()
-    proc = processes.start(
-        "daphne",
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-        **DAPHNE_ENV,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"daphne exited:\n{processes.log_of(proc)}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=60, interval=0.2, message=f"daphne on {url}")
-    return url
+    return processes.daphne(**DAPHNE_ENV)[1]
 
 
 class EventReader(threading.Thread):

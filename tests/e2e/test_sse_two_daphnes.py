@@ -5,8 +5,6 @@ both Daphne processes, through Postgres alone."""
 from __future__ import annotations
 
 import json
-import socket
-import sys
 import threading
 import time
 
@@ -18,30 +16,9 @@ from tests.conftest import Processes, wait_until
 pytestmark = pytest.mark.processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_daphne(processes: Processes, **env: str) -> str:
     """Start `daphne config.asgi:application` on a free local port; its base URL."""
-    port = free_port()
-    proc = processes.start(
-        "daphne", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"], **env
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"daphne exited:\n{processes.log_of(proc)}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=60, interval=0.2, message=f"daphne on {url}")
-    return url
+    return processes.daphne(**env)[1]
 
 
 def session_cookie(user) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from collections.abc import Coroutine, Iterator
 from typing import Any
@@ -13,17 +12,11 @@ import pytest
 
 from jobs.llm.client import aclose_clients
 from jobs.llm.providers import Provider
-from tests.conftest import ARTIFACTS, Processes, wait_until
+from tests.conftest import ARTIFACTS, Processes, free_port, wait_until
 
 API_KEY = "test-key"
 # Nothing listens on port 9: any query would fail.
 NO_DATABASE = "postgres://conveyor@127.0.0.1:9/none"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
