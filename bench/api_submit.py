@@ -36,12 +36,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.harness import manage, start_postgres, wait_healthy  # noqa: E402
 
 DATABASE = "conveyor_bench_api"
 JOB = {"kind": "demo.noop", "payload": {}}
@@ -57,7 +59,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    socket_dir = _start_postgres()
+    socket_dir, _ = start_postgres()
     _recreate_database(socket_dir)
     env = {
         **os.environ,
@@ -72,8 +74,8 @@ def main() -> None:
     servers: list[subprocess.Popen] = []
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
     try:
-        _manage(env, "migrate", "--verbosity", "0")
-        key = _manage(env, "createapikey", "bench").strip().splitlines()[-1]
+        manage(env, "migrate", "--verbosity", "0")
+        key = manage(env, "createapikey", "bench").strip().splitlines()[-1]
         # Each Daphne adopts the same listening socket; the kernel spreads
         # connections over them (Daphne has no worker processes of its own).
         listener.set_inheritable(True)
@@ -101,7 +103,7 @@ def main() -> None:
             )
         base = f"http://127.0.0.1:{listener.getsockname()[1]}"
         for server in servers:
-            _wait_for(f"{base}/healthz", server)
+            wait_healthy(base, server, log=".data/bench-daphne.log", timeout=30)
         headers = {"Authorization": f"Bearer {key}"}
         print(f"Daphne ×{args.processes} on {base}; {args.clients} clients for {args.duration:.0f} s …", flush=True)
         latencies, errors, elapsed = asyncio.run(_load(base, headers, args.clients, args.duration))
@@ -171,15 +173,6 @@ def _batch(base: str, headers: dict[str, str], size: int) -> None:
     print(f"batch: {response.json()['total']} jobs in {elapsed:.2f} s")
 
 
-def _start_postgres() -> str:
-    """The embedded server's socket folder (started if it was not running)."""
-    from config import embedded_db
-
-    data_dir = Path(os.environ.get("CONVEYOR_DATA_DIR") or ROOT / ".data")
-    url = embedded_db.database_url(data_dir / "pg", "postgres")
-    return unquote(urlsplit(url).netloc.split("@", 1)[1])
-
-
 def _recreate_database(socket_dir: str) -> None:
     import psycopg
 
@@ -193,29 +186,6 @@ def _drop_database(socket_dir: str) -> None:
 
     with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-
-
-def _manage(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        sys.exit(f"manage.py {' '.join(args)} failed:\n{done.stderr}")
-    return done.stdout
-
-
-def _wait_for(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"Daphne exited with status {process.returncode}; see .data/bench-daphne.log")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"Daphne did not answer {url} within {timeout:.0f} s")
 
 
 if __name__ == "__main__":

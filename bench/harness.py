@@ -11,10 +11,48 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".data" / "bench-logs"
 BENCH_DB = "conveyor_bench"
+
+
+def start_postgres() -> tuple[str, Path]:
+    """The embedded server's socket folder (started if it was not running) and
+    its data folder, for benchmarks that make their own scratch database."""
+    from config import embedded_db
+
+    pgdata = Path(os.environ.get("CONVEYOR_DATA_DIR") or ROOT / ".data") / "pg"
+    url = embedded_db.database_url(pgdata, "postgres")
+    return unquote(urlsplit(url).netloc.split("@", 1)[1]), pgdata
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    """`manage.py <args>` with `env`; its stdout, or exit with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        sys.exit(f"manage.py {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def wait_healthy(base: str, process: subprocess.Popen, *, log: str, timeout: float = 60) -> None:
+    """Wait for `base`/healthz to answer 200; exit if the server dies or stays silent."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"Daphne exited with status {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"Daphne did not answer {base} within {timeout:.0f} s")
 
 
 def setup_django() -> None:

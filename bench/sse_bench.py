@@ -59,11 +59,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.harness import manage, start_postgres, wait_healthy  # noqa: E402
 
 DATABASE = "conveyor_bench_sse"
 QUEUE = "default"
@@ -444,7 +446,8 @@ async def _bench(args: argparse.Namespace) -> bool:
     """Run the benchmark and print its table; False when delivery failed."""
     import psycopg
 
-    socket_dir, log_path = _start_postgres()
+    socket_dir, pgdata = start_postgres()
+    log_path = pgdata / "log"
     admin = psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True)
     admin.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
     admin.execute(f"CREATE DATABASE {DATABASE}")
@@ -461,8 +464,8 @@ async def _bench(args: argparse.Namespace) -> bool:
     producer: asyncio.subprocess.Process | None = None
     prefix_changed = False
     try:
-        _manage(env, "migrate", "--verbosity", "0")
-        key = _manage(env, "createapikey", "bench-sse").strip().splitlines()[-1]
+        manage(env, "migrate", "--verbosity", "0")
+        key = manage(env, "createapikey", "bench-sse").strip().splitlines()[-1]
         admin.execute(f"ALTER DATABASE {DATABASE} SET log_statement = 'all'")
         admin.execute(f"ALTER SYSTEM SET log_line_prefix = '{LOG_PREFIX}'")
         prefix_changed = True
@@ -487,7 +490,7 @@ async def _bench(args: argparse.Namespace) -> bool:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_for_health(port, daphne)
+        wait_healthy(f"http://127.0.0.1:{port}", daphne, log=".data/bench-sse-daphne.log")
         rss = RssSampler(daphne.pid)
         rss.start()
         idle_rss = rss.process.memory_info().rss
@@ -708,15 +711,6 @@ def _run_queue_wait(pid: int) -> float:
         return float("nan")
 
 
-def _start_postgres() -> tuple[str, Path]:
-    """The embedded server's socket folder (started if it was not running) and its log file."""
-    from config import embedded_db
-
-    pgdata = Path(os.environ.get("CONVEYOR_DATA_DIR") or ROOT / ".data") / "pg"
-    url = embedded_db.database_url(pgdata, "postgres")
-    return unquote(urlsplit(url).netloc.split("@", 1)[1]), pgdata / "log"
-
-
 def _read_log(path: Path) -> str:
     # The server runs as another user and owns its log; read it as it can be.
     try:
@@ -725,35 +719,10 @@ def _read_log(path: Path) -> str:
         return subprocess.run(["cat", str(path)], capture_output=True, text=True, check=True).stdout
 
 
-def _manage(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        sys.exit(f"manage.py {' '.join(args)} failed:\n{done.stderr}")
-    return done.stdout
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for_health(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"Daphne exited with status {process.returncode}; see .data/bench-sse-daphne.log")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"Daphne did not answer on port {port} within {timeout:.0f} s")
 
 
 if __name__ == "__main__":
