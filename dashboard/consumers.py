@@ -51,12 +51,6 @@ from dashboard.streams import (
 log = logging.getLogger(__name__)
 
 RETRY_MILLISECONDS = 2000
-# A busy stream writes at most once per this interval; what arrives meanwhile
-# goes out in the same write. Each write costs Daphne far more than the bytes
-# it carries (Channels' send, Twisted's write and its selector registration),
-# so a thousand streams at a hundred events a second would otherwise spend a
-# core on writes alone. A quiet stream still writes at once.
-COALESCE_SECONDS = 0.05
 REPLAY_CHUNK = 500
 MAX_IDS = 200
 
@@ -77,7 +71,6 @@ class EventStreamConsumer(AsyncHttpConsumer):
         super().__init__(*args, **kwargs)
         self._task: asyncio.Task | None = None
         self._cursor = 0
-        self._last_write = float("-inf")
 
     async def make_stream(self, hub: EventHub) -> Stream:
         """The stream this request asks for; raises HttpError."""
@@ -153,9 +146,6 @@ class EventStreamConsumer(AsyncHttpConsumer):
                 if update is None:
                     await self.send_body(sse.KEEPALIVE, more_body=True)
                     continue
-                wait = self._last_write + COALESCE_SECONDS - asyncio.get_running_loop().time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
                 updates = [u for u in (update, *subscription.drain()) if u.id not in replayed]
                 if updates:
                     await self._send(await stream.render(updates))
@@ -201,7 +191,6 @@ class EventStreamConsumer(AsyncHttpConsumer):
                 message = sse.Message(message.event, message.data, self._cursor, message.mode)
             fixed.append(message)
         await self.send_body(sse.encode(fixed), more_body=True)
-        self._last_write = asyncio.get_running_loop().time()
 
     # --- request helpers -----------------------------------------------------
 

@@ -85,7 +85,6 @@ class SSEClient:
         self.status: int | None = None
         self.headers: dict[bytes, bytes] = {}
         self.raw = b""
-        self.chunks = 0  # body messages received (one per write)
         self._buffer = b""
         self._parsed: list[dict] = []
         self.finished = False
@@ -105,7 +104,6 @@ class SSEClient:
         message = await self.communicator.receive_output(timeout)
         assert message["type"] == "http.response.body", message
         self.raw += message["body"]
-        self.chunks += 1
         self._buffer += message["body"]
         if not message.get("more_body"):
             self.finished = True

@@ -150,32 +150,6 @@ async def test_the_api_stream_is_an_event_stream_of_named_events_with_ids(operat
             await client.close()
 
 
-async def test_a_busy_stream_sends_a_burst_in_fewer_writes_and_a_quiet_one_at_once(operator):
-    from dashboard import consumers
-
-    cookie = await cookie_for(operator)
-    job = await submit()
-    async with running_hub():
-        client = await SSEClient(f"/api/v1/events?job={job.id}", cookie=cookie).open()
-        try:
-            await client.events(1)  # job.created, replayed
-            await asyncio.sleep(consumers.COALESCE_SECONDS * 2)
-            # Quiet: the next event goes out on its own, without waiting.
-            started = asyncio.get_running_loop().time()
-            await progress(job, 10)
-            await client.events(1)
-            assert asyncio.get_running_loop().time() - started < 2
-            # Busy: events right after a write wait for the interval and share writes.
-            before = client.chunks
-            for percent in range(20, 100, 10):
-                await progress(job, percent)
-            burst = await client.events(8)
-            assert [json.loads(e["data"])["data"]["percent"] for e in burst] == list(range(20, 100, 10))
-            assert client.chunks - before < 8
-        finally:
-            await client.close()
-
-
 # --- replay ---------------------------------------------------------------------------
 
 
