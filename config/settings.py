@@ -212,6 +212,9 @@ CONVEYOR = {
     "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 100, minimum=1),
     # Threads one Daphne process runs Django's views on (config/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
+    # The statements of a job's path run as server-side prepared statements
+    # (jobs/sql.py). Turn off behind a transaction-mode pooler (pgbouncer).
+    "PREPARED_STATEMENTS": env_bool("CONVEYOR_PREPARED_STATEMENTS", True),
 }
 
 # Seconds before Django-Q2 hands an unacknowledged broker row out again. The

@@ -32,6 +32,7 @@ from django.utils import timezone
 from django_q.brokers import Broker
 from django_q.conf import Conf
 
+from jobs import sql
 from jobs.durability import relax_commit_durability
 
 log = logging.getLogger(__name__)
@@ -79,16 +80,12 @@ def cluster_for_queue(queue: str) -> str:
     return queue
 
 
-def enqueue(
-    job_id: UUID | str, *, queue: str, timeout: int, run_at: datetime | None = None, priority: int = 0
-) -> int:
+def enqueue(job_id: UUID | str, *, queue: str, timeout: int, run_at: datetime | None = None, priority: int = 0) -> int:
     """Insert a broker row asking a worker of `queue`'s cluster to look at the job
     at `run_at` (now when None). Call inside the transaction of the job change."""
     now = timezone.now()
     key = cluster_for_queue(queue)
-    with connection.cursor() as cursor:
-        cursor.execute(_INSERT, [key, task_package(job_id, timeout), max(run_at or now, now), priority, key])
-        return cursor.fetchone()[0]
+    return sql.fetchone(_INSERT, [key, task_package(job_id, timeout), max(run_at or now, now), priority, key])[0]
 
 
 def ctes() -> str:
@@ -199,9 +196,7 @@ class PostgresBroker(Broker):
     # --- Django-Q2's broker interface ---------------------------------------
 
     def enqueue(self, task: str) -> int:
-        with connection.cursor() as cursor:
-            cursor.execute(_INSERT, [self.list_key, task, timezone.now(), 0, self.list_key])
-            return cursor.fetchone()[0]
+        return sql.fetchone(_INSERT, [self.list_key, task, timezone.now(), 0, self.list_key])[0]
 
     def dequeue(self):
         self._ensure_listener()
@@ -274,10 +269,10 @@ class PostgresBroker(Broker):
 
     # --- internals ----------------------------------------------------------
 
-    def _run(self, sql: str, params: list, *, fetch: bool = True):
+    def _run(self, statement: str, params: list, *, fetch: bool = True):
         try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
+            with sql.cursor() as cursor:
+                cursor.execute(statement, params)
                 return cursor.fetchall() if fetch else cursor.rowcount
         except DatabaseError:
             # A dead connection (Postgres restarted): drop it so the next call

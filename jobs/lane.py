@@ -40,7 +40,7 @@ from django.conf import settings
 from django.db import connection
 
 from config.logs import job_log_contextvars
-from jobs import broker, events
+from jobs import broker, events, sql
 from jobs.durability import relax_commit_durability
 from jobs.errors import Cancelled, LeaseLost
 
@@ -242,7 +242,7 @@ def _flush_progress(batch: dict[UUID, tuple[int, str, AsyncContext]]) -> list[UU
         {"id": str(job_id), "percent": percent, "message": message, "worker": ctx.worker, "output": ctx.output}
         for job_id, (percent, message, ctx) in batch.items()
     ]
-    with connection.cursor() as cursor:
+    with sql.cursor() as cursor:
         cursor.execute(
             "WITH p AS (SELECT * FROM jsonb_to_recordset(%s::jsonb)"
             " AS x(id uuid, percent int, message text, worker text, output text)),"

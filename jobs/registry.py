@@ -3,6 +3,7 @@ payload schema, default queue, attempts and timeout."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class Handler:
     timeout: int
     description: str
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
         """`async def` handlers run in the worker process's asyncio lane (jobs/lane.py)."""
         return inspect.iscoroutinefunction(self.func)

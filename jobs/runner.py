@@ -10,7 +10,7 @@ so a delivery only means "look at this job":
    watchdog: a lease that has expired means its worker died, so the attempt
    is recorded as lost and the job retried (or dead-lettered); a live lease
    re-arms the watchdog for when it would expire.
-3. Run the handler while a heartbeat thread renews the lease.
+3. Run the handler while the process's lease thread renews the lease.
 4. Finish with one transition (succeeded, retrying, dead or cancelled) that
    only matches while this worker still holds the lease.
 """
@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -32,9 +33,10 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
+from django_q.signals import pre_execute
 
 from config.logs import job_log_context
-from jobs import broker, events, retries
+from jobs import broker, events, retries, sql
 from jobs.durability import relax_commit_durability
 from jobs.errors import Cancelled, LeaseLost
 from jobs.lane import get_lane
@@ -47,7 +49,14 @@ log = logging.getLogger(__name__)
 
 def _worker_id() -> str:
     # Forked workers inherit the module; the pid must be the current one.
-    return f"{socket.gethostname()}:{os.getpid()}"
+    pid = os.getpid()
+    if _worker_ids.get(pid) is None:
+        _worker_ids.clear()
+        _worker_ids[pid] = f"{socket.gethostname()}:{pid}"
+    return _worker_ids[pid]
+
+
+_worker_ids: dict[int, str] = {}
 
 
 def lease_seconds() -> int:
@@ -72,14 +81,21 @@ class Context:
         message = message[:500]
         # One statement: the progress, its event (unless a cancel is pending)
         # and the notification.
-        with connection.cursor() as cursor:
+        with sql.cursor() as cursor:
             cursor.execute(
                 "WITH j AS (UPDATE jobs_job SET progress_percent = %s, progress_message = %s, updated_at = now()"
                 " WHERE id = %s AND state = 'running' AND lease_owner = %s RETURNING id, queue, cancel_requested_at)"
                 + events.ctes(when="cancel_requested_at IS NULL")
                 + " SELECT j.cancel_requested_at, (SELECT count(*) FROM n) FROM j",
-                [percent, message, str(self.job_id), self.worker,
-                 "job.progress", json.dumps({"percent": percent, "message": message}), "job.progress"],
+                [
+                    percent,
+                    message,
+                    str(self.job_id),
+                    self.worker,
+                    "job.progress",
+                    json.dumps({"percent": percent, "message": message}),
+                    "job.progress",
+                ],
             )
             row = cursor.fetchone()
         if row is None:
@@ -96,8 +112,48 @@ class Context:
             raise Cancelled("cancelled by an operator")
 
 
+class _Delivery:
+    """The broker row a worker is running, when Django-Q2 said so (its
+    `pre_execute` signal carries the task, which holds the row's `ack_id`).
+
+    The runner then settles the row in a statement it makes anyway: the
+    finishing transition deletes it, and a lane claim re-arms it as the job's
+    watchdog. It takes `ack_id` off the task once that statement has run, so
+    Django-Q2's monitor has no acknowledgement to make. Without a task (a
+    direct call, a test) the monitor-less paths work as before."""
+
+    _current = threading.local()
+
+    def __init__(self, task: dict | None) -> None:
+        self.task = task
+
+    @classmethod
+    def take(cls, job_id: str) -> _Delivery:
+        task = getattr(cls._current, "task", None)
+        cls._current.task = None
+        if task is None or task.get("args") != (job_id,) or not task.get("ack_id"):
+            return cls(None)
+        return cls(task)
+
+    @property
+    def ack_id(self) -> int | None:
+        return self.task.get("ack_id") if self.task is not None else None
+
+    def settled(self) -> None:
+        if self.task is not None:
+            self.task.pop("ack_id", None)
+
+
+def _note_delivery(sender, func=None, task=None, **kwargs) -> None:
+    _Delivery._current.task = task if func is run_job else None
+
+
+pre_execute.connect(_note_delivery, dispatch_uid="conveyor-runner-delivery")
+
+
 def run_job(job_id: str) -> None:
     """Entry point of every broker row (see the module docstring)."""
+    delivery = _Delivery.take(job_id)
     try:
         UUID(str(job_id))
     except ValueError:
@@ -105,17 +161,19 @@ def run_job(job_id: str) -> None:
         return
     relax_commit_durability()
     worker = _worker_id()
-    job = _claim(job_id, worker)
+    job = _claim(job_id, worker, delivery=delivery.ack_id)
     if job is None:
         _look_after_unclaimed(job_id)
         return
     handler = get_handler(job.kind)
     if handler is not None and handler.is_async:
+        if job.watchdog_id is not None and job.watchdog_id == delivery.ack_id:
+            delivery.settled()  # re-armed as the watchdog
         get_lane().submit(job, handler, worker, watchdog_id=job.watchdog_id)
         return
     ctx = Context(job, worker)
-    heartbeat = _Heartbeat(job.id, worker, ctx.lease_lost)
-    heartbeat.start()
+    _leases.hold(job.id, worker, ctx.lease_lost)
+    ack = delivery.ack_id
     with job_log_context(job):
         try:
             if handler is None:
@@ -123,28 +181,30 @@ def run_job(job_id: str) -> None:
             payload = handler.schema.model_validate(job.payload)
             result = _storable(handler.func(ctx, payload))
         except Cancelled:
-            _handler_done(heartbeat)
-            _finish_cancelled(job, worker)
+            _handler_done(job.id)
+            _finish_cancelled(job, worker, ack=ack)
         except LeaseLost:
-            _handler_done(heartbeat)
+            _handler_done(job.id)
             log.warning("job %s: lease lost while running; another delivery owns it now", job.id)
+            return
         except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
-            _handler_done(heartbeat)
-            _finish_failed(job, worker, exc)
+            _handler_done(job.id)
+            _finish_failed(job, worker, exc, ack=ack)
         else:
-            _handler_done(heartbeat)
-            _finish_succeeded(job, worker, result)
+            _handler_done(job.id)
+            _finish_succeeded(job, worker, result, ack=ack)
+    delivery.settled()
 
 
 class _UnknownKind(Exception):
     pass
 
 
-def _handler_done(heartbeat: _Heartbeat) -> None:
+def _handler_done(job_id: UUID) -> None:
     """Stop renewing the lease, and replace the worker's connection if the
     handler's last query found it broken (Postgres restarted mid-job): the
     outcome is recorded on a fresh one instead of failing the delivery too."""
-    heartbeat.stop()
+    _leases.release(job_id)
     broker.replace_broken_connection()
 
 
@@ -158,14 +218,14 @@ def _storable(result: Any) -> Any:
     return result
 
 
-def _claim(job_id: str, worker: str) -> Job | None:
+def _claim(job_id: str, worker: str, *, delivery: int | None = None) -> Job | None:
     return transition(
         job_id,
         target=State.RUNNING,
         where=Sql("run_after IS NULL OR run_after <= now()"),
         event="job.started",
         attempt=OPEN_ATTEMPT,
-        watchdog=_lane_watchdog(job_id),
+        watchdog=_lane_watchdog(job_id, delivery),
         attempts=Sql("attempts + 1"),
         lease_owner=worker,
         lease_expires_at=Sql("now() + make_interval(secs => %s)", lease_seconds()),
@@ -174,14 +234,23 @@ def _claim(job_id: str, worker: str) -> Job | None:
     )
 
 
-def _lane_watchdog(job_id: str) -> Sql | None:
-    """For async kinds, the claim also inserts the broker row that looks at the
-    job again when its lease would end: the lane acknowledges the delivery at
-    hand-off, so this row is what notices a lane process that died. (The key is
-    the job's queue: `broker.cluster_for_queue` is the identity.)"""
+def _lane_watchdog(job_id: str, delivery: int | None) -> Sql | None:
+    """For async kinds, the claim also arms the broker row that looks at the
+    job again when its lease would end: the worker is done with the delivery at
+    hand-off, so this row is what notices a lane process that died. The
+    delivery's own row is re-armed when the runner knows it; otherwise a row
+    is inserted. (The key is the job's queue: `broker.cluster_for_queue` is
+    the identity.)"""
     kinds = async_kinds()
     if not kinds:
         return None
+    if delivery is not None:
+        return Sql(
+            "UPDATE django_q_ormq SET lock = j.lease_expires_at + interval '1 second'"
+            f" FROM j WHERE django_q_ormq.id = %s AND j.kind IN ({_quoted(tuple(kinds))})"
+            " RETURNING django_q_ormq.id",
+            delivery,
+        )
     return Sql(
         "INSERT INTO django_q_ormq (key, payload, lock, priority)"
         f" SELECT queue, %s, lease_expires_at + interval '1 second', 0 FROM j WHERE kind IN ({_quoted(tuple(kinds))})"
@@ -231,7 +300,9 @@ def rescue_job(job_id: UUID | str) -> bool:
             delay = retries.backoff_delay(job.attempts, base=job.backoff_base, maximum=job.backoff_max)
             _to_retrying(job, owner_where=expired, delay=delay, error=("WorkerLost", message, ""), attempt=lost)
         else:
-            transition(job.id, target=State.DEAD, where=expired, attempt=lost, **_ended(), **_error("WorkerLost", message, ""))
+            transition(
+                job.id, target=State.DEAD, where=expired, attempt=lost, **_ended(), **_error("WorkerLost", message, "")
+            )
     log.warning("job %s: rescued after its lease expired (%s)", job_id, message)
     return True
 
@@ -259,13 +330,14 @@ def _error(error_type: str, message: str, tb: str) -> dict[str, Any]:
     return {"error_type": error_type[:200], "error_message": message, "error_traceback": tb}
 
 
-def _finish_succeeded(job: Job, worker: str, result: Any, *, output: str | None = None) -> None:
+def _finish_succeeded(job: Job, worker: str, result: Any, *, output: str | None = None, ack: int | None = None) -> None:
     done = transition(
         job.id,
         target=State.SUCCEEDED,
         source=frozenset({State.RUNNING}),
         where=_mine(worker),
         attempt=close_attempt(Attempt.Outcome.SUCCEEDED, output=output or None),
+        ack=ack,
         result=result,
         progress_percent=100,
         **_ended(),
@@ -275,17 +347,18 @@ def _finish_succeeded(job: Job, worker: str, result: Any, *, output: str | None 
         log.warning("job %s: finished, but it was no longer ours (lease lost); result dropped", job.id)
 
 
-def _finish_cancelled(job: Job, worker: str) -> None:
+def _finish_cancelled(job: Job, worker: str, *, ack: int | None = None) -> None:
     transition(
         job.id,
         target=State.CANCELLED,
         where=_mine(worker),
+        ack=ack,
         attempt=close_attempt(Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled by an operator"),
         **_ended(),
     )
 
 
-def _finish_failed(job: Job, worker: str, exc: Exception, *, output: str | None = None) -> None:
+def _finish_failed(job: Job, worker: str, exc: Exception, *, output: str | None = None, ack: int | None = None) -> None:
     error_type = type(exc).__name__
     message = str(exc) or error_type
     tb = "".join(traceback.format_exception(exc))
@@ -296,15 +369,35 @@ def _finish_failed(job: Job, worker: str, exc: Exception, *, output: str | None 
     if decision.retry:
         with transaction.atomic():
             _to_retrying(
-                job, owner_where=_mine(worker), delay=decision.delay, error=(error_type, message, tb),
-                attempt=failed, refund_attempt=not decision.count_attempt,
+                job,
+                owner_where=_mine(worker),
+                delay=decision.delay,
+                error=(error_type, message, tb),
+                attempt=failed,
+                refund_attempt=not decision.count_attempt,
+                ack=ack,
             )
     else:
-        transition(job.id, target=State.DEAD, where=_mine(worker), attempt=failed, **_ended(), **_error(error_type, message, tb))
+        transition(
+            job.id,
+            target=State.DEAD,
+            where=_mine(worker),
+            attempt=failed,
+            ack=ack,
+            **_ended(),
+            **_error(error_type, message, tb),
+        )
 
 
 def _to_retrying(
-    job: Job, *, owner_where: Sql, delay: float, error: tuple[str, str, str], attempt: Sql, refund_attempt: bool = False
+    job: Job,
+    *,
+    owner_where: Sql,
+    delay: float,
+    error: tuple[str, str, str],
+    attempt: Sql,
+    refund_attempt: bool = False,
+    ack: int | None = None,
 ) -> Job | None:
     """Call inside a transaction: the retry's broker row commits with it."""
     run_after = timezone.now() + timedelta(seconds=delay)
@@ -316,6 +409,7 @@ def _to_retrying(
         target=State.RETRYING,
         where=owner_where,
         attempt=attempt,
+        ack=ack,
         event_data={"run_after": run_after.isoformat(), "delay": round(delay, 3), "error_type": error[0]},
         **fields,
     )
@@ -324,44 +418,81 @@ def _to_retrying(
     return moved
 
 
-class _Heartbeat:
-    """Renews the lease every third of its length on a thread of its own (with
-    its own database connection); sets `lost` when the renewal matches nothing."""
+class _Leases:
+    """Renews the leases of this process's running (sync) jobs on one thread
+    of the process (with its own database connection), each every third of a
+    lease from its start, and sets a job's `lost` event when its renewal
+    matches nothing. One thread for the process's life rather than one per
+    job: starting and joining a thread cost a noop job a seventh of its time."""
 
-    def __init__(self, job_id: UUID, worker: str, lost: threading.Event) -> None:
-        self.job_id = job_id
-        self.worker = worker
-        self.lost = lost
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._held: dict[UUID, tuple[str, threading.Event, float]] = {}
+        self._thread: threading.Thread | None = None
+        self._connected = False  # the thread has renewed since it last closed its connection
+        self._sleeping_until = 0.0
 
-    def start(self) -> None:
-        self._thread.start()
+    def hold(self, job_id: UUID, worker: str, lost: threading.Event) -> None:
+        with self._lock:
+            due = time.monotonic() + lease_seconds() / 3
+            self._held[job_id] = (worker, lost, due)
+            if self._thread is None or not self._thread.is_alive():  # a forked child has no thread yet
+                self._thread = threading.Thread(target=self._run, name="conveyor-leases", daemon=True)
+                self._thread.start()
+            elif due < self._sleeping_until:
+                self._wake.set()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def release(self, job_id: UUID) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
+            if not self._held and self._connected:
+                self._wake.set()  # to give the connection back
 
     def _run(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                due = [(job_id, worker, lost) for job_id, (worker, lost, at) in self._held.items() if at <= now]
+            for job_id, worker, lost in due:
+                self._renew(job_id, worker, lost)
+            with self._lock:
+                self._wake.clear()
+                next_at = min((at for _, _, at in self._held.values()), default=None)
+                idle = next_at is None
+                self._sleeping_until = next_at = time.monotonic() + 60 if idle else next_at
+            if idle and self._connected:
+                # Nothing held: give the connection back until a long job needs one.
+                self._connected = False
+                close_old_connections()
+                connection.close()
+            self._wake.wait(next_at - time.monotonic())
+
+    def _renew(self, job_id: UUID, worker: str, lost: threading.Event) -> None:
         interval = lease_seconds() / 3
+        self._connected = True
         try:
-            while not self._stop.wait(interval):
-                try:
-                    renewed = Job.objects.filter(id=self.job_id, state=State.RUNNING, lease_owner=self.worker).update(
-                        lease_expires_at=Now() + timedelta(seconds=lease_seconds())
-                    )
-                except DatabaseError as exc:
-                    # Postgres restarting: try again on a new connection at the
-                    # next beat. If the outage outlasts the lease, the job is
-                    # rescued and the next renewal matches nothing.
-                    log.warning("job %s: lease renewal failed (%s); retrying", self.job_id, exc)
-                    connection.close()
-                    continue
-                if not renewed:
-                    self.lost.set()
-                    return
-        except Exception:  # noqa: BLE001 - a failed renewal must not kill the worker; the lease decides
-            log.exception("job %s: lease renewal failed", self.job_id)
-        finally:
-            close_old_connections()
+            renewed = Job.objects.filter(id=job_id, state=State.RUNNING, lease_owner=worker).update(
+                lease_expires_at=Now() + timedelta(seconds=lease_seconds())
+            )
+        except DatabaseError as exc:
+            # Postgres restarting: try again on a new connection at the next
+            # beat. If the outage outlasts the lease, the job is rescued and
+            # the next renewal matches nothing.
+            log.warning("job %s: lease renewal failed (%s); retrying", job_id, exc)
             connection.close()
+            renewed = 1
+        except Exception:  # noqa: BLE001 - a failed renewal must not stop the thread; the lease decides
+            log.exception("job %s: lease renewal failed; retrying", job_id)
+            renewed = 1
+        with self._lock:
+            if job_id not in self._held:
+                return  # finished meanwhile
+            if renewed:
+                self._held[job_id] = (worker, lost, time.monotonic() + interval)
+                return
+            del self._held[job_id]
+        lost.set()
+
+
+_leases = _Leases()

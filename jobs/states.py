@@ -17,9 +17,9 @@ import json
 from typing import Any
 from uuid import UUID
 
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 
-from jobs import broker, events, webhooks
+from jobs import broker, events, sql, webhooks
 from jobs.models import Job, State
 
 Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
@@ -57,7 +57,9 @@ OPEN_ATTEMPT = Sql(
 )
 
 
-def close_attempt(outcome: str, *, error_type: str = "", message: str = "", tb: str = "", output: str | None = None) -> Sql:
+def close_attempt(
+    outcome: str, *, error_type: str = "", message: str = "", tb: str = "", output: str | None = None
+) -> Sql:
     """End the job's open attempt; `output` (streamed text) is kept when given."""
     return Sql(
         "UPDATE jobs_attempt SET finished_at = now(), outcome = %s, error_type = %s, error_message = %s,"
@@ -89,6 +91,7 @@ def transition(
     event_data: dict[str, Any] | None = None,
     attempt: Sql | None = None,
     watchdog: Sql | None = None,
+    ack: int | None = None,
     **fields: Any,
 ) -> Job | None:
     """Move a job from any of `source` to `target`, log the event and apply
@@ -121,6 +124,7 @@ def transition(
                     event=event,
                     event_data=event_data,
                     attempt=attempt,
+                    ack=ack,
                     **fields,
                 )
 
@@ -130,6 +134,7 @@ def transition(
 
     sets = ["state = %s", "updated_at = now()"]
     params: list[Any] = [target.value]
+    db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per attribute
     for name, value in fields.items():
         field = Job._meta.get_field(name)
         if isinstance(value, Sql):
@@ -137,7 +142,7 @@ def transition(
             params.extend(value.params)
         else:
             sets.append(f"{field.column} = %s")
-            params.append(field.get_db_prep_save(value, connection))
+            params.append(field.get_db_prep_save(value, db))
     # The states as literals: psycopg builds a list dumper for every array
     # parameter, a tenth of a worker's time per job.
     condition = f"id = %s AND state IN ({_literals(source)})"
@@ -150,19 +155,29 @@ def transition(
         params += quiet.params
 
     event_type = event or f"job.{target.value}"
-    sql = [f"WITH j AS (UPDATE jobs_job SET {', '.join(sets)} WHERE {condition} RETURNING *)"]
+    columns = sql.job_columns()[0]
+    parts = [f"WITH j AS (UPDATE jobs_job SET {', '.join(sets)} WHERE {condition} RETURNING {columns})"]
     if attempt is not None:
-        sql.append(f", a AS ({attempt.expression})")
+        parts.append(f", a AS ({attempt.expression})")
         params += attempt.params
-    if watchdog is not None:  # a broker row inserted with the claim; its id comes back as job.watchdog_id
-        sql.append(f", w AS ({watchdog.expression})")
+    if ack is not None:  # the Django-Q2 delivery being finished: its broker row goes with it
+        parts.append(", d AS (DELETE FROM django_q_ormq WHERE id = %s)")
+        params.append(ack)
+    if watchdog is not None:  # a broker row armed with the claim; its id comes back as job.watchdog_id
+        parts.append(f", w AS ({watchdog.expression})")
         params += watchdog.params
-    sql.append(events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"))
-    sql.append(" SELECT j.*" + (", (SELECT min(id) FROM w) AS watchdog_id" if watchdog is not None else ""))
-    sql.append(" FROM j, (SELECT count(*) FROM n) AS notified")
+    parts.append(events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"))
+    parts.append(f" SELECT {columns}" + (", (SELECT min(id) FROM w)" if watchdog is not None else ""))
+    parts.append(" FROM j, (SELECT count(*) FROM n) AS notified")
     params += [event_type, json.dumps(event_data or {}), event_type]
-    rows = list(Job.objects.raw(" ".join(sql), params))
-    job = rows[0] if rows else None
+    # A prepared statement: the text is the same for every call of one kind
+    # (a claim, a success, ...), only the parameters change.
+    row = sql.fetchone(" ".join(parts), params)
+    job = None
+    if row is not None:
+        job = sql.job_from_row(row)
+        if watchdog is not None:
+            job.watchdog_id = row[-1]
     if quiet is not None:
         return job or in_transaction()
     if job is not None and target in webhooks.EVENT_STATES:

@@ -18,7 +18,7 @@ from django.db import connection
 from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
-from jobs import broker, events, ssrf
+from jobs import broker, events, sql, ssrf
 from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge, UnknownKind
 from jobs.models import Batch, Job, State
 from jobs.registry import get_handler, known_kinds
@@ -209,16 +209,17 @@ def _insert(job: Job) -> Job | None:
     columns = ", ".join(f.column for f in fields)
     values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
     placeholders = ", ".join(["%s"] * len(fields))
-    sql = (
+    returned = sql.job_columns()[0]
+    statement = (
         f"WITH j AS (INSERT INTO jobs_job ({columns}) VALUES ({placeholders})"
-        " ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *)"
+        f" ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING {returned})"
         + events.ctes(data_sql="jsonb_build_object('state', state, 'kind', kind)")
         + broker.ctes()
-        + " SELECT j.*, (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) AS notified FROM j"
+        + f" SELECT {returned}, (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) FROM j"
     )
     params = [*values, "job.created", "job.created", *broker.cte_params(job.id, queue=job.queue, timeout=job.timeout)]
-    rows = list(Job.objects.raw(sql, params))
-    return rows[0] if rows else None
+    row = sql.fetchone(statement, params)
+    return sql.job_from_row(row) if row is not None else None
 
 
 def _unstorable(value: Any, path: str) -> list[dict[str, str]]:

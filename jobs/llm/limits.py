@@ -27,6 +27,7 @@ from uuid import UUID
 
 from django.db import connection
 
+from jobs import sql
 from jobs.errors import RetryableError
 from jobs.llm.providers import Provider
 
@@ -157,7 +158,7 @@ def acquire(
         "hold": provider.total_timeout + HOLD_MARGIN_SECONDS,
     }
     for _ in range(2):
-        with connection.cursor() as cursor:
+        with sql.cursor() as cursor:
             cursor.execute(_ACQUIRE, params)
             slot, spent, used, budget, had_free, tokens, known = cursor.fetchone()
         if slot is not None:
@@ -181,7 +182,7 @@ def release(permit: Permit, *, prompt_tokens: int = 0, completion_tokens: int = 
     """Free the permit's slot and add the call's tokens to its job, the job's batch and
     the owner's daily usage (`account=False`: the call used none worth counting).
     False if the slot was no longer the permit's (it had expired and been taken)."""
-    with connection.cursor() as cursor:
+    with sql.cursor() as cursor:
         cursor.execute(
             _RELEASE,
             {

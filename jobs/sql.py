@@ -1,0 +1,120 @@
+"""Hot-path statements as server-side prepared statements.
+
+Django sends every query as text with its parameters merged in, so Postgres
+parses and plans it each time. The statements a job runs through (submit,
+claim, progress, finish, the broker's claim and acknowledgement, the provider
+slots) are a handful of fixed texts, run thousands of times per connection,
+and planning the claim's five CTEs costs Postgres more than running them.
+`cursor()` binds parameters server-side and prepares each text once per
+connection (psycopg keeps the names, at most `prepared_max` per connection).
+
+It is a Django cursor in every other way: errors become Django's, the
+connection's transaction applies, and queries are logged when Django logs
+them. `CONVEYOR_PREPARED_STATEMENTS=0` falls back to Django's cursor, for a
+transaction-mode pooler (pgbouncer) that cannot keep prepared statements.
+
+Parameters are bound with their Python types, so a text that Postgres must
+read as another type says so in SQL (`%s::jsonb`), as it already must for
+Django's client-side binding wherever the context does not tell.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
+
+if TYPE_CHECKING:
+    from jobs.models import Job
+
+# psycopg prepares nothing while the threshold is None (Django's default, for
+# poolers); a threshold no query reaches prepares only what asks to be.
+_ONLY_WHEN_ASKED = 2**31 - 1
+
+
+class _Prepared(CursorWrapper):
+    def _execute(self, sql, params, *ignored_wrapper_args):
+        self.db.validate_no_broken_transaction()
+        with self.db.wrap_database_errors:
+            return self.cursor.execute(sql, params, prepare=True)
+
+
+class _PreparedDebug(CursorDebugWrapper, _Prepared):
+    pass
+
+
+def cursor() -> CursorWrapper:
+    """A cursor of the current thread's Django connection whose statements
+    are prepared (use as `with sql.cursor() as cursor:`)."""
+    db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per attribute
+    if not (settings.CONVEYOR["PREPARED_STATEMENTS"] and db.vendor == "postgresql"):
+        return db.cursor()
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    with db.wrap_database_errors:
+        db.validate_thread_sharing()
+        raw = db.connection
+        if raw.prepare_threshold is None:
+            raw.prepare_threshold = _ONLY_WHEN_ASKED
+        server = ServerBindingCursor(raw)
+    wrapper = _PreparedDebug if db.queries_logged else _Prepared
+    return wrapper(server, db)
+
+
+def fetchall(statement: str, params: list[Any] | tuple[Any, ...]) -> list[tuple]:
+    with cursor() as c:
+        c.execute(statement, params)
+        return c.fetchall()
+
+
+def fetchone(statement: str, params: list[Any] | tuple[Any, ...]) -> tuple | None:
+    with cursor() as c:
+        c.execute(statement, params)
+        return c.fetchone()
+
+
+def execute(statement: str, params: list[Any] | tuple[Any, ...]) -> int:
+    """Run a statement; the number of rows it touched."""
+    with cursor() as c:
+        c.execute(statement, params)
+        return c.rowcount
+
+
+# --- rows of the jobs table -------------------------------------------------
+
+
+@functools.cache
+def job_columns() -> tuple[str, list[str], list[tuple[int, Any, list[Callable]]]]:
+    """The Job table's columns in model order, the fields' attribute names,
+    and the converters Django's ORM applies to what those columns return
+    (by position, for the fields that have any)."""
+    from jobs.models import Job
+
+    fields = Job._meta.concrete_fields
+    converters = []
+    for position, field in enumerate(fields):
+        col = field.get_col(Job._meta.db_table)
+        found = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+        if found:
+            converters.append((position, col, found))
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    return columns, [field.attname for field in fields], converters
+
+
+def job_from_row(row: tuple) -> Job:
+    """A Job from a row that starts with `job_columns()`, as the ORM builds it."""
+    from jobs.models import Job
+
+    _, names, converters = job_columns()
+    db = connections[DEFAULT_DB_ALIAS]
+    values = list(row[: len(names)])
+    for position, col, found in converters:
+        for convert in found:
+            values[position] = convert(values[position], col, db)
+    return Job.from_db(DEFAULT_DB_ALIAS, names, values)
