@@ -10,7 +10,12 @@ import django  # noqa: E402
 
 django.setup(set_prefix=False)
 
+from config import tcp_writes  # noqa: E402
 from config.handler import ThreadPoolASGIHandler  # noqa: E402
+
+# Daphne's connections send at once instead of on the reactor's next turn
+# (the SSE streams' many small writes; see config/tcp_writes.py).
+tcp_writes.install()
 
 django_asgi_app = ThreadPoolASGIHandler()
 

@@ -179,16 +179,21 @@ class EventStreamConsumer(AsyncHttpConsumer):
         return replayed
 
     async def _send(self, messages: list[sse.Message]) -> None:
-        messages = sse.compact(messages)
+        if len(messages) > 1:
+            messages = sse.compact(messages)
         if not messages:
             return
         # The client resumes from the last id it saw: never let it go back
-        # (live events may arrive slightly out of id order).
+        # (live events may arrive slightly out of id order). Only then is the
+        # message copied; otherwise it goes out as the stream got it, framed
+        # once for every stream that shares it.
         fixed = []
         for message in messages:
             if message.id is not None:
-                self._cursor = max(self._cursor, message.id)
-                message = sse.Message(message.event, message.data, self._cursor, message.mode)
+                if message.id < self._cursor:
+                    message = sse.Message(message.event, message.data, self._cursor, message.mode)
+                else:
+                    self._cursor = message.id
             fixed.append(message)
         await self.send_body(sse.encode(fixed), more_body=True)
 

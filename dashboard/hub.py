@@ -124,7 +124,8 @@ class Subscription:
     """A stream's bounded inbox. Its reader waits on a bare future rather than
     an `asyncio.Queue` inside `asyncio.wait` (a task, a wait set and a timer per
     message): with a thousand streams that machinery was a tenth of Daphne's
-    time per message."""
+    time per message. The keep-alive timeout is one timer per subscription,
+    moved on lazily when it fires early, not a timer per wait."""
 
     def __init__(self, wants: Callable[[Update], bool], maxsize: int, *, job_id: Any = None) -> None:
         self.wants = wants
@@ -133,6 +134,8 @@ class Subscription:
         self.pending: deque[Update] = deque()
         self.dropped = False
         self._waiter: asyncio.Future | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def offer(self, update: Update) -> bool:
         if len(self.pending) >= self.maxsize:
@@ -154,27 +157,40 @@ class Subscription:
             raise SubscriberTooSlow
         if not self.pending:
             loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + timeout
+            if self._timer is None or self._timer.when() > self._deadline:
+                self.close()
+                self._timer = loop.call_at(self._deadline, self._time_out)
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _wake, waiter)
             try:
                 await waiter  # cancelled with the stream itself
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self.pending:
                 return None
         return self.pending.popleft()
+
+    def _time_out(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next get() arms a timer again
+        loop = waiter.get_loop()
+        if self._deadline - loop.time() > 0.001:  # armed for an earlier wait
+            self._timer = loop.call_at(self._deadline, self._time_out)
+        else:
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def drain(self) -> list[Update]:
         """Whatever else is already waiting (to render a burst as one batch)."""
         updates = list(self.pending)
         self.pending.clear()
         return updates
-
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class SharedReads:
@@ -269,6 +285,7 @@ class EventHub:
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
+        subscription.close()
         self.subscriptions.discard(subscription)
         if subscription.job_id is None:
             self._unscoped.discard(subscription)

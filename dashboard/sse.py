@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -19,6 +20,11 @@ class Message:
     mode: str = "replace"
 
     def encode(self) -> bytes:
+        return self._framed
+
+    @cached_property
+    def _framed(self) -> bytes:
+        # Once per message: streams that show the same event share its Message.
         lines = []
         if self.id is not None:
             lines.append(f"id: {self.id}")

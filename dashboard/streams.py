@@ -48,6 +48,14 @@ def fragment(update: Update | None, template: str, context: dict[str, Any], *, k
     return update.memo((template, key), lambda: render_to_string(template, context))
 
 
+def shared(update: Update | None, message: Message) -> Message:
+    """The first message equal to `message` that a stream made of this update:
+    streams that send the same fragment then share one framing of it."""
+    if update is None:
+        return message
+    return update.memo(("message", message), lambda: message)
+
+
 class Stream:
     """Base of every stream. Subclasses say what they want and how to show it."""
 
@@ -198,7 +206,7 @@ class JobsStream(DashboardStream):
             return await super().render_one(update, replaying=replaying)
         messages = []
         if update.job.id in self.ids:
-            messages.append(Message(f"job-{update.job.id}", job_row(update), update.id))
+            messages.append(shared(update, Message(f"job-{update.job.id}", job_row(update), update.id)))
         elif update.type == "job.created" and not replaying:
             self.new_jobs += 1
             html = render_to_string("dashboard/partials/job.html#jobs-new", {"new_jobs": self.new_jobs})
@@ -260,7 +268,7 @@ class JobStream(DashboardStream):
                 key=self.job.updated_at,
             )
             messages.append(Message(f"job-attempts-{self.job_id}", html, update.id))
-        return messages
+        return [shared(update, message) for message in messages]
 
     def _summary(self, update: Update | None, event_id: int, *, only_if_changed: bool = False) -> Message | None:
         job = self.job
@@ -375,7 +383,7 @@ class BatchStream(DashboardStream):
             if update.job is None:
                 messages.extend(self.render_stats(update))
             else:
-                messages.append(Message(f"job-{update.job.id}", job_row(update), update.id))
+                messages.append(shared(update, Message(f"job-{update.job.id}", job_row(update), update.id)))
         jobs = [u for u in updates if u.job is not None]
         if jobs:
             last = jobs[-1]
@@ -399,7 +407,7 @@ async def batch_message(
     progress = await hub.shared.get(("batch", batch_id), version, lambda: queries.one_batch_progress(batch_id))
     html = fragment(update, f"dashboard/partials/batch.html#{partial}", {"progress": progress}, key=batch_id)
     name = f"batch-{batch_id}" if partial == "batch-row" else f"batch-summary-{batch_id}"
-    return Message(name, html, version)
+    return shared(update, Message(name, html, version))
 
 
 # --- the API -------------------------------------------------------------------
@@ -450,9 +458,12 @@ class ApiStream(Stream):
         return 0 if self.job_id is not None else None
 
     async def render_one(self, update: Update, *, replaying: bool) -> list[Message]:
-        # Once per update and queue filter, shared by every API stream of the process.
-        data = update.memo(("api", self.queue), lambda: json.dumps(api_event(update, queue=self.queue)))
-        return [Message(update.type, data, update.id, mode="append")]
+        # Once per update and queue filter, shared (framed bytes and all) by
+        # every API stream of the process.
+        return update.memo(("api", self.queue), lambda: [self._message(update)])
+
+    def _message(self, update: Update) -> Message:
+        return Message(update.type, json.dumps(api_event(update, queue=self.queue)), update.id, mode="append")
 
     async def snapshot(self, cursor: int, *, since: int | None = None) -> list[Message]:
         latest = self.hub.latest_stats

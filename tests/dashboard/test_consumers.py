@@ -475,6 +475,20 @@ async def test_a_subscription_that_overflows_is_dropped():
         await subscription.get(timeout=0.1)
 
 
+async def test_a_subscription_times_out_a_full_timeout_after_each_wait_began():
+    from dashboard.hub import Subscription
+
+    loop = asyncio.get_running_loop()
+    subscription = Subscription(lambda update: True, maxsize=10)
+    loop.call_later(0.15, subscription.offer, "a")
+    assert await subscription.get(timeout=0.3) == "a"
+    began = loop.time()
+    # The timer armed by the first wait fires at 0.3 s; this wait lasts until 0.45 s.
+    assert await subscription.get(timeout=0.3) is None
+    assert loop.time() - began >= 0.29
+    subscription.close()
+
+
 async def test_the_hub_reconnects_and_delivers_what_committed_while_it_was_away(operator):
     cookie = await cookie_for(operator)
     job = await submit()
