@@ -165,7 +165,11 @@ class Attempt(models.Model):
 
 class JobEvent(models.Model):
     id = models.BigAutoField(primary_key=True)
-    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    # No index of its own: jobevent_job_id (job, id) serves every lookup by
+    # job, and every job writes at least three events (one index write each).
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.CASCADE, related_name="events", db_index=False
+    )
     type = models.CharField(max_length=50)
     data = models.JSONField(default=dict)
     created_at = models.DateTimeField(auto_now_add=True)
