@@ -213,7 +213,7 @@ CONVEYOR = {
     # Threads one Daphne process runs Django's views on (config/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
     # The statements of a job's path run as server-side prepared statements
-    # (jobs/sql.py). Turn off behind a transaction-mode pooler (pgbouncer).
+    # (jobs/sql.py); off, they go through Django's cursor.
     "PREPARED_STATEMENTS": env_bool("CONVEYOR_PREPARED_STATEMENTS", True),
 }
 

@@ -10,8 +10,7 @@ connection (psycopg keeps the names, at most `prepared_max` per connection).
 
 It is a Django cursor in every other way: errors become Django's, the
 connection's transaction applies, and queries are logged when Django logs
-them. `CONVEYOR_PREPARED_STATEMENTS=0` falls back to Django's cursor, for a
-transaction-mode pooler (pgbouncer) that cannot keep prepared statements.
+them. `CONVEYOR_PREPARED_STATEMENTS=0` falls back to Django's cursor.
 
 Parameters are bound with their Python types, so a text that Postgres must
 read as another type says so in SQL (`%s::jsonb`), as it already must for
