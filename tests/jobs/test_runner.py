@@ -436,3 +436,74 @@ def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_stranding_the_jo
     assert job.error_type in ("TypeError", "ValueError")
     [attempt] = attempts_of(job)
     assert attempt.outcome == Attempt.Outcome.FAILED
+
+
+# --- settling the delivery (Django-Q2's pre_execute names the broker row) ----
+
+
+def deliver_as_django_q2(job: Job) -> dict:
+    """What a Django-Q2 worker does with the job's broker row: tell pre_execute
+    (which names the row in the task's `ack_id`), then call the function. The
+    task as the monitor would then see it."""
+    from django_q.signals import pre_execute
+
+    row = broker_rows(job)[0]
+    task = {**row.task, "ack_id": row.id}
+    pre_execute.send(sender="django_q", func=task["func"], task=task)
+    task["func"](*task["args"], **task["kwargs"])
+    return task
+
+
+def test_the_finish_deletes_its_delivery_and_leaves_the_monitor_nothing_to_acknowledge(make_job):
+    job = make_job("demo.noop")
+
+    task = deliver_as_django_q2(job)
+
+    job.refresh_from_db()
+    assert job.state == State.SUCCEEDED
+    assert "ack_id" not in task
+    assert broker_rows(job) == []
+
+
+def test_a_failed_attempt_deletes_its_delivery_with_the_retry_and_enqueues_the_next(make_job):
+    job = make_job("demo.fail", {}, max_attempts=3, backoff_base=60)
+    delivered = broker_rows(job)[0].id
+
+    task = deliver_as_django_q2(job)
+
+    job.refresh_from_db()
+    assert job.state == State.RETRYING
+    assert "ack_id" not in task
+    rows = broker_rows(job)
+    assert [row.id for row in rows] != [delivered] and len(rows) == 1
+    assert rows[0].lock >= job.run_after - timedelta(seconds=1)
+
+
+def test_an_async_claim_re_arms_its_delivery_as_the_watchdog(make_job, monkeypatch):
+    submitted = []
+    monkeypatch.setattr(
+        runner, "get_lane", lambda: type("Lane", (), {"submit": lambda self, *a, **k: submitted.append((a, k))})()
+    )
+    job = make_job("demo.async_sleep", {"seconds": 1})
+    delivered = broker_rows(job)[0].id
+
+    task = deliver_as_django_q2(job)
+
+    job.refresh_from_db()
+    assert job.state == State.RUNNING
+    assert "ack_id" not in task
+    (_, options), = submitted
+    assert options["watchdog_id"] == delivered
+    (row,) = broker_rows(job)
+    assert row.id == delivered
+    assert row.lock == job.lease_expires_at + timedelta(seconds=1)
+
+
+def test_a_delivery_that_claims_nothing_is_left_to_the_monitor(make_job):
+    job = make_job("demo.noop")
+    deliver(job)  # without Django-Q2: the job succeeds, its broker row stays
+
+    task = deliver_as_django_q2(job)  # the same row again: a duplicate
+
+    assert "ack_id" in task  # the monitor acknowledges it, as Django-Q2 always did
+    assert len(broker_rows(job)) == 1

@@ -1,0 +1,66 @@
+"""jobs/sql.py: the job path's statements run as server-side prepared statements."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.db import connection
+
+from jobs import runner, sql
+from jobs.models import Job, State
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def test_a_job_s_claim_and_finish_are_prepared_on_the_worker_connection(make_job):
+    job = make_job("demo.noop")
+    with sql.cursor() as cursor:
+        assert not isinstance(cursor.cursor, psycopg.ClientCursor)  # parameters bound server-side
+
+    runner.run_job(str(job.id))
+
+    assert Job.objects.get(id=job.id).state == State.SUCCEEDED
+    texts = prepared_statements()
+    assert any("UPDATE jobs_job SET state = $1" in text and "'queued'" in text for text in texts), texts
+    assert any("UPDATE jobs_job SET state = $1" in text and "('running')" in text for text in texts), texts
+
+
+def test_the_rows_come_back_as_the_orm_builds_them(make_job):
+    job = make_job("demo.async_sleep", {"seconds": 0.5})
+
+    with sql.cursor() as cursor:
+        cursor.execute(f"SELECT {sql.job_columns()[0]} FROM jobs_job WHERE id = %s", [str(job.id)])
+        built = sql.job_from_row(cursor.fetchone())
+
+    loaded = Job.objects.get(id=job.id)
+    for field in Job._meta.concrete_fields:
+        assert getattr(built, field.attname) == getattr(loaded, field.attname), field.name
+    assert built._state.adding is False and built._state.db == "default"
+
+
+def test_switched_off_the_statements_go_through_django_s_cursor(make_job, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "PREPARED_STATEMENTS": False}
+    job = make_job("demo.noop")
+
+    with sql.cursor() as cursor:
+        assert isinstance(cursor.cursor, psycopg.ClientCursor)  # parameters merged into the text
+    runner.run_job(str(job.id))
+
+    assert Job.objects.get(id=job.id).state == State.SUCCEEDED
+
+
+def test_a_failing_statement_raises_django_s_error_and_leaves_the_connection_usable():
+    from django.db import IntegrityError
+
+    with pytest.raises(IntegrityError), sql.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO jobs_jobevent (job_id, type, data, created_at) VALUES (%s, 'x', '{}', now())",
+            ["00000000-0000-0000-0000-000000000000"],
+        )
+    assert sql.fetchone("SELECT %s::int + 1", [1]) == (2,)
