@@ -20,10 +20,9 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from jobs import broker, events
+from jobs import broker, events, submission
 from jobs.errors import ConveyorError, IdempotencyKeyReused, InvalidJob
 from jobs.models import ACTIVE_STATES, Batch, BatchIdempotencyKey, Job, State
-from jobs.submission import prepare_job
 
 MAX_JOBS = 10_000
 # A batch with thousands of bad rows is usually one mistake repeated: the
@@ -124,7 +123,7 @@ def submit_batch(
     if errors:
         raise InvalidBatch(errors[:MAX_ERRORS])
 
-    fingerprint = _fingerprint(name, callback_url, prepared)
+    fingerprint = _fingerprint(name, callback_url, prepared) if idempotency_key is not None else ""
     try:
         with transaction.atomic():
             batch = Batch.objects.create(
@@ -247,11 +246,11 @@ def _prepare(item: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise InvalidJob([{"field": name, "message": "is not a job field"} for name in unknown])
     options = {k: v for k, v in item.items() if k not in ("kind", "payload")}
-    return prepare_job(item.get("kind"), item.get("payload"), **options)
+    return submission.prepare_job(item.get("kind"), item.get("payload"), **options)
 
 
 def _fingerprint(name: str, callback_url: str, prepared: list[dict[str, Any]]) -> str:
-    asked = {"name": name, "callback_url": callback_url, "jobs": [f["request_fingerprint"] for f in prepared]}
+    asked = {"name": name, "callback_url": callback_url, "jobs": [submission.fingerprint(f) for f in prepared]}
     return hashlib.sha256(json.dumps(asked, separators=(",", ":")).encode()).hexdigest()
 
 

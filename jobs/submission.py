@@ -29,6 +29,9 @@ MAX_RUN_AFTER = timedelta(days=366)
 # JSON nested deeper than this is refused: Python's json, pydantic and
 # Postgres would each fail on much deeper input with errors of their own.
 MAX_PAYLOAD_DEPTH = 64
+# What json.dumps(…, sort_keys=True, separators=(",", ":")) uses, made once:
+# json.dumps builds a new encoder on every call with options.
+_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,14 @@ def submit_job(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
     )
-    job = _insert(Job(owner=owner, batch=batch, **fields))
+    asked = fingerprint(fields)
+    job = _insert(Job(owner=owner, batch=batch, request_fingerprint=asked, **fields))
     if job is not None:
         return Submitted(job, created=True)
     # The idempotency key was taken: by this request before (a replay) or by
     # a different one. The unique index decided, not a check-then-insert.
     existing = Job.objects.get(owner=owner, idempotency_key=idempotency_key)
-    if existing.request_fingerprint != fields["request_fingerprint"]:
+    if existing.request_fingerprint != asked:
         raise IdempotencyKeyReused(existing.id)
     return Submitted(existing, created=False)
 
@@ -93,7 +97,10 @@ def prepare_job(
     idempotency_key: str | None = None,
     callback_url: str = "",
 ) -> dict[str, Any]:
-    """Validate a submission and return the Job fields it makes (no database writes)."""
+    """Validate a submission and return the Job fields it makes (no database
+    writes), all but `request_fingerprint`: only a caller with an idempotency
+    key needs it (`fingerprint(fields)`), and a 10,000-job batch spent a
+    tenth of its time on digests nothing read."""
     handler = get_handler(kind) if isinstance(kind, str) else None
     if handler is None:
         raise UnknownKind(
@@ -171,7 +178,7 @@ def prepare_job(
         raise InvalidJob(errors)
 
     scheduled = run_after is not None and run_after > now
-    fields = {
+    return {
         "kind": kind,
         "queue": queue,
         "payload": normalized,
@@ -185,8 +192,6 @@ def prepare_job(
         "idempotency_key": idempotency_key,
         "callback_url": callback_url,
     }
-    fields["request_fingerprint"] = fingerprint(fields)
-    return fields
 
 
 def fingerprint(fields: dict[str, Any]) -> str:
@@ -196,7 +201,7 @@ def fingerprint(fields: dict[str, Any]) -> str:
         for k in ("kind", "queue", "payload", "priority", "max_attempts", "backoff_base", "backoff_max", "callback_url")
     }
     asked["run_after"] = fields["run_after"].isoformat() if fields["run_after"] else None
-    return hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(_FINGERPRINT_JSON.encode(asked).encode()).hexdigest()
 
 
 def _insert(job: Job) -> Job | None:
