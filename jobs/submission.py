@@ -29,9 +29,10 @@ MAX_RUN_AFTER = timedelta(days=366)
 # JSON nested deeper than this is refused: Python's json, pydantic and
 # Postgres would each fail on much deeper input with errors of their own.
 MAX_PAYLOAD_DEPTH = 64
-# What json.dumps(…, sort_keys=True, separators=(",", ":")) uses, made once:
-# json.dumps builds a new encoder on every call with options.
+# The encoders json.dumps(…) would build on every call with these options,
+# made once: a 10,000-job batch calls them 10,000 times.
 _FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_SIZE_JSON = json.JSONEncoder(ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def prepare_job(
     unstorable = _unstorable(payload, "payload")
     if unstorable:
         raise InvalidJob(unstorable)
-    size = len(json.dumps(payload, ensure_ascii=False).encode())
+    size = len(_SIZE_JSON.encode(payload).encode())
     limit = settings.CONVEYOR["MAX_PAYLOAD_BYTES"]
     if size > limit:
         raise PayloadTooLarge(
@@ -145,12 +146,15 @@ def prepare_job(
     if _is_number(backoff_base) and _is_number(backoff_max) and backoff_base > backoff_max:
         errors.append({"field": "backoff_max", "message": "must not be below backoff_base"})
 
-    now = timezone.now()
+    scheduled = False
     if run_after is not None:
+        now = timezone.now()
         if not isinstance(run_after, datetime) or timezone.is_naive(run_after):
             errors.append({"field": "run_after", "message": "must be a date-time with a time zone (ISO 8601)"})
         elif run_after > now + MAX_RUN_AFTER:
             errors.append({"field": "run_after", "message": "must be within a year from now"})
+        else:
+            scheduled = run_after > now
     if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 255):
         errors.append({"field": "idempotency_key", "message": "must be 1-255 characters"})
     elif idempotency_key is not None:
@@ -177,7 +181,6 @@ def prepare_job(
     if errors:
         raise InvalidJob(errors)
 
-    scheduled = run_after is not None and run_after > now
     return {
         "kind": kind,
         "queue": queue,
