@@ -264,8 +264,12 @@ def update_batch(request: HttpRequest, batch_id: UUID, body: BatchPatch):
 def usage(request: HttpRequest):
     """Tokens used by what this API key submitted: in all, and per day for the last 30 days."""
     used = services.owner_usage(request.auth.owner)
-    return {"owner": used.owner, **_tokens(used.total), "requests": used.total.requests,
-            "days": [{"day": day, "requests": u.requests, **_tokens(u)} for day, u in used.days]}
+    return {
+        "owner": used.owner,
+        **_tokens(used.total),
+        "requests": used.total.requests,
+        "days": [{"day": day, "requests": u.requests, **_tokens(u)} for day, u in used.days],
+    }
 
 
 # --- problem types -------------------------------------------------------
