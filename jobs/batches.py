@@ -262,10 +262,10 @@ def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> 
     fills the columns every job shares from one record of the model's
     defaults, so a field added to Job is written here too.
 
-    Signing the broker tasks is a third of a batch's Python time and needs
-    only the job ids, so a thread does it while the jobs statement runs:
-    Postgres inserts and Python signs on two cores at once (the waiting
-    query releases the GIL).
+    Signing the broker tasks is the largest share of a batch's Python time
+    (broker.task_package, about 45 µs a job) and needs only the job ids, so a
+    thread does it while the jobs statement runs: Postgres inserts and Python
+    signs on two cores at once (the waiting query releases the GIL).
     """
     now = timezone.now()
     common = {f.attname: f.get_default() for f in Job._meta.concrete_fields}
