@@ -272,9 +272,11 @@ def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> 
     common.update(owner=owner, batch_id=batch.id, created_at=now, updated_at=now)
     for job in prepared:
         job["id"] = str(uuid.uuid4())
+    rows = [_json(common), _json(prepared), "job.created", "job.created"]
+    # Started after the json.dumps, which would otherwise share the GIL with it.
     with ThreadPoolExecutor(max_workers=1) as signer, connection.cursor() as cursor:
         tasks = signer.submit(_sign_all, prepared)
-        cursor.execute(_INSERT_JOBS, [_json(common), _json(prepared), "job.created", "job.created"])
+        cursor.execute(_INSERT_JOBS, rows)
         _enqueue_all(cursor, prepared, tasks.result())
 
 
