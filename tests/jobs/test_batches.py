@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import timedelta
 
 import pytest
@@ -10,7 +11,7 @@ from django.forms.models import model_to_dict
 from django.utils import timezone
 from django_q.signing import SignedPackage
 
-from jobs.batches import submit_batch
+from jobs.batches import InvalidBatch, gc_paused, submit_batch
 from jobs.models import Job, JobEvent
 from jobs.submission import submit_job
 
@@ -81,3 +82,22 @@ def _options(item: dict) -> dict:
 
 def _fields(job: Job) -> dict:
     return {k: v for k, v in model_to_dict(job).items() if k not in OWN}
+
+
+def test_the_garbage_collector_is_paused_for_a_batch_and_restored_after():
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(InvalidBatch):
+        submit_batch("bad", [{"kind": "nope", "payload": {}}])
+    assert gc.isenabled()
+
+
+def test_a_collector_turned_off_elsewhere_stays_off():
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
