@@ -34,7 +34,7 @@ class Simulator:
         LOGS.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-e", f"tcp:port={self.port}:interface=127.0.0.1:backlog=1024",
-             "jobs.llm.simulated:asgi_app"],
+             "config.simulator_asgi:application"],
             cwd=ROOT, stdout=open(LOGS / "simulator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_for(self._listening, timeout=30, interval=0.1)

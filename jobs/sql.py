@@ -43,7 +43,11 @@ class _Prepared(CursorWrapper):
 
 
 class _PreparedDebug(CursorDebugWrapper, _Prepared):
-    pass
+    def execute(self, sql, params=None):
+        # Logged as written: Django's last_executed_query() reads the text a
+        # client-side cursor composed, and a prepared statement has none.
+        with self.debug_sql(sql, params):
+            return super(CursorDebugWrapper, self).execute(sql, params)
 
 
 def cursor() -> CursorWrapper:

@@ -64,3 +64,15 @@ def test_a_failing_statement_raises_django_s_error_and_leaves_the_connection_usa
             ["00000000-0000-0000-0000-000000000000"],
         )
     assert sql.fetchone("SELECT %s::int + 1", [1]) == (2,)
+
+
+def test_prepared_statements_are_logged_like_django_s(make_job):
+    from django.test.utils import CaptureQueriesContext
+
+    job = make_job("demo.noop")
+    with CaptureQueriesContext(connection) as queries:
+        runner.run_job(str(job.id))
+
+    texts = [query["sql"] for query in queries.captured_queries]
+    assert all(texts), texts
+    assert sum("UPDATE jobs_job SET state = %s" in text for text in texts) == 2, texts
