@@ -12,11 +12,11 @@ Everything that makes a job safe stays the same:
 - leases are renewed for all in-flight jobs in one UPDATE per interval; a job
   whose renewal matches nothing (cancelled, or rescued after a stall) has its
   task cancelled;
-- the broker row is acknowledged at hand-off, so the lane arms a watchdog row
-  at the lease's end instead (the runner's usual "look again" delivery): if
+- the worker is done with the delivery at hand-off, so a broker row is armed
+  for the lease's end instead (the runner's usual "look again" delivery): if
   the process dies, that delivery finds the lease expired and rescues the job.
-  The claim itself inserts that row (no extra round trip); rows of finished
-  jobs are deleted in one statement per 250 ms;
+  The claim itself arms it, re-arming the delivery's own row (no extra round
+  trip); rows of finished jobs are deleted in one statement per 250 ms;
 - progress reports are coalesced: the latest report of each job is written
   every 250 ms in one statement, so streaming output does not make the
   database the bottleneck;
