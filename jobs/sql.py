@@ -70,23 +70,10 @@ def cursor() -> CursorWrapper:
     return wrapper(server, db)
 
 
-def fetchall(statement: str, params: list[Any] | tuple[Any, ...]) -> list[tuple]:
-    with cursor() as c:
-        c.execute(statement, params)
-        return c.fetchall()
-
-
 def fetchone(statement: str, params: list[Any] | tuple[Any, ...]) -> tuple | None:
     with cursor() as c:
         c.execute(statement, params)
         return c.fetchone()
-
-
-def execute(statement: str, params: list[Any] | tuple[Any, ...]) -> int:
-    """Run a statement; the number of rows it touched."""
-    with cursor() as c:
-        c.execute(statement, params)
-        return c.rowcount
 
 
 # --- rows of the jobs table -------------------------------------------------

@@ -213,17 +213,16 @@ def _insert(job: Job) -> Job | None:
 
     Returns None when the job's idempotency key is already taken.
     """
-    fields = [f for f in Job._meta.concrete_fields]
-    columns = ", ".join(f.column for f in fields)
+    fields = Job._meta.concrete_fields
+    columns = sql.job_columns()[0]  # the same fields, in the same order
     values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
     placeholders = ", ".join(["%s"] * len(fields))
-    returned = sql.job_columns()[0]
     statement = (
         f"WITH j AS (INSERT INTO jobs_job ({columns}) VALUES ({placeholders})"
-        f" ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING {returned})"
+        f" ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING {columns})"
         + events.ctes(data_sql="jsonb_build_object('state', state, 'kind', kind)")
         + broker.ctes()
-        + f" SELECT {returned}, (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) FROM j"
+        + f" SELECT {columns}, (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) FROM j"
     )
     params = [*values, "job.created", "job.created", *broker.cte_params(job.id, queue=job.queue, timeout=job.timeout)]
     row = sql.fetchone(statement, params)
