@@ -32,6 +32,7 @@ import httpx
 
 from jobs.errors import PermanentError, RetryableError
 from jobs.llm.providers import Provider
+from jobs.llm.transport import Transport
 
 DEFAULT_RETRY_AFTER = 1.0
 # A provider's error body can be a whole HTML page; keep what fits in a job's error.
@@ -132,8 +133,13 @@ class _Pool:
         count = math.ceil(provider.max_concurrency / _CONNECTIONS_PER_CLIENT)
         size = math.ceil(provider.max_concurrency / count)
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=30)
+        # A plain-http provider (the simulated one, a local vLLM or Ollama) never
+        # speaks TLS: it skips loading the CA bundle, a fifth of a second of CPU.
+        ssl_context = _ssl_context() if provider.base_url.startswith("https://") else None
         self.clients = [
-            httpx.AsyncClient(limits=limits, verify=_ssl_context(), headers={"User-Agent": "conveyor"})
+            httpx.AsyncClient(
+                transport=Transport(ssl_context=ssl_context, limits=limits), headers={"User-Agent": "conveyor"}
+            )
             for _ in range(count)
         ]
         self.busy = [0] * count
