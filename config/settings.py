@@ -210,6 +210,9 @@ CONVEYOR = {
     "DEFAULT_QUEUE": "default",
     # Async (I/O-bound) jobs one worker process runs at once (jobs/lane.py).
     "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 100, minimum=1),
+    # At most this many more ready async jobs a delivery claims for its lane's
+    # free places, in one statement (jobs/runner.py `_fill_lane`); 0: none.
+    "LANE_FILL": env_int("CONVEYOR_LANE_FILL", 32, minimum=0),
     # Threads one Daphne process runs Django's views on (config/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
     # The statements of a job's path run as server-side prepared statements

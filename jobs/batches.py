@@ -313,9 +313,9 @@ def _enqueue_all(cursor: CursorWrapper, prepared: list[dict[str, Any]], tasks: l
     wake-up per broker key (Postgres folds equal notifications anyway)."""
     now = timezone.now()
     keys = {queue: broker.cluster_for_queue(queue) for queue in {job["queue"] for job in prepared}}
-    with cursor.copy("COPY django_q_ormq (key, payload, lock, priority) FROM STDIN") as copy:
+    with cursor.copy("COPY django_q_ormq (key, payload, lock, priority, job_id) FROM STDIN") as copy:
         for job, task in zip(prepared, tasks, strict=True):
-            copy.write_row([keys[job["queue"]], task, max(job["run_after"] or now, now), job["priority"]])
+            copy.write_row([keys[job["queue"]], task, max(job["run_after"] or now, now), job["priority"], job["id"]])
     cursor.execute(
         "SELECT pg_notify(%s, key) FROM unnest(%s::text[]) AS key", [broker.CHANNEL, sorted(set(keys.values()))]
     )

@@ -7,7 +7,8 @@ Django connection, so they commit (or roll back) with the job change that
 caused them.
 
 Rows live in Django-Q2's own table (`django_q_ormq`, so its admin and
-`qinfo`/`qmonitor` keep working) with one added column, `priority`. A row is
+`qinfo`/`qmonitor` keep working) with two added columns: `priority`, and
+`job_id`, the job the task names (for the lane's direct claims). A row is
 invisible until its `lock` time: that is both the visibility timeout of a
 delivered row and the earliest-run time of a retry or a scheduled job.
 """
@@ -43,7 +44,7 @@ CHANNEL = "conveyor_broker"
 # commit, so a worker never wakes for a row it cannot see yet.
 _INSERT = f"""
 WITH r AS (
-    INSERT INTO django_q_ormq (key, payload, lock, priority) VALUES (%s, %s, %s, %s) RETURNING id
+    INSERT INTO django_q_ormq (key, payload, lock, priority, job_id) VALUES (%s, %s, %s, %s, %s) RETURNING id
 )
 SELECT id, pg_notify('{CHANNEL}', %s) FROM r
 """
@@ -85,7 +86,17 @@ def enqueue(job_id: UUID | str, *, queue: str, timeout: int, run_at: datetime | 
     at `run_at` (now when None). Call inside the transaction of the job change."""
     now = timezone.now()
     key = cluster_for_queue(queue)
-    return sql.fetchone(_INSERT, [key, task_package(job_id, timeout), max(run_at or now, now), priority, key])[0]
+    return sql.fetchone(
+        _INSERT, [key, task_package(job_id, timeout), max(run_at or now, now), priority, _job_column(job_id), key]
+    )[0]
+
+
+def _job_column(job_id: UUID | str) -> str | None:
+    # The runner ignores a task naming a malformed id; the row can name no job.
+    try:
+        return str(UUID(str(job_id)))
+    except ValueError:
+        return None
 
 
 def ctes() -> str:
@@ -93,8 +104,8 @@ def ctes() -> str:
     earlier CTE named `j` returned, to splice into a `WITH j AS (...)`
     statement. Parameters: `cte_params(...)`."""
     return (
-        ", b AS (INSERT INTO django_q_ormq (key, payload, lock, priority)"
-        " SELECT %s, %s, greatest(coalesce(j.run_after, now()), now()), j.priority FROM j RETURNING id)"
+        ", b AS (INSERT INTO django_q_ormq (key, payload, lock, priority, job_id)"
+        " SELECT %s, %s, greatest(coalesce(j.run_after, now()), now()), j.priority, j.id FROM j RETURNING id)"
         f", bn AS (SELECT pg_notify('{CHANNEL}', %s) FROM b)"
     )
 

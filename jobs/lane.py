@@ -8,7 +8,10 @@ hand-off blocks while the lane is full, so a busy process stops taking
 deliveries and its cluster's other workers (or other hosts) get them.
 
 Everything that makes a job safe stays the same:
-- the claim, the attempt row and every finishing transition are the runner's;
+- the claim, the attempt row and every finishing transition are the runner's.
+  A delivery that hands a job over also claims, in one statement, more ready
+  jobs of async kinds for the lane's free places (`runner._fill_lane`), so a
+  backlog fills the lane at once rather than one Django-Q2 delivery at a time;
 - leases are renewed for all in-flight jobs in one UPDATE per interval; a job
   whose renewal matches nothing (cancelled, or rescued after a stall) has its
   task cancelled;
@@ -116,11 +119,25 @@ class Lane:
         # Runs when the worker process exits (Django-Q2 recycles or stops it).
         mp_util.Finalize(self, self.drain, exitpriority=100)
 
-    def submit(self, job, handler, worker: str, *, watchdog_id: int | None = None) -> None:
-        """Run a claimed job in the lane; blocks while the lane is full.
-        `watchdog_id`: the broker row the claim armed (see runner._lane_watchdog)."""
-        self.slots.acquire()
+    def submit(self, job, handler, worker: str, *, watchdog_id: int | None = None, reserved: bool = False) -> None:
+        """Run a claimed job in the lane; blocks while the lane is full (unless
+        its place was `reserve`d). `watchdog_id`: the broker row the claim armed
+        (see runner._lane_watchdog)."""
+        if not reserved:
+            self.slots.acquire()
         self.loop.call_soon_threadsafe(self._start_task, job, handler, worker, watchdog_id)
+
+    def reserve(self, most: int) -> int:
+        """Take up to `most` free places without waiting; returns how many.
+        Each is then used by a `submit(..., reserved=True)` or given back."""
+        taken = 0
+        while taken < most and self.slots.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def unreserve(self, count: int) -> None:
+        for _ in range(count):
+            self.slots.release()
 
     def drain(self, timeout: float = 60.0) -> None:
         """Wait for in-flight jobs (used at process exit)."""

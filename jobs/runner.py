@@ -42,7 +42,7 @@ from jobs.errors import Cancelled, LeaseLost
 from jobs.lane import get_lane
 from jobs.models import Attempt, Job, State
 from jobs.registry import async_kinds, get_handler
-from jobs.states import OPEN_ATTEMPT, Sql, close_attempt, transition
+from jobs.states import ALLOWED, OPEN_ATTEMPT, Sql, close_attempt, state_literals, transition
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ def run_job(job_id: str) -> None:
     if handler is not None and handler.is_async:
         if job.watchdog_id is not None and job.watchdog_id == delivery.ack_id:
             delivery.settled()  # re-armed as the watchdog
-        get_lane().submit(job, handler, worker, watchdog_id=job.watchdog_id)
+        lane = get_lane()
+        lane.submit(job, handler, worker, watchdog_id=job.watchdog_id)
+        _fill_lane(lane, job.queue, worker)
         return
     ctx = Context(job, worker)
     _leases.hold(job.id, worker, ctx.lease_lost)
@@ -252,11 +254,66 @@ def _lane_watchdog(job_id: str, delivery: int | None) -> Sql | None:
             delivery,
         )
     return Sql(
-        "INSERT INTO django_q_ormq (key, payload, lock, priority)"
-        f" SELECT queue, %s, lease_expires_at + interval '1 second', 0 FROM j WHERE kind IN ({_quoted(tuple(kinds))})"
+        "INSERT INTO django_q_ormq (key, payload, lock, priority, job_id)"
+        f" SELECT queue, %s, lease_expires_at + interval '1 second', 0, id FROM j WHERE kind IN ({_quoted(tuple(kinds))})"
         " RETURNING id",
         broker.task_package(job_id, 60),
     )
+
+
+def _fill_lane(lane, queue: str, worker: str) -> int:
+    """Claim more ready jobs of async kinds in `queue` for the lane's free places
+    (at most CONVEYOR_LANE_FILL), in one statement, and hand them over; returns
+    how many. A backlog of LLM calls then fills the lane at once, instead of
+    one Django-Q2 delivery (pusher, task queue, claim) per job.
+
+    The claim goes through the jobs' broker rows: visible rows of the queue
+    (those not already on their way to a worker), locked SKIP LOCKED as the
+    broker's own claim does, so a row is either delivered or claimed here,
+    never both. Each claimed job's row is re-armed as its watchdog, exactly as
+    a delivery's row is (see `_lane_watchdog`). Rows without a job id (written
+    before the column existed) are left to the broker."""
+    most = settings.CONVEYOR["LANE_FILL"]
+    kinds = async_kinds()
+    room = lane.reserve(most) if most and kinds and not lane.stopping else 0
+    if not room:
+        return 0
+    try:
+        rows = _claim_ready(broker.cluster_for_queue(queue), worker, room, kinds)
+    except DatabaseError as exc:  # nothing was claimed; deliveries carry on as usual
+        log.warning("lane: could not claim ready jobs (%s)", exc)
+        rows = []
+    for row in rows:
+        job = sql.job_from_row(row)
+        lane.submit(job, get_handler(job.kind), worker, watchdog_id=row[-1], reserved=True)
+    lane.unreserve(room - len(rows))
+    return len(rows)
+
+
+def _claim_ready(key: str, worker: str, limit: int, kinds) -> list[tuple]:
+    """The claim of `_claim` for up to `limit` ready jobs at once: the rows of
+    `job_columns()` plus the id of each job's re-armed broker row."""
+    columns = sql.job_columns()[0]
+    qualified = ", ".join(f"jobs_job.{column}" for column in columns.split(", "))
+    ready = state_literals(ALLOWED[State.RUNNING])
+    statement = (
+        "WITH picked AS (SELECT id AS row_id, job_id FROM django_q_ormq"
+        " WHERE key = %s AND lock <= now() AND job_id IS NOT NULL"
+        " ORDER BY priority DESC, lock, id LIMIT %s FOR UPDATE SKIP LOCKED),"
+        " j AS (UPDATE jobs_job SET state = 'running', updated_at = now(), attempts = attempts + 1,"
+        " lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), started_at = now(),"
+        " cancel_requested_at = NULL FROM picked WHERE jobs_job.id = picked.job_id"
+        f" AND jobs_job.state IN ({ready}) AND (jobs_job.run_after IS NULL OR jobs_job.run_after <= now())"
+        f" AND jobs_job.kind IN ({_quoted(tuple(kinds))}) RETURNING {qualified}, picked.row_id),"
+        f" a AS ({OPEN_ATTEMPT.expression}),"
+        " w AS (UPDATE django_q_ormq SET lock = j.lease_expires_at + interval '1 second' FROM j"
+        " WHERE django_q_ormq.id = j.row_id)"
+        + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)")
+        + f" SELECT {columns}, row_id FROM j, (SELECT count(*) FROM n) AS notified"
+    )
+    with sql.cursor() as cursor:
+        cursor.execute(statement, [key, limit, worker, lease_seconds(), "job.started", "job.started"])
+        return cursor.fetchall()
 
 
 @functools.cache

@@ -72,7 +72,7 @@ def close_attempt(
     )
 
 
-def _literals(states: frozenset[State]) -> str:
+def state_literals(states: frozenset[State]) -> str:
     # State values are fixed identifiers ([a-z]+), safe to inline.
     return ", ".join(f"'{state.value}'" for state in sorted(states))
 
@@ -145,7 +145,7 @@ def transition(
             params.append(field.get_db_prep_save(value, db))
     # The states as literals: psycopg builds a list dumper for every array
     # parameter, a tenth of a worker's time per job.
-    condition = f"id = %s AND state IN ({_literals(source)})"
+    condition = f"id = %s AND state IN ({state_literals(source)})"
     params.append(str(job_id))
     if where is not None:
         condition += f" AND ({where.expression})"

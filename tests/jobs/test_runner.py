@@ -479,11 +479,32 @@ def test_a_failed_attempt_deletes_its_delivery_with_the_retry_and_enqueues_the_n
     assert rows[0].lock >= job.run_after - timedelta(seconds=1)
 
 
+class RecordingLane:
+    """A lane that records what it is handed and runs nothing; `room` free places."""
+
+    def __init__(self, room: int = 0) -> None:
+        self.room = room
+        self.stopping = False
+        self.submitted: list[tuple[tuple, dict]] = []
+        self.given_back = 0
+
+    def submit(self, *args, **kwargs) -> None:
+        self.submitted.append((args, kwargs))
+
+    def reserve(self, most: int) -> int:
+        taken = min(most, self.room)
+        self.room -= taken
+        return taken
+
+    def unreserve(self, count: int) -> None:
+        self.room += count
+        self.given_back += count
+
+
 def test_an_async_claim_re_arms_its_delivery_as_the_watchdog(make_job, monkeypatch):
-    submitted = []
-    monkeypatch.setattr(
-        runner, "get_lane", lambda: type("Lane", (), {"submit": lambda self, *a, **k: submitted.append((a, k))})()
-    )
+    lane = RecordingLane()
+    submitted = lane.submitted
+    monkeypatch.setattr(runner, "get_lane", lambda: lane)
     job = make_job("demo.async_sleep", {"seconds": 1})
     delivered = broker_rows(job)[0].id
 
@@ -507,3 +528,67 @@ def test_a_delivery_that_claims_nothing_is_left_to_the_monitor(make_job):
 
     assert "ack_id" in task  # the monitor acknowledges it, as Django-Q2 always did
     assert len(broker_rows(job)) == 1
+
+
+# --- the lane fills itself ---------------------------------------------------
+
+
+def test_a_lane_delivery_claims_ready_async_jobs_for_its_free_places(make_job, monkeypatch):
+    lane = RecordingLane(room=10)
+    monkeypatch.setattr(runner, "get_lane", lambda: lane)
+    delivered, *ready = [make_job("demo.async_sleep", {"seconds": 1}) for _ in range(4)]
+    sync = make_job("demo.noop")
+    later = make_job("demo.async_sleep", {"seconds": 1}, run_after=timezone.now() + timedelta(hours=1))
+    other_queue = make_job("demo.async_sleep", {"seconds": 1}, queue="elsewhere")
+
+    deliver_as_django_q2(delivered)
+
+    handed = [(args[0].id, kwargs) for args, kwargs in lane.submitted]
+    assert [job_id for job_id, _ in handed] == [delivered.id, *[job.id for job in ready]]
+    assert all(kwargs["reserved"] for _, kwargs in handed[1:])
+    assert lane.given_back == 10 - len(ready)
+    for job, (_, kwargs) in zip(ready, handed[1:], strict=True):
+        job.refresh_from_db()
+        assert job.state == State.RUNNING
+        assert job.attempts == 1
+        assert job.lease_owner == runner._worker_id()
+        assert [(a.number, a.outcome) for a in attempts_of(job)] == [(1, "")]
+        assert event_types(job) == ["job.created", "job.started"]
+        # The job's own broker row is now its watchdog, as a delivery's is.
+        (row,) = broker_rows(job)
+        assert kwargs["watchdog_id"] == row.id
+        assert row.lock == job.lease_expires_at + timedelta(seconds=1)
+    for job, state in ((sync, State.QUEUED), (later, State.SCHEDULED), (other_queue, State.QUEUED)):
+        job.refresh_from_db()
+        assert job.state == state
+        assert job.attempts == 0
+
+
+def test_the_lane_claims_no_more_than_its_free_places_in_priority_order(make_job, monkeypatch):
+    lane = RecordingLane(room=2)
+    monkeypatch.setattr(runner, "get_lane", lambda: lane)
+    delivered = make_job("demo.async_sleep", {"seconds": 1}, priority=9)
+    low, high, middle = (make_job("demo.async_sleep", {"seconds": 1}, priority=p) for p in (0, 5, 3))
+
+    deliver_as_django_q2(delivered)
+
+    assert [args[0].id for args, _ in lane.submitted] == [delivered.id, high.id, middle.id]
+    low.refresh_from_db()
+    assert low.state == State.QUEUED
+    assert lane.room == 0
+
+
+def test_a_row_already_on_its_way_to_a_worker_is_left_to_its_delivery(make_job, monkeypatch):
+    lane = RecordingLane(room=5)
+    monkeypatch.setattr(runner, "get_lane", lambda: lane)
+    delivered, in_flight = make_job("demo.async_sleep", {"seconds": 1}), make_job("demo.async_sleep", {"seconds": 1})
+    # What the broker's claim does to a row it hands out: invisible until its visibility timeout.
+    OrmQ.objects.filter(id=broker_rows(in_flight)[0].id).update(lock=timezone.now() + timedelta(minutes=5))
+
+    deliver_as_django_q2(delivered)
+
+    assert [args[0].id for args, _ in lane.submitted] == [delivered.id]
+    in_flight.refresh_from_db()
+    assert in_flight.state == State.QUEUED
+    assert lane.given_back == 5
+

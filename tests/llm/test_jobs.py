@@ -45,6 +45,14 @@ def configure(daphne: str, monkeypatch) -> Iterator[Callable[..., None]]:
     lane.db.submit(lambda: connection.close()).result(timeout=10)
 
 
+@pytest.fixture
+def one_at_a_time(settings) -> None:
+    """Each delivery claims only its own job (no lane filling): the budget is
+    spent by one call before the next starts. Calls that start together all
+    pass the budget check, whether in one lane or on many workers."""
+    settings.CONVEYOR = {**settings.CONVEYOR, "LANE_FILL": 0}
+
+
 def run(job: Job) -> Job:
     """Deliver the job once (as a broker row would) and wait until its attempt ends."""
     runner.run_job(str(job.id))
@@ -73,7 +81,7 @@ def test_a_job_counts_its_tokens_on_itself_its_batch_and_its_owner(configure):
     assert services.owner_usage("apikey:42").total.total_tokens == batch.tokens_used
 
 
-def test_a_spent_budget_parks_the_batchs_jobs_until_an_operator_raises_it(configure):
+def test_a_spent_budget_parks_the_batchs_jobs_until_an_operator_raises_it(configure, one_at_a_time):
     configure({"name": "sim"})
     batch = services.submit_batch("budgeted", [generate() for _ in range(3)], token_budget=5).batch
     first, second, third = batch.jobs.order_by("created_at")
@@ -111,7 +119,7 @@ def test_a_spent_budget_parks_the_batchs_jobs_until_an_operator_raises_it(config
     assert services.waiting_on_budget(batch.id) == 0
 
 
-def test_a_budget_can_be_removed(configure):
+def test_a_budget_can_be_removed(configure, one_at_a_time):
     configure({"name": "sim"})
     batch = services.submit_batch("capped", [generate(), generate()], token_budget=1).batch
     first, second = batch.jobs.order_by("created_at")
@@ -222,3 +230,22 @@ def test_a_failed_call_gives_its_slot_back(configure):
     job = services.submit_job("llm.generate", {"prompt": "x"}, max_attempts=1).job
     assert run(job).state == "dead"
     assert not ProviderSlot.objects.filter(provider="sim", job_id__isnull=False).exists()
+
+
+def test_one_delivery_fills_the_lane_with_the_queues_ready_jobs(configure):
+    configure({"name": "sim"})
+    jobs = list(services.submit_batch("filled", [generate() for _ in range(3)]).batch.jobs.order_by("created_at"))
+    runner.run_job(str(jobs[0].id))  # one delivery; the other two are claimed with it
+
+    ids = [job.id for job in jobs]
+    wait_until(lambda: Job.objects.filter(id__in=ids, state="succeeded").count() == 3, timeout=60)
+    for job in Job.objects.filter(id__in=ids):
+        assert [(a.number, a.outcome) for a in job.attempt_set.all()] == [(1, "succeeded")]
+        assert job.completion_tokens > 0
+    # The claimed jobs' own broker rows served as their watchdogs and went when they finished.
+    def rows_left() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM django_q_ormq WHERE job_id = ANY(%s)", [ids[1:]])
+            return cursor.fetchone()[0]
+
+    wait_until(lambda: rows_left() == 0, timeout=10, message="the watchdog rows to go")
