@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from bench.harness import Cluster, Table, median_of, percentile, reset, wait_for
+from bench.harness import Cluster, Table, analyze, median_of, percentile, reset, wait_for
 
 RUNS = int(__import__("os").environ.get("BENCH_RUNS", "3"))
 
@@ -48,6 +48,7 @@ def _drain(broker: str, n: int, *, clusters: int = 1, workers: int = 2) -> float
     reset()
     for _ in range(n):
         submit_job("demo.noop", {})
+    analyze()
     started = time.perf_counter()
     with Cluster(broker, workers=workers, count=clusters):
         wait_for(lambda: Job.objects.filter(state="succeeded").count() == n, timeout=600, interval=0.1)

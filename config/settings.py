@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded_db
-from config.env import env_bool, env_int, env_list, env_str
+from config.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("CONVEYOR_DATA_DIR") or BASE_DIR / ".data")
@@ -32,7 +33,6 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "t
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -48,6 +48,12 @@ INSTALLED_APPS = [
     "jobs",
     "dashboard",
 ]
+# Daphne's app only makes `runserver` serve ASGI. Loading it installs Twisted's
+# reactor, 0.4 s of the start of every other command and of every worker
+# cluster; Daphne itself (`daphne config.asgi:application`, `manage.py up`)
+# does not need it.
+if "runserver" in sys.argv[1:2]:
+    INSTALLED_APPS.insert(0, "daphne")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -213,6 +219,9 @@ CONVEYOR = {
     # At most this many more ready async jobs a delivery claims for its lane's
     # free places, in one statement (jobs/runner.py `_fill_lane`); 0: none.
     "LANE_FILL": env_int("CONVEYOR_LANE_FILL", 32, minimum=0),
+    # After its job, a Django-Q2 delivery runs more ready jobs of sync kinds
+    # for up to this many seconds (jobs/runner.py `_run_chain`); 0: none.
+    "CHAIN_SECONDS": env_float("CONVEYOR_CHAIN_SECONDS", 0.5, minimum=0),
     # Threads one Daphne process runs Django's views on (config/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
     # The statements of a job's path run as server-side prepared statements

@@ -25,17 +25,21 @@ FROM e
 """
 
 
-def ctes(*, data_sql: str = "%s::jsonb", when: str = "true") -> str:
+def ctes(*, data_sql: str = "%s::jsonb", when: str = "true", source: str = "j", prefix: str = "") -> str:
     """SQL that appends the event (and its notification) for the job row(s) an
-    earlier CTE named `j` returned, to splice into a `WITH j AS (...)` statement.
+    earlier CTE named `source` returned, to splice into a `WITH j AS (...)`
+    statement. Its CTEs are `{prefix}e` and `{prefix}n`; the statement must
+    reference `{prefix}n` (its pg_notify calls only run when read).
 
     Parameters, in order: the event type, those of `data_sql`, the event type.
     """
+    e, n, j = f"{prefix}e", f"{prefix}n", source
     return (
-        ", e AS (INSERT INTO jobs_jobevent (job_id, type, data, created_at)"
-        f" SELECT id, %s, {data_sql}, now() FROM j WHERE {when} RETURNING id, job_id)"
-        f", n AS (SELECT pg_notify('{CHANNEL}', json_build_object("
-        "'id', e.id, 'job', e.job_id::text, 'type', %s::text, 'queue', j.queue)::text) FROM e JOIN j ON j.id = e.job_id)"
+        f", {e} AS (INSERT INTO jobs_jobevent (job_id, type, data, created_at)"
+        f" SELECT id, %s, {data_sql}, now() FROM {j} WHERE {when} RETURNING id, job_id)"
+        f", {n} AS (SELECT pg_notify('{CHANNEL}', json_build_object("
+        f"'id', {e}.id, 'job', {e}.job_id::text, 'type', %s::text, 'queue', {j}.queue)::text)"
+        f" FROM {e} JOIN {j} ON {j}.id = {e}.job_id)"
     )
 
 

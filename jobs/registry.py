@@ -70,5 +70,10 @@ def async_kinds() -> list[str]:
     return [kind for kind, h in sorted(_registry.items()) if h.is_async]
 
 
+def sync_kinds() -> list[str]:
+    """Kinds whose handlers run on the worker's own thread."""
+    return [kind for kind, h in sorted(_registry.items()) if not h.is_async]
+
+
 def all_handlers() -> list[Handler]:
     return [_registry[k] for k in known_kinds()]

@@ -16,7 +16,7 @@ from django.utils import timezone
 from django_q.models import OrmQ
 
 from jobs import registry, runner, services
-from jobs.models import Attempt, Job, JobEvent, State
+from jobs.models import Attempt, Job, JobEvent, State, WebhookDelivery
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -448,6 +448,8 @@ def deliver_as_django_q2(job: Job) -> dict:
     from django_q.signals import pre_execute
 
     row = broker_rows(job)[0]
+    # The broker's claim: the row is invisible for its visibility timeout.
+    OrmQ.objects.filter(id=row.id).update(lock=timezone.now() + timedelta(seconds=60))
     task = {**row.task, "ack_id": row.id}
     pre_execute.send(sender="django_q", func=task["func"], task=task)
     task["func"](*task["args"], **task["kwargs"])
@@ -592,3 +594,124 @@ def test_a_row_already_on_its_way_to_a_worker_is_left_to_its_delivery(make_job, 
     assert in_flight.state == State.QUEUED
     assert lane.given_back == 5
 
+
+
+# --- a delivery runs more ready jobs (the chain) --------------------------------
+
+
+def visible_rows(job: Job) -> list[OrmQ]:
+    return [row for row in broker_rows(job) if row.lock <= timezone.now()]
+
+
+def test_a_delivery_runs_the_queues_next_ready_jobs_after_its_own(make_job):
+    jobs = [make_job("demo.noop") for _ in range(4)]
+    other_queue = make_job("demo.noop", queue="elsewhere")
+
+    deliver_as_django_q2(jobs[0])
+
+    for job in jobs:
+        job.refresh_from_db()
+        assert job.state == State.SUCCEEDED
+        assert [(a.number, a.outcome) for a in attempts_of(job)] == [(1, "succeeded")]
+        assert event_types(job) == ["job.created", "job.started", "job.succeeded"]
+        assert job.result == {}
+        assert broker_rows(job) == []  # each finish took its row with it
+    other_queue.refresh_from_db()
+    assert other_queue.state == State.QUEUED
+
+
+def test_without_a_time_budget_a_delivery_runs_only_its_own_job(make_job, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 0}
+    first, second = make_job("demo.noop"), make_job("demo.noop")
+
+    deliver_as_django_q2(first)
+
+    second.refresh_from_db()
+    assert second.state == State.QUEUED
+    assert len(visible_rows(second)) == 1
+
+
+def test_the_chain_stops_when_its_time_is_up_and_leaves_the_rest_to_the_broker(make_job, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 0.3}
+    jobs = [make_job("demo.noop")] + [make_job("demo.sleep", {"seconds": 0.2}) for _ in range(6)]
+    Job.objects.filter(kind="demo.sleep").update(timeout=60)  # chainable after a 60 s job
+
+    deliver_as_django_q2(jobs[0])
+
+    states = [Job.objects.get(id=job.id).state for job in jobs]
+    ran = states.count(State.SUCCEEDED)
+    assert 2 <= ran < len(jobs)
+    assert states == [State.SUCCEEDED] * ran + [State.QUEUED] * (len(jobs) - ran)
+    for job in jobs[ran:]:
+        assert len(visible_rows(job)) == 1 and attempts_of(job) == []
+
+
+def test_a_job_whose_timeout_outlasts_the_delivery_is_left_to_its_own_delivery(make_job):
+    first, long = make_job("demo.noop"), make_job("demo.sleep", {"seconds": 0})  # timeouts 60 and 3700
+
+    deliver_as_django_q2(first)
+
+    long.refresh_from_db()
+    assert long.state == State.QUEUED
+    assert len(visible_rows(long)) == 1
+
+
+def test_a_chained_job_runs_under_its_own_timeout(make_job):
+    """Its timeout ends the Django-Q2 task as a delivered job's does: the worker
+    process is replaced and the job, still running under its lease, is rescued
+    once the lease expires."""
+    from django_q.exceptions import TimeoutException
+
+    first, slow = make_job("demo.noop"), make_job("demo.sleep", {"seconds": 5})
+    Job.objects.filter(id=slow.id).update(timeout=1)
+    started = timezone.now()
+
+    with pytest.raises(TimeoutException):
+        deliver_as_django_q2(first)
+
+    assert timezone.now() - started < timedelta(seconds=3)
+    first.refresh_from_db()
+    slow.refresh_from_db()
+    assert first.state == State.SUCCEEDED
+    assert (slow.state, slow.lease_owner) == (State.RUNNING, runner._worker_id())
+    assert [(a.number, a.outcome) for a in attempts_of(slow)] == [(1, "")]
+    runner._leases.release(slow.id)
+
+
+def test_a_chained_failure_is_retried_as_after_any_delivery(make_job):
+    first, failing = make_job("demo.noop"), make_job("demo.fail", {"message": "boom"})
+
+    deliver_as_django_q2(first)
+
+    failing.refresh_from_db()
+    assert failing.state == State.RETRYING
+    assert failing.error_message == "boom"
+    (row,) = broker_rows(failing)  # the retry's row; the claimed one went with the attempt
+    assert row.lock > timezone.now()
+    assert [(a.number, a.outcome) for a in attempts_of(failing)] == [(1, "failed")]
+
+
+def test_a_chained_success_that_asks_for_a_webhook_gets_its_message(make_job):
+    first = make_job("demo.noop")
+    hooked = make_job("demo.noop", callback_url="https://client.example.com/cb")
+
+    deliver_as_django_q2(first)
+
+    hooked.refresh_from_db()
+    assert hooked.state == State.SUCCEEDED
+    assert event_types(hooked) == ["job.created", "job.started", "job.succeeded"]
+    assert broker_rows(hooked) == []
+    (delivery,) = WebhookDelivery.objects.filter(job=hooked)
+    assert (delivery.url, delivery.event_type) == ("https://client.example.com/cb", "job.succeeded")
+    assert delivery.deliver_job.kind == "webhook.deliver"
+
+
+def test_a_job_running_elsewhere_is_not_chained(make_job):
+    first, taken = make_job("demo.noop"), make_job("demo.noop")
+    runner._claim(str(taken.id), "elsewhere:1")  # another worker holds it; its row is still visible
+
+    deliver_as_django_q2(first)
+
+    taken.refresh_from_db()
+    assert (taken.state, taken.lease_owner) == (State.RUNNING, "elsewhere:1")
+    assert len(attempts_of(taken)) == 1
