@@ -113,6 +113,9 @@ class Cluster:
                 "LOG_LEVEL": "WARNING",
                 # Production settings: DEBUG=1 makes Django record every query.
                 "DEBUG": "0",
+                # The stock side is Django-Q2's delivery, one job per task: no
+                # claims around it through the broker rows (lane fills, chains).
+                **({"CONVEYOR_CHAIN_SECONDS": "0", "CONVEYOR_LANE_FILL": "0"} if broker == "orm" else {}),
                 **env,
             }
             log = open(LOGS / f"qcluster-{broker}-{i}.log", "wb")  # noqa: SIM115
