@@ -331,6 +331,14 @@ def _claim(job_id: str, worker: str, *, delivery: int | None = None) -> Job | No
     )
 
 
+# What a claim does to a job's broker row: an async job's is re-armed as its
+# watchdog, due a second after the lease would end (see `_lane_watchdog`); a
+# chained job makes it invisible for the broker's visibility timeout, as the
+# broker's claim does, and deletes it when it finishes.
+_AS_WATCHDOG = "j.lease_expires_at + interval '1 second'"
+_VISIBLE_AGAIN = "now() + make_interval(secs => %s)"
+
+
 def _lane_watchdog(job_id: str, delivery: int | None) -> Sql | None:
     """For async kinds, the claim also arms the broker row that looks at the
     job again when its lease would end: the worker is done with the delivery at
@@ -343,14 +351,14 @@ def _lane_watchdog(job_id: str, delivery: int | None) -> Sql | None:
         return None
     if delivery is not None:
         return Sql(
-            "UPDATE django_q_ormq SET lock = j.lease_expires_at + interval '1 second'"
+            f"UPDATE django_q_ormq SET lock = {_AS_WATCHDOG}"
             f" FROM j WHERE django_q_ormq.id = %s AND j.kind IN ({_quoted(tuple(kinds))})"
             " RETURNING django_q_ormq.id",
             delivery,
         )
     return Sql(
         "INSERT INTO django_q_ormq (key, payload, lock, priority, job_id)"
-        f" SELECT queue, %s, lease_expires_at + interval '1 second', 0, id FROM j WHERE kind IN ({_quoted(tuple(kinds))})"
+        f" SELECT queue, %s, {_AS_WATCHDOG}, 0, id FROM j WHERE kind IN ({_quoted(tuple(kinds))})"
         " RETURNING id",
         broker.task_package(job_id, 60),
     )
@@ -385,12 +393,6 @@ def _fill_lane(lane, queue: str, worker: str) -> int:
     return len(rows)
 
 
-# What a claim through a broker row does to the row: the lane's jobs re-arm it
-# as their watchdog (see `_lane_watchdog`); a chained job makes it invisible
-# for the broker's visibility timeout, as the broker's claim does, and deletes
-# it when it finishes.
-_AS_WATCHDOG = "j.lease_expires_at + interval '1 second'"
-_VISIBLE_AGAIN = "now() + make_interval(secs => %s)"
 
 
 def _claim_ready(
@@ -411,7 +413,8 @@ def _claim_ready(
     job's success as `_finish_succeeded` would, if it is still this worker's
     and asks for no webhook message (the second value says whether it was)."""
     columns = sql.job_columns()[0]
-    qualified = ", ".join(f"jobs_job.{column}" for column in columns.split(", "))
+    names = columns.split(", ")
+    qualified = ", ".join(f"jobs_job.{column}" for column in names)
     ready = state_literals(ALLOWED[State.RUNNING])
     parts, params = ["WITH "], []
     if finish is not None:
@@ -439,7 +442,7 @@ def _claim_ready(
         + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)")
     )
     params += ["job.started", "job.started"]
-    claimed = ", ".join(f"j.{column}" for column in columns.split(", "))
+    claimed = ", ".join(f"j.{column}" for column in names)
     if finish is None:
         parts.append(f" SELECT {claimed}, j.row_id FROM j, (SELECT count(*) FROM n) AS notified")
     else:
