@@ -222,6 +222,10 @@ CONVEYOR = {
     # After its job, a Django-Q2 delivery runs more ready jobs of sync kinds
     # for up to this many seconds (jobs/runner.py `_run_chain`); 0: none.
     "CHAIN_SECONDS": env_float("CONVEYOR_CHAIN_SECONDS", 0.5, minimum=0),
+    # At most this many ready jobs a chain claims in one statement, while its
+    # jobs run fast enough that a claim's jobs are all done within about 20 ms
+    # (jobs/runner.py `_Chain`); 1: one at a time.
+    "CHAIN_BATCH": env_int("CONVEYOR_CHAIN_BATCH", 32, minimum=1),
     # Threads one Daphne process runs Django's views on (config/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
     # The statements of a job's path run as server-side prepared statements

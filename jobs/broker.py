@@ -52,12 +52,16 @@ SELECT id, pg_notify('{CHANNEL}', %s) FROM r
 # Claim a batch: visible rows of this cluster's queue, best priority first,
 # then in the order they became visible. SKIP LOCKED lets competing clusters
 # take disjoint batches instead of queueing on each other's row locks.
+# The limit is written into the text, not bound: a prepared statement's
+# generic plan assumes a parameter LIMIT returns 100 rows and joins the
+# claimed rows back to the table by a sequential scan; planning a custom plan
+# instead, every time, cost more than running the claim.
 _CLAIM = """
 WITH picked AS (
     SELECT id, priority, lock FROM django_q_ormq
     WHERE key = %s AND lock <= now()
     ORDER BY priority DESC, lock, id
-    LIMIT %s
+    LIMIT {limit}
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE django_q_ormq o SET lock = now() + make_interval(secs => %s)
@@ -216,7 +220,7 @@ class PostgresBroker(Broker):
         self._wake.clear()
         try:
             relax_commit_durability()
-            rows = self._run(_CLAIM, [self.list_key, Conf.BULK, Conf.RETRY])
+            rows = self._run(_CLAIM.format(limit=int(Conf.BULK)), [self.list_key, Conf.RETRY])
         except DatabaseError as exc:
             # Postgres restarting: Django-Q2's pusher would log, sleep 10 s and
             # die on an exception; returning nothing keeps it polling instead.

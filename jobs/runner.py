@@ -17,6 +17,7 @@ so a delivery only means "look at this job":
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -27,12 +28,13 @@ import socket
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, connection, connections, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 from django_q.conf import Conf
@@ -167,6 +169,7 @@ def run_job(job_id: str) -> None:
     started = time.monotonic()
     worker = _worker_id()
     job = _claim(job_id, worker, delivery=delivery.ack_id)
+    claimed = time.monotonic()
     if job is None:
         _look_after_unclaimed(job_id)
         return
@@ -178,12 +181,15 @@ def run_job(job_id: str) -> None:
         lane.submit(job, handler, worker, watchdog_id=job.watchdog_id)
         _fill_lane(lane, job.queue, worker)
         return
+    began = time.monotonic() - claimed
     outcome, value = _execute(job, handler, worker)
     if outcome == "lost":
         _record(job, worker, outcome, value, ack=None)
         return  # the monitor acknowledges the delivery
     if delivery.task is not None and threading.current_thread() is threading.main_thread():
-        _run_chain(job, worker, started, outcome, value, ack=delivery.ack_id)  # a Django-Q2 worker, under its alarm
+        # A Django-Q2 worker, under its alarm.
+        took = time.monotonic() - claimed
+        _run_chain(job, worker, started, outcome, value, ack=delivery.ack_id, began=began, took=took)
     else:
         _record(job, worker, outcome, value, ack=delivery.ack_id)
     delivery.settled()
@@ -222,59 +228,235 @@ def _record(job: Job, worker: str, outcome: str, value: Any, *, ack: int | None)
             log.warning("job %s: lease lost while running; another delivery owns it now", job.id)
 
 
-def _run_chain(delivered: Job, worker: str, started: float, outcome: str, value: Any, *, ack: int | None) -> int:
+@dataclass
+class _Ran:
+    """A job a chain ran whose success is not recorded yet: `began` and `took`
+    are the seconds from the moment its claim's answer arrived to its
+    handler's start and end."""
+
+    job: Job
+    row: int
+    value: Any
+    began: float
+    took: float
+
+
+def _run_chain(
+    delivered: Job, worker: str, started: float, outcome: str, value: Any, *, ack: int | None, began: float, took: float
+) -> int:
     """Record the delivered job's outcome, then run more ready jobs of the
-    queue's sync kinds on this delivery for at most CONVEYOR_CHAIN_SECONDS:
-    each success is recorded by the statement that claims the next job,
-    straight through its broker row. A job then costs one statement instead
-    of two plus a trip through Django-Q2 (the pusher's claim, its task queue,
-    the worker's hand-off, the monitor). Returns how many more jobs ran.
+    queue's sync kinds on this delivery for about CONVEYOR_CHAIN_SECONDS,
+    claimed straight through their broker rows; returns how many more ran.
 
-    The row is claimed as the broker's claim would (visible, SKIP LOCKED,
-    priority then FIFO) and gets the broker's visibility timeout, so if this
-    process dies, the row is delivered again and finds the lease expired, as
-    for any delivery. Django-Q2 limits this task's time to the delivered job's
-    timeout (its alarm, and its guard a few seconds later), so a job is only
-    chained if its own timeout ends within that, and it runs under an alarm of
-    its own timeout. A success that asks for a webhook message, and every
-    other outcome, is recorded by the usual transition."""
-    seconds = settings.CONVEYOR["CHAIN_SECONDS"]
-    kinds = sync_kinds()
-    key = broker.cluster_for_queue(delivered.queue)
-    deadline = started + seconds
+    1. Claim a batch of ready jobs (one statement, at most CONVEYOR_CHAIN_BATCH),
+       in the statement that records the previous batch's successes.
+    2. Run its jobs one after another. A failure, a cancellation, and a success
+       that asks for a webhook message are recorded at once by the usual
+       transition; other successes wait for step 1's next statement.
+    3. Size the next batch from how long these jobs took: twice as many at
+       most, and no more than fit in about 20 ms (`_BATCH_WINDOW`). A chain of
+       slow jobs claims them one at a time.
 
-    def record_and_claim(job: Job, outcome: str, value: Any, row: int | None) -> list[tuple]:
-        # Django-Q2's guard stops this process about 3 s after the delivered
-        # job's timeout: a chained job's own timeout must end 2 s before that.
-        now = time.monotonic()
-        left = int(delivered.timeout + 1 - (now - started))
-        claim = 1 if seconds and kinds and now < deadline and left >= 1 else 0
-        quiet = outcome == "succeeded" and row is not None and webhooks.quiet_condition(State.SUCCEEDED) is not None
-        if not quiet:
-            _record(job, worker, outcome, value, ack=row)
-            if not claim:
-                return []
+    A job then costs a fraction of one statement, where a delivery costs two
+    plus a trip through Django-Q2 (the pusher's claim, its task queue, the
+    worker's hand-off, the monitor).
+
+    Rows are claimed as the broker's claim would (visible, SKIP LOCKED,
+    priority then FIFO) and get the broker's visibility timeout, so if this
+    process dies they are delivered again and find their leases expired, as for
+    any delivery. Django-Q2 limits this task's time to the delivered job's
+    timeout (its alarm, and its guard a few seconds later), so a job only
+    starts if its own timeout ends within that, and it runs under an alarm of
+    its own timeout. A job of a batch that has not started CONVEYOR_CHAIN_SECONDS
+    after its claim (behind a slow one, or past the timeout bound) goes back to
+    the queue unstarted (`_Batch`, `_release`)."""
+    chain = _Chain(delivered, worker, started)
+    return chain.run(_Ran(delivered, ack, value, began, took) if ack is not None else None, outcome, value)
+
+
+# A batch's jobs are meant to be done within this many seconds of its claim:
+# the next batch is sized from the last one's run times to fit.
+_BATCH_WINDOW = 0.02
+
+
+class _Chain:
+    def __init__(self, delivered: Job, worker: str, started: float) -> None:
+        self.delivered = delivered
+        self.worker = worker
+        self.started = started
+        self.seconds = settings.CONVEYOR["CHAIN_SECONDS"]
+        self.most = settings.CONVEYOR["CHAIN_BATCH"]
+        self.deadline = started + self.seconds
+        self.kinds = sync_kinds()
+        self.key = broker.cluster_for_queue(delivered.queue)
+        self.quiet = webhooks.quiet_condition(State.SUCCEEDED) is not None
+        # Pending jobs hold leases nobody renews: they must start well within one.
+        self.patience = min(self.seconds, lease_seconds() / 3)
+
+    def run(self, first: _Ran | None, outcome: str, value: Any) -> int:
+        done: list[_Ran] = []
+        if first is not None and outcome == "succeeded" and self.quiet:
+            done.append(first)
+            size = self._next_size(1, first.took - first.began, 1)
+        else:
+            _record(self.delivered, self.worker, outcome, value, ack=first.row if first else None)
+            size = 1
+        ran = 0
+        try:
+            while True:
+                rows = self._record_and_claim(done, size)
+                claimed = time.monotonic()
+                done = []
+                if not rows:
+                    return ran
+                batch = _Batch(rows, self.worker, claimed + self.patience)
+                spent = self._run_batch(batch, claimed, done)
+                ran += len(rows) - len(batch.released)
+                size = self._next_size(size, spent, len(rows) - len(batch.released))
+        except BaseException:
+            # Django-Q2's alarm (or a failed statement) ends the chain: record
+            # what already succeeded rather than leave it to be rescued and rerun.
+            if done:
+                with contextlib.suppress(DatabaseError):
+                    self._record_and_claim(done, 0)
+            raise
+
+    def _run_batch(self, batch: _Batch, claimed: float, done: list[_Ran]) -> float:
+        """Run the batch's jobs; returns the seconds their handlers took."""
+        spent = 0.0
+        _leases.watch(batch)
+        try:
+            for job, row in iter(batch.next, None):
+                if job.timeout > self._left():
+                    batch.put_back(job, row)
+                    break
+                began = time.monotonic() - claimed
+                with _alarm(job.timeout):
+                    outcome, value = _execute(job, get_handler(job.kind), self.worker)
+                took = time.monotonic() - claimed
+                spent += took - began
+                if outcome == "succeeded" and self.quiet:
+                    done.append(_Ran(job, row, value, began, took))
+                else:
+                    _record(job, self.worker, outcome, value, ack=row)
+        finally:
+            _leases.unwatch(batch)
+            batch.release_rest()
+        return spent
+
+    def _left(self) -> int:
+        """Whole seconds left before Django-Q2's guard stops this task, less a
+        margin: it stops the process about 3 s after the delivered job's
+        timeout, and a job's own timeout must end 2 s before that."""
+        return int(self.delivered.timeout + 1 - (time.monotonic() - self.started))
+
+    def _next_size(self, size: int, spent: float, count: int) -> int:
+        if count <= 0:
+            return 1
+        fit = min(2 * size, self.most, int(_BATCH_WINDOW / max(spent / count, 1e-6)))
+        return 1 << (max(fit, 1).bit_length() - 1)  # a power of two: few statement texts to prepare
+
+    def _record_and_claim(self, done: list[_Ran], size: int) -> list[tuple]:
+        """Record `done` and claim up to `size` more jobs in one statement;
+        what that statement could not record (it asks for a webhook message
+        after all, or is no longer ours) goes through the usual transition."""
+        left = self._left()
+        claim = size if self.seconds and self.kinds and time.monotonic() < self.deadline and left >= 1 else 0
+        if not claim and not done:
+            return []
         try:
             rows, finished = _claim_ready(
-                key, worker, claim, kinds or [""], rearm=_VISIBLE_AGAIN, max_timeout=left,
-                finish=(job, value, row) if quiet else None,
+                self.key,
+                self.worker,
+                claim,
+                self.kinds or [""],
+                rearm=_VISIBLE_AGAIN,
+                max_timeout=left,
+                finish=done or None,
             )
         except DatabaseError as exc:  # nothing claimed: the rows are delivered as usual
-            log.warning("could not claim the next job (%s)", exc)
-            rows, finished = [], False
-        if quiet and not finished:  # it asks for a webhook message, or is no longer ours
-            _record(job, worker, outcome, value, ack=row)
+            log.warning("could not claim the next jobs (%s)", exc)
+            rows, finished = [], set()
+        for item in done:
+            if item.job.id not in finished:
+                _record(item.job, self.worker, "succeeded", item.value, ack=item.row)
         return rows
 
-    rows = record_and_claim(delivered, outcome, value, ack)
-    ran = 0
-    while rows:
-        job, row_id = sql.job_from_row(rows[0]), rows[0][-1]
-        with _alarm(job.timeout):
-            outcome, value = _execute(job, get_handler(job.kind), worker)
-        ran += 1
-        rows = record_and_claim(job, outcome, value, row_id)
-    return ran
+
+class _Batch:
+    """The jobs one claim took for this worker, started one after another.
+
+    What has not started by `due` goes back to the queue (`_release`): the
+    main thread checks between two jobs, and the lease thread while a job
+    runs, so a slow job never holds the rest of its batch for longer than
+    that. The lock makes each job either started or given back, never both."""
+
+    def __init__(self, rows: list[tuple], worker: str, due: float) -> None:
+        self.worker = worker
+        self.due = due
+        self.released: list[tuple[Job, int]] = []
+        self._lock = threading.Lock()
+        self._pending = collections.deque((sql.job_from_row(row), row[-1]) for row in rows)
+
+    def next(self) -> tuple[Job, int] | None:
+        with self._lock:
+            if self._pending and time.monotonic() < self.due:
+                return self._pending.popleft()
+            return None
+
+    def put_back(self, job: Job, row: int) -> None:
+        with self._lock:
+            self._pending.appendleft((job, row))
+
+    def release_rest(self) -> None:
+        with self._lock:
+            rest = list(self._pending)
+            self._pending.clear()
+            self.released += rest
+        if rest:
+            _release(rest, self.worker)
+
+
+_RELEASE = (
+    "WITH r AS (UPDATE jobs_job SET state = 'queued', updated_at = now(), attempts = attempts - 1,"
+    " lease_owner = '', lease_expires_at = NULL, started_at = NULL WHERE id = ANY(%s::uuid[])"
+    " AND state = 'running' AND lease_owner = %s AND cancel_requested_at IS NULL RETURNING id, queue, state, attempts),"
+    " ra AS (DELETE FROM jobs_attempt USING r WHERE jobs_attempt.job_id = r.id AND jobs_attempt.finished_at IS NULL),"
+    " rb AS (UPDATE django_q_ormq SET lock = now() FROM r"
+    " WHERE django_q_ormq.id = ANY(%s::bigint[]) AND django_q_ormq.job_id = r.id RETURNING django_q_ormq.key),"
+    f" rn AS (SELECT pg_notify('{broker.CHANNEL}', key) FROM (SELECT DISTINCT key FROM rb) AS k)"
+    + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts, 'reason', 'released')", source="r")
+    + " SELECT (SELECT array_agg(id) FROM r), (SELECT count(*) FROM n), (SELECT count(*) FROM rn)"
+)
+
+
+def _release(jobs: list[tuple[Job, int]], worker: str) -> None:
+    """Give back claimed jobs this worker has not started: each is `queued`
+    again as if it had never been claimed (its attempt count as before, its
+    open attempt row gone), with a `job.queued` event, and its broker row is
+    visible again, with a wake-up for the queue's clusters. A job an operator
+    asked to stop meanwhile is cancelled instead: it never started."""
+    try:
+        relax_commit_durability()
+        ids = [job.id for job, _ in jobs]
+        released = set(
+            sql.fetchone(_RELEASE, [ids, worker, [row for _, row in jobs], "job.queued", "job.queued"])[0] or ()
+        )
+        for job, row in jobs:
+            if job.id not in released:
+                transition(
+                    job.id,
+                    target=State.CANCELLED,
+                    where=Sql("lease_owner = %s AND cancel_requested_at IS NOT NULL", worker),
+                    ack=row,
+                    attempt=close_attempt(
+                        Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled before it started"
+                    ),
+                    **_ended(),
+                )
+    except DatabaseError as exc:
+        # They stay claimed under leases nobody renews: rescued once those expire.
+        log.warning("could not give back %d unstarted jobs (%s)", len(jobs), exc)
 
 
 @contextlib.contextmanager
@@ -393,8 +575,6 @@ def _fill_lane(lane, queue: str, worker: str) -> int:
     return len(rows)
 
 
-
-
 def _claim_ready(
     key: str,
     worker: str,
@@ -403,79 +583,114 @@ def _claim_ready(
     *,
     rearm: str = _AS_WATCHDOG,
     max_timeout: int | None = None,
-    finish: tuple[Job, Any, int] | None = None,
-) -> tuple[list[tuple], bool]:
+    finish: list[_Ran] | None = None,
+) -> tuple[list[tuple], set[UUID]]:
     """The claim of `_claim` for up to `limit` ready jobs of `kinds` through
-    their visible broker rows of `key`: the rows of `job_columns()` plus the
-    id of each job's broker row, set by `rearm`.
+    their visible broker rows of `key`, in the broker's order (priority, then
+    FIFO): the rows of `job_columns()` plus the id of each job's broker row,
+    set by `rearm`.
 
-    `finish` (job, result, its broker row): in the same statement, record the
-    job's success as `_finish_succeeded` would, if it is still this worker's
-    and asks for no webhook message (the second value says whether it was)."""
+    `finish`: in the same statement, record these jobs' successes as
+    `_finish_succeeded` would, those still this worker's that ask for no
+    webhook message (the ids of those it recorded come back second)."""
     columns = sql.job_columns()[0]
     names = columns.split(", ")
     qualified = ", ".join(f"jobs_job.{column}" for column in names)
     ready = state_literals(ALLOWED[State.RUNNING])
     parts, params = ["WITH "], []
-    if finish is not None:
-        finishing, finish_params = _quiet_success(*finish, worker)
+    if finish:
+        finishing, finish_params = _quiet_successes(finish, worker)
         parts.append(finishing + ", ")
         params += finish_params
-    params += [key, limit, worker, lease_seconds()]
+    params += [key, worker, lease_seconds()]
     within = ""
     if max_timeout is not None:
         within = " AND jobs_job.timeout <= %s"
         params.append(max_timeout)
     if rearm == _VISIBLE_AGAIN:
         params.append(Conf.RETRY)
+    # The limit is part of the text (one prepared statement per limit): bound
+    # as a parameter, the generic plan expects 100 rows and joins them back to
+    # jobs_job and django_q_ormq by sequential scans, so Postgres planned a
+    # custom plan each time instead, which took longer than the claim itself.
     parts.append(
-        "picked AS (SELECT id AS row_id, job_id FROM django_q_ormq"
+        "picked AS (SELECT id AS row_id, job_id, lock AS ready_at FROM django_q_ormq"
         " WHERE key = %s AND lock <= now() AND job_id IS NOT NULL"
-        " ORDER BY priority DESC, lock, id LIMIT %s FOR UPDATE SKIP LOCKED),"
+        f" ORDER BY priority DESC, lock, id LIMIT {int(limit)} FOR UPDATE SKIP LOCKED),"
         " j AS (UPDATE jobs_job SET state = 'running', updated_at = now(), attempts = attempts + 1,"
         " lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), started_at = now(),"
         " cancel_requested_at = NULL FROM picked WHERE jobs_job.id = picked.job_id"
         f" AND jobs_job.state IN ({ready}) AND (jobs_job.run_after IS NULL OR jobs_job.run_after <= now())"
-        f" AND jobs_job.kind IN ({_quoted(tuple(kinds))}){within} RETURNING {qualified}, picked.row_id),"
+        f" AND jobs_job.kind IN ({_quoted(tuple(kinds))}){within}"
+        f" RETURNING {qualified}, picked.ready_at, picked.row_id),"
         f" a AS ({OPEN_ATTEMPT.expression}),"
         f" w AS (UPDATE django_q_ormq SET lock = {rearm} FROM j WHERE django_q_ormq.id = j.row_id)"
         + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)")
     )
     params += ["job.started", "job.started"]
     claimed = ", ".join(f"j.{column}" for column in names)
-    if finish is None:
-        parts.append(f" SELECT {claimed}, j.row_id FROM j, (SELECT count(*) FROM n) AS notified")
+    order = " ORDER BY j.priority DESC, j.ready_at, j.row_id"
+    if not finish:
+        parts.append(f" SELECT {claimed}, j.row_id FROM j, (SELECT count(*) FROM n) AS notified{order}")
     else:
-        # One row even when nothing was claimed: it says whether the job finished.
+        # One row even when nothing was claimed: it says which jobs finished.
         parts.append(
-            f" SELECT {claimed}, j.row_id, finished.count FROM (SELECT count(*) FROM f) AS finished"
+            f" SELECT {claimed}, j.row_id, finished.ids FROM (SELECT array_agg(id) AS ids FROM f) AS finished"
             " LEFT JOIN j ON true, (SELECT count(*) FROM n) AS notified, (SELECT count(*) FROM fn) AS f_notified"
+            + order
         )
     with sql.cursor() as cursor:
         cursor.execute("".join(parts), params)
         rows = cursor.fetchall()
-    if finish is None:
-        return rows, False
-    return [row[:-1] for row in rows if row[-2] is not None], bool(rows and rows[0][-1])
+    if not finish:
+        return rows, set()
+    return [row[:-1] for row in rows if row[-2] is not None], set(rows[0][-1] or ()) if rows else set()
 
 
-def _quiet_success(job: Job, result: Any, row_id: int, worker: str) -> tuple[str, list[Any]]:
-    """CTEs (f, fa, fd, fe, fn) that record `job`'s success as
-    `_finish_succeeded` does, and delete its broker row, when the job is still
-    this worker's and needs no webhook message (`webhooks.quiet_condition`)."""
+def _quiet_successes(done: list[_Ran], worker: str) -> tuple[str, list[Any]]:
+    """CTEs (v, f, fa, fd, fe, fn) that record the successes of `done` as
+    `_finish_succeeded` does, and delete their broker rows, for the jobs still
+    this worker's that need no webhook message (`webhooks.quiet_condition`).
+
+    Their times are those the worker measured, counted from the claim's
+    `started_at`: a batch's successes are written together, after its last
+    job, and one statement's now() would give them all the same end. The
+    offsets start when the claim's answer arrived, a little after Postgres
+    took the claim's now(), so the times are that little early, all by the
+    same amount: their order and run times are as measured."""
     quiet = webhooks.quiet_condition(State.SUCCEEDED)
-    stored = Job._meta.get_field("result").get_db_prep_save(result, connection)
+    db = connections[DEFAULT_DB_ALIAS]
+    field = Job._meta.get_field("result")
     statement = (
-        "f AS (UPDATE jobs_job SET state = 'succeeded', updated_at = now(), result = %s, progress_percent = 100,"
-        " finished_at = now(), lease_owner = '', lease_expires_at = NULL, error_type = '', error_message = '',"
-        " error_traceback = '' WHERE id = %s AND state = 'running' AND lease_owner = %s"
-        f" AND ({quiet.expression}) RETURNING id, queue, state, attempts),"
-        " fa AS (UPDATE jobs_attempt SET finished_at = now(), outcome = 'succeeded', error_type = '',"
-        " error_message = '', traceback = '' WHERE job_id = (SELECT id FROM f) AND finished_at IS NULL),"
-        " fd AS (DELETE FROM django_q_ormq WHERE id = %s AND EXISTS (SELECT 1 FROM f))"
+        "v AS (SELECT * FROM unnest(%s::uuid[], %s::jsonb[], %s::float8[], %s::float8[], %s::bigint[])"
+        " AS v(id, result, began, took, row_id)),"
+        " f AS (UPDATE jobs_job SET state = 'succeeded', updated_at = now(), result = v.result, progress_percent = 100,"
+        # Never past now() (a clock that jumped), the measured run time kept.
+        " started_at = greatest(jobs_job.started_at, least(jobs_job.started_at + make_interval(secs => v.took), now())"
+        " - make_interval(secs => v.took - v.began)),"
+        " finished_at = least(jobs_job.started_at + make_interval(secs => v.took), now()),"
+        " lease_owner = '', lease_expires_at = NULL, error_type = '', error_message = '', error_traceback = ''"
+        " FROM v WHERE jobs_job.id = v.id AND jobs_job.state = 'running' AND jobs_job.lease_owner = %s"
+        f" AND ({quiet.expression}) RETURNING jobs_job.id, jobs_job.queue, jobs_job.state, jobs_job.attempts,"
+        " jobs_job.started_at, jobs_job.finished_at, v.row_id),"
+        " fa AS (UPDATE jobs_attempt SET started_at = f.started_at, finished_at = f.finished_at,"
+        " outcome = 'succeeded', error_type = '', error_message = '', traceback = ''"
+        " FROM f WHERE jobs_attempt.job_id = f.id AND jobs_attempt.finished_at IS NULL),"
+        " fd AS (DELETE FROM django_q_ormq USING f WHERE django_q_ormq.id = f.row_id)"
         + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)", source="f", prefix="f")
     )
-    return statement, [stored, str(job.id), worker, *quiet.params, row_id, "job.succeeded", "job.succeeded"]
+    params = [
+        [item.job.id for item in done],
+        [field.get_db_prep_save(item.value, db) for item in done],
+        [item.began for item in done],
+        [item.took for item in done],
+        [item.row for item in done],
+        worker,
+        *quiet.params,
+        "job.succeeded",
+        "job.succeeded",
+    ]
+    return statement, params
 
 
 @functools.cache
@@ -642,25 +857,46 @@ class _Leases:
     of the process (with its own database connection), each every third of a
     lease from its start, and sets a job's `lost` event when its renewal
     matches nothing. One thread for the process's life rather than one per
-    job: starting and joining a thread cost a noop job a seventh of its time."""
+    job: starting and joining a thread cost a noop job a seventh of its time.
+
+    It also watches the chain's current batch (`watch`): if the batch still has
+    unstarted jobs when it is due, the thread gives them back, so a job that
+    runs long does not hold the rest of its batch. It sleeps until that time
+    and is woken only when a batch falls due before it would wake anyway:
+    about once per CONVEYOR_CHAIN_SECONDS while chains run, not once a batch."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._held: dict[UUID, tuple[str, threading.Event, float]] = {}
         self._thread: threading.Thread | None = None
-        self._connected = False  # the thread has renewed since it last closed its connection
+        self._connected = False  # the thread has used its connection since it last closed it
         self._sleeping_until = 0.0
+        self._batch: _Batch | None = None
 
     def hold(self, job_id: UUID, worker: str, lost: threading.Event) -> None:
         with self._lock:
             due = time.monotonic() + lease_seconds() / 3
             self._held[job_id] = (worker, lost, due)
-            if self._thread is None or not self._thread.is_alive():  # a forked child has no thread yet
-                self._thread = threading.Thread(target=self._run, name="conveyor-leases", daemon=True)
-                self._thread.start()
-            elif due < self._sleeping_until:
-                self._wake.set()
+            self._wake_by(due)
+
+    def watch(self, batch: _Batch) -> None:
+        with self._lock:
+            self._batch = batch
+            self._wake_by(batch.due)
+
+    def unwatch(self, batch: _Batch) -> None:
+        with self._lock:
+            if self._batch is batch:
+                self._batch = None
+
+    def _wake_by(self, due: float) -> None:
+        """Call with the lock held: make sure the thread runs by `due`."""
+        if self._thread is None or not self._thread.is_alive():  # a forked child has no thread yet
+            self._thread = threading.Thread(target=self._run, name="conveyor-leases", daemon=True)
+            self._thread.start()
+        elif due < self._sleeping_until:
+            self._wake.set()
 
     def release(self, job_id: UUID) -> None:
         with self._lock:
@@ -675,9 +911,16 @@ class _Leases:
                 due = [(job_id, worker, lost) for job_id, (worker, lost, at) in self._held.items() if at <= now]
             for job_id, worker, lost in due:
                 self._renew(job_id, worker, lost)
+            batch = self._batch
+            if batch is not None and batch.due <= time.monotonic():
+                self._connected = True
+                batch.release_rest()
             with self._lock:
                 self._wake.clear()
                 next_at = min((at for _, _, at in self._held.values()), default=None)
+                batch = self._batch
+                if batch is not None and batch.due > time.monotonic():
+                    next_at = batch.due if next_at is None else min(next_at, batch.due)
                 idle = next_at is None
                 # Idle, it sleeps no longer than a new job's first renewal is
                 # due: holding a job then never has to wake it.

@@ -715,3 +715,154 @@ def test_a_job_running_elsewhere_is_not_chained(make_job):
     taken.refresh_from_db()
     assert (taken.state, taken.lease_owner) == (State.RUNNING, "elsewhere:1")
     assert len(attempts_of(taken)) == 1
+
+
+# --- the chain claims batches of fast jobs -------------------------------------
+
+
+def started_groups(jobs: list[Job]) -> list[int]:
+    """How many of `jobs` each claim statement started, in claim order (one
+    statement's events share its now())."""
+    times = JobEvent.objects.filter(job__in=jobs, type="job.started").order_by("created_at")
+    groups: dict = {}
+    for created in times.values_list("created_at", flat=True):
+        groups[created] = groups.get(created, 0) + 1
+    return list(groups.values())
+
+
+@pytest.fixture
+def roomy_batches(monkeypatch):
+    """Batches sized by the settings alone, whatever the jobs took."""
+    monkeypatch.setattr(runner, "_BATCH_WINDOW", 3600.0)
+
+
+def test_a_chain_of_fast_jobs_claims_them_in_batches_that_double(make_job, roomy_batches):
+    jobs = [make_job("demo.noop") for _ in range(20)]
+
+    deliver_as_django_q2(jobs[0])
+
+    assert started_groups(jobs) == [1, 2, 4, 8, 5]
+    for job in jobs:
+        job.refresh_from_db()
+        assert job.state == State.SUCCEEDED and job.attempts == 1
+        assert event_types(job) == ["job.created", "job.started", "job.succeeded"]
+        (attempt,) = attempts_of(job)
+        assert attempt.outcome == "succeeded"
+        assert (attempt.started_at, attempt.finished_at) == (job.started_at, job.finished_at)
+        assert job.started_at <= job.finished_at
+        assert broker_rows(job) == []
+
+
+def test_a_batch_is_no_larger_than_the_setting(make_job, roomy_batches, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_BATCH": 2}
+    jobs = [make_job("demo.noop") for _ in range(8)]
+
+    deliver_as_django_q2(jobs[0])
+
+    assert started_groups(jobs) == [1, 2, 2, 2, 1]
+
+
+def test_slow_jobs_are_claimed_one_at_a_time(make_job, settings):
+    jobs = [make_job("demo.noop")] + [make_job("demo.sleep", {"seconds": 0.03}) for _ in range(4)]
+    Job.objects.filter(kind="demo.sleep").update(timeout=60)  # chainable after a 60 s job
+
+    deliver_as_django_q2(jobs[0])
+
+    # Two after the noop, then one at a time: each took longer than a batch's 20 ms.
+    assert started_groups(jobs) == [1, 2, 1, 1]
+
+
+def test_a_batchs_jobs_keep_the_times_they_ran_at(make_job, roomy_batches):
+    first = make_job("demo.noop")
+    sleepers = [make_job("demo.sleep", {"seconds": 0.1}) for _ in range(2)]
+    Job.objects.filter(kind="demo.sleep").update(timeout=60)
+
+    deliver_as_django_q2(first)
+
+    assert started_groups([first, *sleepers]) == [1, 2]
+    one, two = (Job.objects.get(id=job.id) for job in sleepers)
+    for job in (one, two):
+        assert timedelta(seconds=0.1) <= job.finished_at - job.started_at < timedelta(seconds=0.5)
+        (attempt,) = attempts_of(job)
+        assert (attempt.started_at, attempt.finished_at) == (job.started_at, job.finished_at)
+    assert two.started_at >= one.finished_at
+
+
+def test_a_failure_in_a_batch_is_recorded_and_the_rest_run(make_job, roomy_batches):
+    first = make_job("demo.noop")
+    ok_before, failing, ok_after = make_job("demo.noop"), make_job("demo.fail", {"message": "boom"}), make_job("demo.noop")
+
+    deliver_as_django_q2(first)
+
+    assert started_groups([first, ok_before, failing, ok_after]) == [1, 2, 1]
+    assert Job.objects.get(id=failing.id).state == State.RETRYING
+    assert [Job.objects.get(id=job.id).state for job in (first, ok_before, ok_after)] == [State.SUCCEEDED] * 3
+
+
+def test_a_slow_job_gives_back_the_rest_of_its_batch_while_it_runs(make_job, roomy_batches, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 0.3}
+    first, slow, waiting = make_job("demo.noop"), make_job("demo.sleep", {"seconds": 1}), make_job("demo.noop")
+    Job.objects.filter(id=slow.id).update(timeout=60)
+
+    deliver_as_django_q2(first)
+
+    slow.refresh_from_db()
+    waiting.refresh_from_db()
+    assert slow.state == State.SUCCEEDED
+    assert (waiting.state, waiting.attempts, waiting.lease_owner, waiting.started_at) == (State.QUEUED, 0, "", None)
+    assert attempts_of(waiting) == []
+    assert event_types(waiting) == ["job.created", "job.started", "job.queued"]
+    given_back = JobEvent.objects.get(job=waiting, type="job.queued")
+    assert given_back.data == {"state": "queued", "attempts": 0, "reason": "released"}
+    assert given_back.created_at < slow.finished_at  # by the lease thread, not after the slow job
+    assert len(visible_rows(waiting)) == 1
+    assert deliver(waiting).state == State.SUCCEEDED  # and it runs as any job does
+
+
+def test_a_job_that_would_outlast_the_delivery_once_its_turn_comes_is_given_back(make_job, roomy_batches, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 5}
+    first = make_job("demo.noop")  # its delivery may last its 60 s timeout, and a second
+    slow, fits_now = make_job("demo.sleep", {"seconds": 1.2}), make_job("demo.noop")
+    Job.objects.filter(id__in=[slow.id, fits_now.id]).update(timeout=60)
+
+    deliver_as_django_q2(first)
+
+    assert Job.objects.get(id=slow.id).state == State.SUCCEEDED
+    fits_now.refresh_from_db()
+    assert (fits_now.state, fits_now.attempts) == (State.QUEUED, 0)
+    assert len(visible_rows(fits_now)) == 1
+
+
+def test_an_unstarted_job_an_operator_cancelled_is_cancelled_when_given_back(make_job, roomy_batches, settings):
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 0.3}
+    first, slow, waiting = make_job("demo.noop"), make_job("demo.sleep", {"seconds": 0.6}), make_job("demo.noop")
+    Job.objects.filter(id=slow.id).update(timeout=60)
+
+    def cancel_once_claimed() -> None:
+        wait_until(lambda: Job.objects.filter(id=waiting.id, state=State.RUNNING).exists(), timeout=5)
+        services.cancel_job(waiting.id, actor="op")
+
+    thread, errors = in_thread(cancel_once_claimed)
+    deliver_as_django_q2(first)
+    thread.join()
+
+    assert errors == []
+    waiting.refresh_from_db()
+    assert waiting.state == State.CANCELLED
+    assert [(a.outcome, a.error_message) for a in attempts_of(waiting)] == [("cancelled", "cancelled before it started")]
+    assert broker_rows(waiting) == []
+
+
+def test_the_successes_before_a_chained_timeout_are_recorded(make_job, roomy_batches):
+    from django_q.exceptions import TimeoutException
+
+    first, quick, slow = make_job("demo.noop"), make_job("demo.noop"), make_job("demo.sleep", {"seconds": 5})
+    Job.objects.filter(id=slow.id).update(timeout=1)
+
+    with pytest.raises(TimeoutException):
+        deliver_as_django_q2(first)
+
+    assert started_groups([first, quick, slow]) == [1, 2]
+    assert Job.objects.get(id=quick.id).state == State.SUCCEEDED
+    assert Job.objects.get(id=slow.id).state == State.RUNNING
+    runner._leases.release(slow.id)
