@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -10,12 +11,14 @@ import django  # noqa: E402
 
 django.setup(set_prefix=False)
 
-from config import tcp_writes  # noqa: E402
+from config import form_parsing, tcp_writes  # noqa: E402
 from config.handler import ThreadPoolASGIHandler  # noqa: E402
 
 # Daphne's connections send at once instead of on the reactor's next turn
 # (the SSE streams' many small writes; see config/tcp_writes.py).
 tcp_writes.install()
+# Twisted does not parse the forms Daphne never reads (config/form_parsing.py).
+form_parsing.install()
 
 django_asgi_app = ThreadPoolASGIHandler()
 
@@ -25,7 +28,11 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from django.urls import re_path  # noqa: E402
 
 from dashboard.routing import http_urlpatterns as event_streams  # noqa: E402
+from jobs.api.intake import Intake  # noqa: E402
 from jobs.llm import simulated  # noqa: E402
+
+django_http = ASGIStaticFilesHandler(django_asgi_app)
+intake = Intake(django_http)
 
 # Static files (CSS, htmx) are served by the app itself so that `make run`
 # needs nothing else; a proxy in front may serve STATIC_ROOT instead.
@@ -40,8 +47,17 @@ application = ProtocolTypeRouter(
                 # hundreds of concurrent calls would otherwise cost a dozen
                 # thread hops each (the Django views serve the same endpoint).
                 re_path(r"^(?=simulated/v1/)", simulated.asgi_app),
-                re_path(r"", ASGIStaticFilesHandler(django_asgi_app)),
+                # Job submissions with an API key, ahead of Django's request
+                # cycle; what it does not answer itself goes to Django.
+                re_path(r"^api/v1/jobs$", intake),
+                re_path(r"", django_http),
             ]
         )
     }
 )
+
+# Everything loaded so far lives as long as the process: keep it out of the
+# cyclic garbage collector's full passes, which otherwise walk all of Django
+# and stalled requests for tens of milliseconds (the slowest 1 % of API
+# submissions took 200 ms instead of 80).
+gc.freeze()

@@ -14,11 +14,12 @@ writes the response, as for Channels' SSE consumers beside it.
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 
 class ThreadPoolASGIHandler(ASGIHandler):
@@ -27,6 +28,17 @@ class ThreadPoolASGIHandler(ASGIHandler):
         self._threads = ThreadPoolExecutor(
             max_workers=settings.CONVEYOR["HTTP_THREADS"], thread_name_prefix="django-http"
         )
+
+    def close(self) -> None:
+        """Close the threads' database connections and end them; the next
+        request starts new ones."""
+        threads = self._threads
+        self._threads = ThreadPoolExecutor(max_workers=threads._max_workers, thread_name_prefix="django-http")
+        # Each task waits for the others, so every thread takes exactly one.
+        every = threading.Barrier(threads._max_workers)
+        for _ in range(threads._max_workers):
+            threads.submit(_close_then_wait, every)
+        threads.shutdown(wait=True)
 
     def load_middleware(self, is_async: bool = False) -> None:
         super().load_middleware(is_async=False)
@@ -51,3 +63,8 @@ class ThreadPoolASGIHandler(ASGIHandler):
             return self.get_response(request)
         finally:
             close_old_connections()
+
+
+def _close_then_wait(every: threading.Barrier) -> None:
+    connections.close_all()
+    every.wait(timeout=10)

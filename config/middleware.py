@@ -18,7 +18,11 @@ _VALID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 def request_id_of(request) -> str:
     """The request's X-Request-ID when it looks like an id, else a new one."""
-    given = request.headers.get(HEADER, "")
+    return request_id_from(request.headers.get(HEADER, ""))
+
+
+def request_id_from(given: str) -> str:
+    """`given` (an X-Request-ID header's value) when it looks like an id, else a new one."""
     return given if _VALID.match(given) else uuid.uuid4().hex
 
 

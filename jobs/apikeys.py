@@ -69,17 +69,32 @@ def create_api_key(name: str, *, scopes: Iterable[str] = SCOPES) -> CreatedApiKe
 
 def verify_api_key(key: str) -> ApiKey | None:
     """The active key `key` names, or None (unknown, malformed or revoked)."""
+    return verify_api_keys([key])[key]
+
+
+def verify_api_keys(keys: Iterable[str]) -> dict[str, ApiKey | None]:
+    """`verify_api_key` for each of `keys`, in one query."""
+    found: dict[str, ApiKey | None] = dict.fromkeys(keys)
+    prefixes = {_prefix_of(key) for key in found} - {None}
+    if not prefixes:
+        return found
+    rows = {api_key.prefix: api_key for api_key in ApiKey.objects.filter(prefix__in=prefixes, revoked_at__isnull=True)}
+    now = timezone.now()
+    for key in found:
+        api_key = rows.get(_prefix_of(key))
+        if api_key is None or not hmac.compare_digest(api_key.hashed_key, _digest(key)):
+            continue
+        if api_key.last_used_at is None or api_key.last_used_at < now - _LAST_USED_RESOLUTION:
+            ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+            api_key.last_used_at = now
+        found[key] = api_key
+    return found
+
+
+def _prefix_of(key: str) -> str | None:
     if not key.startswith(KEY_PREFIX) or len(key) != len(KEY_PREFIX) + _PREFIX_LENGTH + _SECRET_LENGTH:
         return None
-    prefix = key[len(KEY_PREFIX) : len(KEY_PREFIX) + _PREFIX_LENGTH]
-    api_key = ApiKey.objects.filter(prefix=prefix, revoked_at__isnull=True).first()
-    if api_key is None or not hmac.compare_digest(api_key.hashed_key, _digest(key)):
-        return None
-    now = timezone.now()
-    if api_key.last_used_at is None or api_key.last_used_at < now - _LAST_USED_RESOLUTION:
-        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
-        api_key.last_used_at = now
-    return api_key
+    return key[len(KEY_PREFIX) : len(KEY_PREFIX) + _PREFIX_LENGTH]
 
 
 def revoke_api_key(key_or_prefix: str) -> ApiKey:

@@ -295,7 +295,7 @@ def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> 
     common.update(owner=owner, batch_id=batch.id, created_at=now, updated_at=now)
     for job in prepared:
         job["id"] = str(uuid.uuid4())
-    rows = [_json(common), _json(prepared), "job.created", "job.created"]
+    rows = [submission.to_json(common), submission.to_json(prepared), "job.created", "job.created"]
     # Started after the json.dumps, which would otherwise share the GIL with it.
     with ThreadPoolExecutor(max_workers=1) as signer, connection.cursor() as cursor:
         tasks = signer.submit(_sign_all, prepared)
@@ -329,18 +329,6 @@ _INSERT_JOBS = (
     + events.ctes(data_sql="jsonb_build_object('state', state, 'kind', kind)")
     + " SELECT count(*) FROM n"
 )
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=_json_default)
-
-
-def _json_default(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _fill(template: Any, values: Mapping[str, str]) -> Any:

@@ -3,10 +3,12 @@ CLI) calls to create a job."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
@@ -215,7 +217,8 @@ def _insert(job: Job) -> Job | None:
     """
     fields = Job._meta.concrete_fields
     columns = sql.job_columns()[0]  # the same fields, in the same order
-    values = [f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
+    db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per field
+    values = [f.get_db_prep_save(f.pre_save(job, add=True), db) for f in fields]
     placeholders = ", ".join(["%s"] * len(fields))
     statement = (
         f"WITH j AS (INSERT INTO jobs_job ({columns}) VALUES ({placeholders})"
@@ -227,6 +230,98 @@ def _insert(job: Job) -> Job | None:
     params = [*values, "job.created", "job.created", *broker.cte_params(job.id, queue=job.queue, timeout=job.timeout)]
     row = sql.fetchone(statement, params)
     return sql.job_from_row(row) if row is not None else None
+
+
+@dataclass(frozen=True)
+class ReadyJob:
+    """A job `insert_jobs` can write: `prepare_job`'s fields, its id, creation
+    time, request fingerprint (only with an idempotency key) and signed
+    broker task, all made before the insert so none of it waits on it."""
+
+    fields: dict[str, Any]
+    id: uuid.UUID
+    created_at: datetime
+    fingerprint: str
+    task: str
+
+
+def ready_job(fields: dict[str, Any]) -> ReadyJob:
+    job_id = uuid.uuid4()
+    return ReadyJob(
+        fields=fields,
+        id=job_id,
+        created_at=timezone.now(),
+        fingerprint=fingerprint(fields) if fields["idempotency_key"] is not None else "",
+        task=broker.task_package(job_id, fields["timeout"]),
+    )
+
+
+def insert_jobs(jobs: list[tuple[str, ReadyJob]]) -> dict[uuid.UUID, Job]:
+    """Create (owner, job) pairs in one statement: each job, its `job.created`
+    event, its broker row and the notifications, as `submit_job` writes one.
+
+    Returns the jobs created, by id. One whose idempotency key its owner had
+    already used is not created and not returned: `submit_job` tells the
+    replay of an earlier request from a reused key.
+    """
+    rows, tasks = [], []
+    for owner, ready in jobs:
+        key = broker.cluster_for_queue(ready.fields["queue"])
+        rows.append(
+            {
+                **ready.fields,
+                "id": ready.id,
+                "owner": owner,
+                "request_fingerprint": ready.fingerprint,
+                "created_at": ready.created_at,
+                "updated_at": ready.created_at,
+            }
+        )
+        tasks.append({"id": ready.id, "key": key, "task": ready.task})
+    with sql.cursor() as cursor:
+        cursor.execute(
+            _insert_many(), [to_json(_defaults()), to_json(rows), "job.created", "job.created", to_json(tasks)]
+        )
+        return {job.id: job for job in map(sql.job_from_row, cursor.fetchall())}
+
+
+@functools.cache
+def _insert_many() -> str:
+    # The jobs go as one JSON document; a record of the model's defaults
+    # fills what the document leaves out (as jobs.batches does).
+    columns = sql.job_columns()[0]
+    return (
+        "WITH j AS (INSERT INTO jobs_job"
+        " SELECT * FROM json_populate_recordset(json_populate_record(NULL::jobs_job, %s::json), %s::json)"
+        f" ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING {columns})"
+        + events.ctes(data_sql="jsonb_build_object('state', state, 'kind', kind)")
+        + ", b AS (INSERT INTO django_q_ormq (key, payload, lock, priority, job_id)"
+        " SELECT t.key, t.task, greatest(coalesce(j.run_after, now()), now()), j.priority, j.id"
+        " FROM j JOIN json_to_recordset(%s::json) AS t(id uuid, key text, task text) ON t.id = j.id RETURNING key)"
+        f", bn AS (SELECT pg_notify('{broker.CHANNEL}', key) FROM (SELECT DISTINCT key FROM b) AS k)"
+        f" SELECT {columns}, (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) FROM j"
+    )
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return {f.attname: f.get_default() for f in Job._meta.concrete_fields}
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON of job rows and their parts (datetimes and UUIDs as text)."""
+    return _ROW_JSON.encode(value)
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_ROW_JSON = json.JSONEncoder(separators=(",", ":"), default=_json_default)
 
 
 def _unstorable(value: Any, path: str) -> list[dict[str, str]]:

@@ -71,6 +71,18 @@ class JobIn(BaseModel):
     backoff_max: Seconds | None = Field(None, description="Upper bound of a retry delay (default 600).")
     callback_url: str = Field("", max_length=2000, description="http(s) URL called when the job finishes.")
 
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of `submit_job` and `prepare_job` this body gives."""
+        return {
+            "queue": self.queue,
+            "priority": self.priority,
+            "run_after": self.run_after,
+            "max_attempts": self.max_attempts,
+            "backoff_base": self.backoff_base,
+            "backoff_max": self.backoff_max,
+            "callback_url": self.callback_url,
+        }
+
 
 class Progress(Schema):
     percent: int

@@ -90,13 +90,7 @@ def submit_job(
     submitted = services.submit_job(
         body.kind,
         body.payload,
-        queue=body.queue,
-        priority=body.priority,
-        run_after=body.run_after,
-        max_attempts=body.max_attempts,
-        backoff_base=body.backoff_base,
-        backoff_max=body.backoff_max,
-        callback_url=body.callback_url,
+        **body.options(),
         idempotency_key=_idempotency_key(idempotency_key),
         owner=request.auth.owner,
     )

@@ -515,7 +515,7 @@ def test_an_async_claim_re_arms_its_delivery_as_the_watchdog(make_job, monkeypat
     job.refresh_from_db()
     assert job.state == State.RUNNING
     assert "ack_id" not in task
-    (_, options), = submitted
+    ((_, options),) = submitted
     assert options["watchdog_id"] == delivered
     (row,) = broker_rows(job)
     assert row.id == delivered
@@ -593,7 +593,6 @@ def test_a_row_already_on_its_way_to_a_worker_is_left_to_its_delivery(make_job, 
     in_flight.refresh_from_db()
     assert in_flight.state == State.QUEUED
     assert lane.given_back == 5
-
 
 
 # --- a delivery runs more ready jobs (the chain) --------------------------------
@@ -790,7 +789,11 @@ def test_a_batchs_jobs_keep_the_times_they_ran_at(make_job, roomy_batches):
 
 def test_a_failure_in_a_batch_is_recorded_and_the_rest_run(make_job, roomy_batches):
     first = make_job("demo.noop")
-    ok_before, failing, ok_after = make_job("demo.noop"), make_job("demo.fail", {"message": "boom"}), make_job("demo.noop")
+    ok_before, failing, ok_after = (
+        make_job("demo.noop"),
+        make_job("demo.fail", {"message": "boom"}),
+        make_job("demo.noop"),
+    )
 
     deliver_as_django_q2(first)
 
@@ -849,7 +852,9 @@ def test_an_unstarted_job_an_operator_cancelled_is_cancelled_when_given_back(mak
     assert errors == []
     waiting.refresh_from_db()
     assert waiting.state == State.CANCELLED
-    assert [(a.outcome, a.error_message) for a in attempts_of(waiting)] == [("cancelled", "cancelled before it started")]
+    assert [(a.outcome, a.error_message) for a in attempts_of(waiting)] == [
+        ("cancelled", "cancelled before it started")
+    ]
     assert broker_rows(waiting) == []
 
 
