@@ -28,6 +28,8 @@ from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 if TYPE_CHECKING:
+    from django.db.models import Model
+
     from jobs.models import Job
 
 # psycopg prepares nothing while the threshold is None (Django's default, for
@@ -80,16 +82,14 @@ def fetchone(statement: str, params: list[Any] | tuple[Any, ...]) -> tuple | Non
 
 
 @functools.cache
-def job_columns() -> tuple[str, list[str], list[tuple[int, Any, list[Callable]]]]:
-    """The Job table's columns in model order, the fields' attribute names,
+def model_columns(model: type[Model]) -> tuple[str, list[str], list[tuple[int, Any, list[Callable]]]]:
+    """The model's table columns in field order, the fields' attribute names,
     and the converters Django's ORM applies to what those columns return
     (by position, for the fields that have any)."""
-    from jobs.models import Job
-
-    fields = Job._meta.concrete_fields
+    fields = model._meta.concrete_fields
     converters = []
     for position, field in enumerate(fields):
-        col = field.get_col(Job._meta.db_table)
+        col = field.get_col(model._meta.db_table)
         found = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
         if found:
             converters.append((position, col, found))
@@ -97,14 +97,26 @@ def job_columns() -> tuple[str, list[str], list[tuple[int, Any, list[Callable]]]
     return columns, [field.attname for field in fields], converters
 
 
-def job_from_row(row: tuple) -> Job:
-    """A Job from a row that starts with `job_columns()`, as the ORM builds it."""
-    from jobs.models import Job
-
-    _, names, converters = job_columns()
+def model_from_row(model: type[Model], row: tuple) -> Model:
+    """An instance from a row that starts with `model_columns(model)`, as the ORM builds it."""
+    _, names, converters = model_columns(model)
     db = connections[DEFAULT_DB_ALIAS]
     values = list(row[: len(names)])
     for position, col, found in converters:
         for convert in found:
             values[position] = convert(values[position], col, db)
-    return Job.from_db(DEFAULT_DB_ALIAS, names, values)
+    return model.from_db(DEFAULT_DB_ALIAS, names, values)
+
+
+def job_columns() -> tuple[str, list[str], list[tuple[int, Any, list[Callable]]]]:
+    """`model_columns(Job)`."""
+    from jobs.models import Job
+
+    return model_columns(Job)
+
+
+def job_from_row(row: tuple) -> Job:
+    """A Job from a row that starts with `job_columns()`, as the ORM builds it."""
+    from jobs.models import Job
+
+    return model_from_row(Job, row)
