@@ -52,7 +52,9 @@ def _drain(broker: str, n: int, *, clusters: int = 1, workers: int = 2) -> float
     started = time.perf_counter()
     with Cluster(broker, workers=workers, count=clusters):
         wait_for(lambda: Job.objects.filter(state="succeeded").count() == n, timeout=600, interval=0.1)
-    return n / (time.perf_counter() - started)
+        # Until every job has succeeded: stopping the cluster (about 2 s) is not the drain.
+        elapsed = time.perf_counter() - started
+    return n / elapsed
 
 
 def w2_drain(table: Table, n: int = 5000) -> None:
