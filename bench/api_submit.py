@@ -8,7 +8,9 @@ clients, then the time of one 10,000-job batch.
 2. Create an API key with `manage.py createapikey`.
 3. Start Daphne on a free loopback port, DEBUG off (`--processes N`: N
    Daphne processes sharing the socket). No worker runs: this measures
-   submission, and the jobs stay queued.
+   submission, and the jobs stay queued. Steps 4 and 5 run with the intake
+   (jobs/api/intake.py); step 4 runs again with `CONVEYOR_INTAKE=0`, every
+   request through Django's view, for the ratio.
 4. `--clients` concurrent clients POST demo.noop jobs for `--duration`
    seconds (after a short warm-up), each on one keep-alive connection; report
    submissions/s and p50/p99 latency, and check that the database holds a job
@@ -16,7 +18,7 @@ clients, then the time of one 10,000-job batch.
    client costs about as much CPU per request as the server it measures, and
    the two share the machine's two cores.
 5. POST one batch of `--batch` jobs; report its time.
-6. Stop Daphne and drop the database.
+6. Print both, with their ratio; stop Daphne and drop the database.
 
 Targets (issue 3, on 2 cores): >= 500 submissions/s with p99 <= 100 ms; the
 10,000-job batch in <= 2 s. The load generator shares the machine with
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -76,16 +79,42 @@ def main() -> None:
         # As `manage.py up` runs Daphne: pooled connections.
         "CONVEYOR_DB_POOL": os.environ.get("CONVEYOR_DB_POOL", "1"),
     }
-    servers: list[subprocess.Popen] = []
-    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
     try:
         manage(env, "migrate", "--verbosity", "0")
         key = manage(env, "createapikey", "bench").strip().splitlines()[-1]
-        # Each Daphne adopts the same listening socket; the kernel spreads
-        # connections over them (Daphne has no worker processes of its own).
-        listener.set_inheritable(True)
-        log = open(ROOT / ".data" / "bench-daphne.log", "wb")  # noqa: SIM115 - closed with the processes
-        for _ in range(args.processes):
+        headers = {"Authorization": f"Bearer {key}"}
+        results = {}
+        # The intake, then the same requests through Django's view (the intake off).
+        for label, intake in (("intake", "1"), ("Django view", "0")):
+            with _daphne({**env, "CONVEYOR_INTAKE": intake}, args.processes) as base:
+                print(
+                    f"{label}: Daphne ×{args.processes}; {args.clients} clients for {args.duration:.0f} s …", flush=True
+                )
+                latencies, errors, elapsed, created = asyncio.run(
+                    _load(base, headers, args.clients, args.duration, lambda: _count_jobs(socket_dir))
+                )
+                results[label] = _report(latencies, errors, elapsed)
+                if created != len(latencies):
+                    sys.exit(f"{len(latencies)} submissions answered 202 but {created} jobs were created")
+                if intake == "1":
+                    print(f"batch of {args.batch} jobs …", flush=True)
+                    _batch(base, headers, args.batch)
+        _compare(results)
+    finally:
+        _drop_database(socket_dir)
+
+
+@contextlib.contextmanager
+def _daphne(env: dict[str, str], processes: int):
+    """`processes` Daphne processes on one listening socket; yields the base URL."""
+    servers: list[subprocess.Popen] = []
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    # Each Daphne adopts the same listening socket; the kernel spreads
+    # connections over them (Daphne has no worker processes of its own).
+    listener.set_inheritable(True)
+    log = open(ROOT / ".data" / "bench-daphne.log", "ab")  # noqa: SIM115 - closed with the processes
+    try:
+        for _ in range(processes):
             servers.append(
                 subprocess.Popen(
                     [
@@ -109,16 +138,7 @@ def main() -> None:
         base = f"http://127.0.0.1:{listener.getsockname()[1]}"
         for server in servers:
             wait_healthy(base, server, log=".data/bench-daphne.log", timeout=30)
-        headers = {"Authorization": f"Bearer {key}"}
-        print(f"Daphne ×{args.processes} on {base}; {args.clients} clients for {args.duration:.0f} s …", flush=True)
-        latencies, errors, elapsed, created = asyncio.run(
-            _load(base, headers, args.clients, args.duration, lambda: _count_jobs(socket_dir))
-        )
-        _report(latencies, errors, elapsed)
-        if created != len(latencies):
-            sys.exit(f"{len(latencies)} submissions answered 202 but {created} jobs were created")
-        print(f"batch of {args.batch} jobs …", flush=True)
-        _batch(base, headers, args.batch)
+        yield base
     finally:
         for server in servers:
             if server.poll() is None:
@@ -130,7 +150,7 @@ def main() -> None:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
         listener.close()
-        _drop_database(socket_dir)
+        log.close()
 
 
 async def _load(base: str, headers: dict[str, str], clients: int, duration: float, count_jobs):
@@ -197,14 +217,26 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-def _report(latencies: list[float], errors: dict[str, int], elapsed: float) -> None:
+def _report(latencies: list[float], errors: dict[str, int], elapsed: float) -> tuple[float, float, float]:
+    """Print and return submissions/s, p50 and p99 (ms)."""
     if len(latencies) < 2:
         print(f"too few successful submissions ({len(latencies)}); errors: {errors}")
-        return
+        return 0.0, float("nan"), float("nan")
     cuts = statistics.quantiles(latencies, n=100)
-    print(f"submissions: {len(latencies)} in {elapsed:.1f} s = {len(latencies) / elapsed:.0f}/s")
-    print(f"latency: p50 {cuts[49] * 1000:.1f} ms, p99 {cuts[98] * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    rate, p50, p99 = len(latencies) / elapsed, cuts[49] * 1000, cuts[98] * 1000
+    print(f"submissions: {len(latencies)} in {elapsed:.1f} s = {rate:.0f}/s")
+    print(f"latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {max(latencies) * 1000:.1f} ms")
     print(f"errors: {errors or 'none'}")
+    return rate, p50, p99
+
+
+def _compare(results: dict[str, tuple[float, float, float]]) -> None:
+    (rate, p50, p99), (django_rate, django_p50, django_p99) = results["intake"], results["Django view"]
+    print()
+    print("POST /api/v1/jobs    | submissions/s | p50 ms | p99 ms")
+    print(f"intake               | {rate:13.0f} | {p50:6.1f} | {p99:6.1f}")
+    print(f"Django view          | {django_rate:13.0f} | {django_p50:6.1f} | {django_p99:6.1f}")
+    print(f"ratio                | {rate / django_rate if django_rate else float('nan'):12.2f}x |")
 
 
 def _batch(base: str, headers: dict[str, str], size: int) -> None:

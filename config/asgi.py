@@ -24,6 +24,7 @@ django_asgi_app = ThreadPoolASGIHandler()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
@@ -49,7 +50,7 @@ application = ProtocolTypeRouter(
                 re_path(r"^(?=simulated/v1/)", simulated.asgi_app),
                 # Job submissions with an API key, ahead of Django's request
                 # cycle; what it does not answer itself goes to Django.
-                re_path(r"^api/v1/jobs$", intake),
+                *([re_path(r"^api/v1/jobs$", intake)] if settings.CONVEYOR["INTAKE"] else []),
                 re_path(r"", django_http),
             ]
         )

@@ -226,6 +226,9 @@ CONVEYOR = {
     # jobs run fast enough that a claim's jobs are all done within about 20 ms
     # (jobs/runner.py `_Chain`); 1: one at a time.
     "CHAIN_BATCH": env_int("CONVEYOR_CHAIN_BATCH", 32, minimum=1),
+    # POST /api/v1/jobs with an API key is answered ahead of Django's request
+    # cycle (jobs/api/intake.py); off, every request goes through Django's view.
+    "INTAKE": env_bool("CONVEYOR_INTAKE", True),
     # Threads one Daphne process runs Django's views on (config/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
     # The statements of a job's path run as server-side prepared statements
