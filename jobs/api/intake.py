@@ -41,14 +41,14 @@ from uuid import UUID
 
 import pydantic
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import DatabaseError, connection
 from django.http.request import split_domain_port, validate_host
 from django.urls import reverse
 from ninja.responses import NinjaJSONEncoder
 
 from config.middleware import HEADER as REQUEST_ID
 from config.middleware import request_id_from
-from jobs import submission
+from jobs import broker, submission
 from jobs.api.parsing import MAX_BODY, loads
 from jobs.api.problems import Problem
 from jobs.api.schemas import JobIn
@@ -167,7 +167,11 @@ class Intake:
     def _create(self, group: list[_Submission]) -> list[Any]:
         # Submissions commit durably, as Django's do: a client given an id keeps its job.
         try:
-            close_old_connections()
+            # The writer keeps its connection (with CONVEYOR_DB_POOL, Django
+            # would hand it back to the pool after every group and take one
+            # again, building its connection parameters each time); only one
+            # a query found broken is replaced.
+            broker.replace_broken_connection()
             keys = _submitters(group)
             owners = {item.key: api_key.owner for item in group if (api_key := keys.get(item.key)) is not None}
             allowed = [item for item in group if item.key in owners]
