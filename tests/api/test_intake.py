@@ -230,6 +230,8 @@ def test_when_the_database_fails_django_answers_and_nothing_is_lost(make_key, mo
         ({"kind": "demo.noop", "payload": {}, "surprise": 1}, {}, 422, None),
         ({"kind": "demo.noop", "payload": {}}, {"Idempotency_Key": "k" * 256}, 400, "invalid-idempotency-key"),
         ({"kind": "demo.noop", "payload": {"text": "nul \u0000"}}, {}, 422, None),
+        (b'{"kind": "demo.noop", "payload": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001, {}, 400, "malformed-json"),
+        (b'{"kind": "demo.noop", "payload": ' + b'{"a":' * 100 + b"1" + b"}" * 101, {}, 422, None),
     ],
 )
 def test_a_bad_body_is_answered_by_django(make_key, django_only, body, extra, status, code):
