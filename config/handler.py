@@ -25,18 +25,17 @@ from django.db import close_old_connections, connections
 class ThreadPoolASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
-        self._threads = ThreadPoolExecutor(
-            max_workers=settings.CONVEYOR["HTTP_THREADS"], thread_name_prefix="django-http"
-        )
+        self._size = settings.CONVEYOR["HTTP_THREADS"]
+        self._threads = ThreadPoolExecutor(max_workers=self._size, thread_name_prefix="django-http")
 
     def close(self) -> None:
         """Close the threads' database connections and end them; the next
         request starts new ones."""
         threads = self._threads
-        self._threads = ThreadPoolExecutor(max_workers=threads._max_workers, thread_name_prefix="django-http")
+        self._threads = ThreadPoolExecutor(max_workers=self._size, thread_name_prefix="django-http")
         # Each task waits for the others, so every thread takes exactly one.
-        every = threading.Barrier(threads._max_workers)
-        for _ in range(threads._max_workers):
+        every = threading.Barrier(self._size)
+        for _ in range(self._size):
             threads.submit(_close_then_wait, every)
         threads.shutdown(wait=True)
 

@@ -291,7 +291,7 @@ def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> 
     signs on two cores at once (the waiting query releases the GIL).
     """
     now = timezone.now()
-    common = {f.attname: f.get_default() for f in Job._meta.concrete_fields}
+    common = dict(submission.job_defaults())
     common.update(owner=owner, batch_id=batch.id, created_at=now, updated_at=now)
     for job in prepared:
         job["id"] = str(uuid.uuid4())

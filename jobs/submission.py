@@ -280,7 +280,7 @@ def insert_jobs(jobs: list[tuple[str, ReadyJob]]) -> dict[uuid.UUID, Job]:
         tasks.append({"id": ready.id, "key": key, "task": ready.task})
     with sql.cursor() as cursor:
         cursor.execute(
-            _insert_many(), [to_json(_defaults()), to_json(rows), "job.created", "job.created", to_json(tasks)]
+            _insert_many(), [to_json(job_defaults()), to_json(rows), "job.created", "job.created", to_json(tasks)]
         )
         return {job.id: job for job in map(sql.job_from_row, cursor.fetchall())}
 
@@ -304,7 +304,8 @@ def _insert_many() -> str:
 
 
 @functools.cache
-def _defaults() -> dict[str, Any]:
+def job_defaults() -> dict[str, Any]:
+    """Each Job field's default, by attribute name (shared: copy it to change it)."""
     return {f.attname: f.get_default() for f in Job._meta.concrete_fields}
 
 
