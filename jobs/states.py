@@ -28,7 +28,7 @@ OK, DEAD, CXL, DIS = State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARD
 # target state -> the states it may be entered from. `scheduled` has no entry:
 # only submission creates scheduled jobs.
 # A due `retrying` or `scheduled` job is claimed directly (the "due" step of
-# DESIGN.md's picture is folded into the claim's `run_after <= now()` test).
+# docs/ARCHITECTURE.md's picture is folded into the claim's `run_after <= now()` test).
 ALLOWED: dict[State, frozenset[State]] = {
     R: frozenset({Q, S, T}),
     OK: frozenset({R}),

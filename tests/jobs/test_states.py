@@ -11,7 +11,7 @@ from jobs import runner
 from jobs.models import Attempt, Job, JobEvent, State
 from jobs.states import transition
 
-# The transitions DESIGN.md draws, written out independently of jobs.states.ALLOWED.
+# The transitions docs/ARCHITECTURE.md draws, written out independently of jobs.states.ALLOWED.
 # Two deliberate refinements of the picture, both documented in the code:
 # a due `retrying` job is claimed directly (retrying -> running), and a
 # cancelled job can be retried like a dead one (cancelled -> queued).
