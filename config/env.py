@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -62,3 +64,40 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def secret_in_file(path: Path, generate: Callable[[], str]) -> str:
+    """The secret kept in `path`, generated on first use. The new secret is
+    written to a private (0600) temporary file, flushed to disk and then
+    linked into place, which fails if the file exists: so the file is never
+    seen partly written or readable by others, and of several first starts
+    exactly one's secret is kept and every one reads it."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(generate())
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another start won: its secret is the one
+        else:
+            _fsync_directory(path.parent)
+    finally:
+        os.unlink(temporary)
+    return path.read_text().strip()
+
+
+def _fsync_directory(path: Path) -> None:
+    # The new name must survive a crash too, or a restart would generate another.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -11,7 +11,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded_db
-from config.env import env_bool, env_float, env_int, env_list, env_str
+from config.env import env_bool, env_float, env_int, env_list, env_str, secret_in_file
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("CONVEYOR_DATA_DIR") or BASE_DIR / ".data")
@@ -19,12 +19,7 @@ DATA_DIR = Path(env_str("CONVEYOR_DATA_DIR") or BASE_DIR / ".data")
 
 def _local_secret_key() -> str:
     """A key generated once per checkout and kept under .data/ (never committed)."""
-    path = DATA_DIR / "secret_key"
-    if not path.exists():
-        DATA_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(50))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    return secret_in_file(DATA_DIR / "secret_key", lambda: secrets.token_urlsafe(50))
 
 
 DEBUG = env_bool("DEBUG", True)

@@ -35,10 +35,10 @@ from typing import Any
 import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
 from django.utils import timezone
 from psycopg.conninfo import make_conninfo
 
+from jobs.broker import listen_params
 from jobs.events import CHANNEL
 from jobs.models import Job, JobEvent
 
@@ -454,13 +454,7 @@ def update_from_event(event: JobEvent) -> Update:
 
 
 def _conninfo() -> str:
-    s = connections["default"].settings_dict
-    params = {"dbname": s["NAME"], "user": s["USER"], "password": s["PASSWORD"], "host": s["HOST"], "port": s["PORT"]}
-    params = {k: str(v) for k, v in params.items() if v not in (None, "")}
-    # Notice a half-open TCP connection (ignored for Unix sockets).
-    params.update(keepalives="1", keepalives_idle="30", keepalives_interval="10", keepalives_count="3")
-    params["application_name"] = "conveyor-event-hub"
-    return make_conninfo(**params)
+    return make_conninfo(**listen_params("conveyor-event-hub"))
 
 
 # --- the process's hub -------------------------------------------------------

@@ -138,6 +138,30 @@ def replace_broken_connection() -> None:
         connection.close()
 
 
+# What Django's get_connection_params() adds for its own cursors and
+# adapters: a LISTEN connection uses psycopg's (and may be async).
+_DJANGO_ONLY_PARAMS = ("cursor_factory", "context", "prepare_threshold")
+
+
+def listen_params(application_name: str) -> dict[str, str]:
+    """Connection parameters of a LISTEN connection (the broker's, the event
+    hub's): Django's own, DATABASES OPTIONS included (sslmode, certificates,
+    `options`, ...), so it reaches the server as Django does. The name and
+    TCP keepalives (a half-open connection would otherwise wait forever for
+    notifications; ignored on Unix sockets) are defaults OPTIONS may override."""
+    params = {
+        "application_name": application_name,
+        "keepalives": "1",
+        "keepalives_idle": "30",
+        "keepalives_interval": "10",
+        "keepalives_count": "3",
+    }
+    for name, value in connection.get_connection_params().items():
+        if name not in _DJANGO_ONLY_PARAMS and value not in (None, ""):
+            params[name] = str(value)
+    return params
+
+
 def task_package(job_id: UUID | str, timeout: int) -> str:
     """The signed Django-Q2 task that runs `jobs.runner.run_job(job_id)`."""
     return _sign(
@@ -308,18 +332,9 @@ class PostgresBroker(Broker):
         on the socket, and a blocked backend holds up server-wide operations
         (CREATE/DROP DATABASE wait for every backend). Reconnects with backoff."""
         backoff = 0.5
-        settings = connection.settings_dict
         while not self._closed.is_set():
             try:
-                self._listener = psycopg.connect(
-                    dbname=settings["NAME"],
-                    user=settings["USER"] or None,
-                    password=settings["PASSWORD"] or None,
-                    host=settings["HOST"] or None,
-                    port=settings["PORT"] or None,
-                    autocommit=True,
-                    application_name=f"conveyor-broker-{self.list_key}",
-                )
+                self._listener = psycopg.connect(**listen_params(f"conveyor-broker-{self.list_key}"), autocommit=True)
                 if self._closed.is_set():
                     return
                 self._listener.execute(f"LISTEN {CHANNEL}")

@@ -22,9 +22,18 @@ common case itself and hands everything else to Django, unchanged:
 
 Anything else — no or a bad key, a missing scope, a session caller, a body
 that does not parse or validate, an Idempotency-Key already used (a replay or
-a conflict), a database error — goes to Django with the body as it came, and
-Django answers it exactly as it always has: the intake writes nothing before
-it knows the request is good, so nothing is written twice.
+a conflict), a database error before the group's statement or one Postgres
+reported for it (it rolled back) — goes to Django with the body as it came,
+and Django answers it exactly as it always has: the intake writes nothing
+before it knows the request is good.
+
+Once the group's statement has been sent, a failure (the connection cut
+before the rows came back, an error reading them, an answer that cannot be
+built) may follow its commit, so the request is never handed to Django to be
+created again. With an Idempotency-Key Django may answer it: it replays the
+job if the group committed. Without one the client gets a problem: 503 with
+Retry-After when the outcome is unknown, 500 when the job exists but its
+answer could not be built.
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import pydantic
 from django.conf import settings
 from django.db import DatabaseError, connection
+from django.http import HttpResponse
 from django.http.request import split_domain_port, validate_host
 from django.urls import reverse
 from ninja.responses import NinjaJSONEncoder
@@ -50,7 +61,7 @@ from config.middleware import HEADER as REQUEST_ID
 from config.middleware import request_id_from
 from jobs import broker, submission
 from jobs.api.parsing import MAX_BODY, loads
-from jobs.api.problems import Problem
+from jobs.api.problems import Problem, problem_response
 from jobs.api.schemas import JobIn
 from jobs.apikeys import verify_api_keys
 from jobs.errors import ConveyorError
@@ -60,6 +71,10 @@ log = logging.getLogger(__name__)
 
 # Submissions one statement creates at most.
 GROUP = 200
+
+# A submission whose group statement failed after it was sent: it may have
+# committed, so it must not be created again.
+UNKNOWN: Any = object()
 
 
 @dataclass
@@ -89,7 +104,13 @@ class Intake:
         job = await self._submit(key, headers, body)
         if job is None:
             return await self.django_app(scope, _replaying(body, receive), send)
-        await _respond(send, job, headers, secure=_is_secure(scope, headers))
+        secure = _is_secure(scope, headers)
+        answer = _answer(job)
+        if answer is None and "idempotency-key" in headers:
+            # Safe for Django: the key is unique in the database, so it
+            # replays the job if the group committed and creates it if not.
+            return await self.django_app(scope, _replaying(body, receive), send)
+        await _send(send, answer if answer is not None else _failure(job), headers, secure=secure)
 
     def _serves(self, scope: dict[str, Any], headers: dict[str, str]) -> bool:
         """What Django would refuse or redirect is left to Django (and a site
@@ -156,16 +177,20 @@ class Intake:
                 continue
             try:
                 results = self._create(group)
-            except Exception:  # a bug here must not leave requests waiting forever: Django answers them
-                log.exception("intake: %d submissions left to Django", len(group))
-                results = [None] * len(group)
+            except Exception:  # a bug here must not leave requests waiting forever
+                log.exception("intake: %d submissions failed, perhaps after their commit", len(group))
+                results = [UNKNOWN] * len(group)
             for item, job in zip(group, results, strict=True):
                 with contextlib.suppress(RuntimeError):  # its event loop has closed
                     item.done.get_loop().call_soon_threadsafe(_settle, item.done, job)
         connection.close()
 
     def _create(self, group: list[_Submission]) -> list[Any]:
+        """Each submission's job; None for Django to answer it (nothing was
+        written for it), UNKNOWN when its statement failed after being sent."""
         # Submissions commit durably, as Django's do: a client given an id keeps its job.
+        allowed: list[_Submission] = []
+        sent = False
         try:
             # The writer keeps its connection (with CONVEYOR_DB_POOL, Django
             # would hand it back to the pool after every group and take one
@@ -175,12 +200,32 @@ class Intake:
             keys = _submitters(group)
             owners = {item.key: api_key.owner for item in group if (api_key := keys.get(item.key)) is not None}
             allowed = [item for item in group if item.key in owners]
+            sent = bool(allowed)
             created = submission.insert_jobs([(owners[item.key], item.ready) for item in allowed]) if allowed else {}
-        except DatabaseError as exc:
-            log.warning("intake: %d submissions left to Django (%s)", len(group), exc)
-            connection.close()
-            return [None] * len(group)
+        except Exception as exc:
+            unknown = sent and not _rolled_back(exc)
+            if unknown:
+                log.error("intake: %d submissions failed after their statement was sent", len(allowed), exc_info=exc)
+            elif isinstance(exc, DatabaseError):
+                log.warning("intake: %d submissions left to Django (%s)", len(group), exc)
+            else:
+                log.exception("intake: %d submissions left to Django", len(group))
+            if isinstance(exc, DatabaseError):
+                connection.close()
+            sent_ids = {item.ready.id for item in allowed} if unknown else set()
+            return [UNKNOWN if item.ready.id in sent_ids else None for item in group]
         return [created.get(item.ready.id) for item in group]
+
+
+def _rolled_back(exc: Exception) -> bool:
+    """Whether the failed group statement certainly wrote nothing: Postgres
+    reported an error for it and the session survived. In autocommit the
+    statement is its own transaction, so it rolled back; a connection lost on
+    the way, or an error on our side after it ran, leaves the outcome unknown."""
+    cause = exc.__cause__
+    if not isinstance(exc, DatabaseError) or not isinstance(cause, psycopg.Error) or not cause.diag.sqlstate:
+        return False
+    return connection.is_usable()
 
 
 def _submitters(group: list[_Submission]) -> dict[str, ApiKey]:
@@ -197,17 +242,55 @@ def _settle(done: asyncio.Future, job) -> None:
         done.set_result(job)
 
 
-async def _respond(send, job, headers: dict[str, str], *, secure: bool) -> None:
-    body = job_json(job)
+@dataclass
+class _Answer:
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+def _answer(job) -> _Answer | None:
+    """The 202 for a created job; None when there is none to give."""
+    if job is UNKNOWN:
+        return None
+    try:
+        body = job_json(job)
+    except Exception:
+        log.exception("intake: job %s was created but its answer could not be built", job.id)
+        return None
+    headers = [(b"content-type", _CONTENT_TYPE), (b"location", f"{_location_prefix()}{job.id}".encode())]
+    return _Answer(202, body, headers)
+
+
+def _failure(job) -> _Answer:
+    """The problem for a request that may or does have a job but no answer."""
+    if job is UNKNOWN:
+        problem = problem_response(
+            "unavailable",
+            "The database failed while the job was being created: it may or may not exist."
+            " Send an Idempotency-Key to retry safely.",
+            headers={"Retry-After": "1"},
+        )
+    else:
+        problem = problem_response(
+            "internal-error", f"Job {job.id} was created, but its answer failed on our side; it has been logged."
+        )
+    return _Answer(problem.status_code, problem.content, _http_headers(problem))
+
+
+def _http_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.items()]
+
+
+async def _send(send, answer: _Answer, headers: dict[str, str], *, secure: bool) -> None:
     response = [
-        (b"content-type", _CONTENT_TYPE),
-        (b"location", f"{_location_prefix()}{job.id}".encode()),
+        *answer.headers,
         *_security_headers(secure),
-        (b"content-length", str(len(body)).encode()),
+        (b"content-length", str(len(answer.body)).encode()),
         (REQUEST_ID.lower().encode(), request_id_from(headers.get(REQUEST_ID.lower(), "")).encode()),
     ]
-    await send({"type": "http.response.start", "status": 202, "headers": response})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.start", "status": answer.status, "headers": response})
+    await send({"type": "http.response.body", "body": answer.body})
 
 
 _CONTENT_TYPE = b"application/json; charset=utf-8"  # django-ninja's JSONRenderer

@@ -13,6 +13,7 @@ import asyncio
 import json
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 import pytest
 from asgiref.testing import ApplicationCommunicator
@@ -206,16 +207,121 @@ def test_a_reused_key_with_another_body_is_refused_by_django(make_key):
     assert Job.objects.count() == 1
 
 
-def test_when_the_database_fails_django_answers_and_nothing_is_lost(make_key, monkeypatch):
-    def down(jobs):
+def test_when_the_insert_fails_django_answers_and_nothing_is_lost(make_key, monkeypatch):
+    """Postgres refuses the group's statement (here a statement timeout while
+    another session locks the table): it rolled back, so Django may create the job."""
+    import psycopg
+    from django.db import connection
+
+    from tests.conftest import test_database_url
+
+    original = submission.insert_jobs
+
+    def times_out(jobs):
+        with psycopg.connect(test_database_url()) as locker:
+            locker.execute("LOCK TABLE jobs_job IN SHARE MODE")
+            with connection.cursor() as cursor:
+                cursor.execute("SET statement_timeout = '200ms'")
+            try:
+                return original(jobs)
+            finally:
+                with connection.cursor() as cursor:
+                    cursor.execute("RESET statement_timeout")
+
+    monkeypatch.setattr(submission, "insert_jobs", times_out)
+
+    answer = post(make_key(), {"kind": "demo.noop", "payload": {}})
+
+    assert answer.status_code == 202, answer.content
+    assert Job.objects.filter(id=answer.json()["id"]).exists()
+    assert Job.objects.count() == 1
+
+
+# --- a submission committed is never created twice ------------------------------
+
+
+@pytest.fixture
+def cut_after_commit(monkeypatch):
+    """The writer's group commits, then its connection is cut before the rows
+    come back: Postgres terminates the session, as a restart or a network
+    failure would."""
+    from django.db import connection
+
+    original = submission.insert_jobs
+
+    def cut(jobs):
+        created = original(jobs)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return created
+
+    monkeypatch.setattr(submission, "insert_jobs", cut)
+
+
+def test_a_connection_cut_after_the_commit_is_answered_503_not_created_again(make_key, cut_after_commit):
+    answer = post(make_key(), {"kind": "demo.noop", "payload": {}}, X_Request_ID="req-cut")
+
+    body = assert_problem(answer, 503, "unavailable")
+    assert answer["Retry-After"] == "1"
+    assert answer["X-Request-ID"] == "req-cut"
+    assert "Idempotency-Key" in body["detail"]
+    assert Job.objects.count() == 1
+    assert OrmQ.objects.count() == 1
+
+
+def test_with_an_idempotency_key_a_cut_after_the_commit_is_answered_by_replay(make_key, cut_after_commit):
+    answer = post(make_key(), {"kind": "demo.noop", "payload": {}}, Idempotency_Key="cut")
+
+    assert answer.status_code == 200, answer.content
+    assert answer["Idempotent-Replayed"] == "true"
+    assert Job.objects.get().id == UUID(answer.json()["id"])
+
+
+def test_an_error_after_the_commit_is_answered_503_not_created_again(make_key, monkeypatch):
+    original = submission.insert_jobs
+
+    def fails_after_commit(jobs):
+        original(jobs)
+        raise RuntimeError("the rows could not be read back")
+
+    monkeypatch.setattr(submission, "insert_jobs", fails_after_commit)
+
+    answers = post_together(make_key(), [{"kind": "demo.noop", "payload": {}}] * 3)
+
+    for answer in answers:
+        assert_problem(answer, 503, "unavailable")
+    assert Job.objects.count() == 3
+
+
+def test_an_answer_that_cannot_be_built_is_a_problem_not_a_second_job(make_key, monkeypatch):
+    def broken(job):
+        raise RuntimeError("cannot render")
+
+    monkeypatch.setattr(intake, "job_json", broken)
+    key = make_key()
+
+    assert_problem(post(key, {"kind": "demo.noop", "payload": {}}), 500, "internal-error")
+    assert Job.objects.count() == 1
+    # With an Idempotency-Key, Django answers: the replay of the job created.
+    answer = post(key, {"kind": "demo.noop", "payload": {}}, Idempotency_Key="render")
+    assert answer.status_code == 200, answer.content
+    assert Job.objects.count() == 2
+    assert Job.objects.filter(id=answer.json()["id"], idempotency_key="render").exists()
+
+
+def test_a_database_error_before_the_insert_is_answered_by_django(make_key, monkeypatch):
+    """Nothing was written: Django creates the job (the intake's key check fails)."""
+
+    def down(keys):
         raise OperationalError("the server closed the connection unexpectedly")
 
-    monkeypatch.setattr(submission, "insert_jobs", down)
+    monkeypatch.setattr(intake, "verify_api_keys", down)
 
     answer = post(make_key(), {"kind": "demo.noop", "payload": {}})
 
     assert answer.status_code == 202
     assert Job.objects.filter(id=answer.json()["id"]).exists()
+    assert Job.objects.count() == 1
 
 
 # --- what it leaves to Django, which answers as always ------------------------------

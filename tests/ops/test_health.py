@@ -110,3 +110,25 @@ def test_a_real_cluster_heartbeat_names_its_queue():
         queue_name=lambda: broker.list_key,
     )
     assert Stat(sentinel).queue == "llm"
+
+
+@pytest.fixture
+def database_down(monkeypatch, caplog):
+    """Django's connection points at a socket directory that does not exist,
+    as when the database is down; the raw error names it."""
+    connection.close()
+    monkeypatch.setitem(connection.settings_dict, "HOST", "/nonexistent/conveyor-db-socket")
+    caplog.set_level("WARNING", logger="config.health")
+    yield caplog
+    connection.close()  # the next query reconnects with the real settings
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_a_database_failure_is_answered_without_its_text_which_goes_to_the_log(client, database_down, path):
+    response = client.get(path)
+
+    assert response.status_code == 503
+    assert response.json() == {"status": "error", "database": "unavailable"}
+    assert "conveyor-db-socket" not in response.content.decode()
+    assert any("conveyor-db-socket" in record.getMessage() for record in database_down.records)
