@@ -9,13 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from jobs.errors import PermanentError
 
 
 class Payload(BaseModel):
     """Base for payload schemas: unknown fields are refused, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class InvalidPayload(PermanentError):
+    """A stored payload its kind's schema refuses: retrying cannot change it."""
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,24 @@ class Handler:
         """`async def` handlers run in the worker process's asyncio lane (jobs/lane.py)."""
         return inspect.iscoroutinefunction(self.func)
 
+    def parse(self, payload: Any) -> BaseModel:
+        """The job's payload as its schema reads it. Raises InvalidPayload: a
+        job stored before a check existed (or written around it) goes to the
+        dead-letter queue at once instead of failing the same way every attempt."""
+        try:
+            return self.schema.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidPayload("; ".join(f"{e['field']}: {e['message']}" for e in payload_errors(exc))) from None
+
 
 _registry: dict[str, Handler] = {}
+
+
+def payload_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """A schema's errors, each named by its path (`payload.variables.keyword`)."""
+    return [
+        {"field": ".".join(str(p) for p in ("payload", *err["loc"])), "message": err["msg"]} for err in exc.errors()
+    ]
 
 
 def handler(

@@ -23,7 +23,7 @@ from pydantic import ValidationError as PydanticValidationError
 from jobs import broker, events, sql, ssrf
 from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge, UnknownKind
 from jobs.models import Batch, Job, State
-from jobs.registry import get_handler, known_kinds
+from jobs.registry import get_handler, known_kinds, payload_errors
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 MAX_BACKOFF = 7 * 24 * 3600.0
@@ -126,9 +126,7 @@ def prepare_job(
         normalized = handler.schema.model_validate(payload).model_dump(mode="json")
     except PydanticValidationError as exc:
         normalized = {}
-        for err in exc.errors():
-            path = ".".join(str(p) for p in ("payload", *err["loc"]))
-            errors.append({"field": path, "message": err["msg"]})
+        errors += payload_errors(exc)
 
     queue = handler.queue if queue in (None, "") else queue
     if not isinstance(queue, str) or not QUEUE_NAME.match(queue):

@@ -311,7 +311,7 @@ def test_a_row_whose_prompt_would_be_over_the_limit_is_refused(api):
         body = assert_problem(_post(api, path, csv_data=data, template="{keyword}: {audience} {audience}"), 422)
 
         assert body["errors"] == [
-            {"field": "rows[2]", "message": "makes a prompt of 120,008 characters; at most 100,000"}
+            {"field": "rows[2]", "message": "makes a prompt of 120,007 characters; at most 100,000"}
         ]
     assert _nothing_written()
 
