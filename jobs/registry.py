@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from jobs.errors import PermanentError
+from jobs.errors import InvalidJob, PermanentError, UnknownKind
 
 
 class Payload(BaseModel):
@@ -33,6 +33,7 @@ class Handler:
     max_attempts: int
     timeout: int
     description: str
+    internal: bool = False  # only the engine submits it (e.g. webhook.deliver)
 
     @functools.cached_property
     def is_async(self) -> bool:
@@ -66,14 +67,16 @@ def handler(
     queue: str = "default",
     max_attempts: int = 5,
     timeout: int = 600,
+    internal: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `func(ctx, payload) -> result` as the handler of `kind`."""
+    """Register `func(ctx, payload) -> result` as the handler of `kind`.
+    An `internal` kind is refused to every client: only the engine submits it."""
 
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
         if kind in _registry:
             raise ValueError(f"handler for {kind!r} registered twice")
         description = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
-        _registry[kind] = Handler(kind, func, schema, queue, max_attempts, timeout, description)
+        _registry[kind] = Handler(kind, func, schema, queue, max_attempts, timeout, description, internal)
         return func
 
     return register
@@ -83,8 +86,37 @@ def get_handler(kind: str) -> Handler | None:
     return _registry.get(kind)
 
 
+def submittable_handler(kind: Any, *, internal: bool = False) -> Handler:
+    """The handler of a kind the caller may submit: every client entry point
+    asks here (through `submission.prepare_job`); only the engine passes
+    `internal=True`. Raises UnknownKind, or InvalidJob for an internal kind,
+    naming `kind`."""
+    found = _registry.get(kind) if isinstance(kind, str) else None
+    if found is None:
+        raise UnknownKind(
+            [{"field": "kind", "message": f"unknown kind {kind!r}; known kinds: {', '.join(client_kinds())}"}]
+        )
+    if found.internal and not internal:
+        raise InvalidJob(
+            [
+                {
+                    "field": "kind",
+                    "message": f"{kind!r} is internal: only the engine submits it; "
+                    f"kinds you can submit: {', '.join(client_kinds())}",
+                }
+            ]
+        )
+    return found
+
+
 def known_kinds() -> list[str]:
+    """Every registered kind, internal ones included (for filters and listings)."""
     return sorted(_registry)
+
+
+def client_kinds() -> list[str]:
+    """The kinds a client may submit."""
+    return [kind for kind, h in sorted(_registry.items()) if not h.internal]
 
 
 def async_kinds() -> list[str]:
@@ -99,3 +131,8 @@ def sync_kinds() -> list[str]:
 
 def all_handlers() -> list[Handler]:
     return [_registry[k] for k in known_kinds()]
+
+
+def client_handlers() -> list[Handler]:
+    """The handlers of the kinds a client may submit (the Submit page's list)."""
+    return [_registry[k] for k in client_kinds()]
