@@ -207,14 +207,19 @@ def batch(request: HttpRequest, batch_id: UUID) -> HttpResponse:
 
 @login_required
 def submit(request: HttpRequest) -> HttpResponse:
-    handlers = services.all_handlers()
     kind = request.POST.get("kind") or request.GET.get("kind") or ""
-    handler = services.get_handler(kind) if kind else None
-    if kind and handler is None:
-        messages.error(request, f"Unknown kind {kind!r}.")
-    context = {"handlers": handlers, "handler": handler}
+    handler, status = None, 200
+    if kind:
+        try:
+            handler = services.submittable_handler(kind)
+        except InvalidJob as exc:
+            messages.error(request, exc.errors[0]["message"])
+            status = 422
+    context = {"handlers": services.client_handlers(), "handler": handler}
     if handler is None:
-        return _page(request, "dashboard/submit.html", context, title="Submit", nav="submit", stream=None)
+        response = _page(request, "dashboard/submit.html", context, title="Submit", nav="submit", stream=None)
+        response.status_code = status
+        return response
 
     schema = handler.schema.model_json_schema()
     if request.method == "POST":

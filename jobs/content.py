@@ -29,9 +29,9 @@ from django.utils.text import slugify
 from jobs.batches import MAX_ERRORS, MAX_JOBS, BatchSubmitted, InvalidBatch, submit_batch
 from jobs.deadletter import retry_job, retry_jobs
 from jobs.errors import ConveyorError, JobNotFound
-from jobs.handlers.llm import render_prompt, template_fields
 from jobs.llm.providers import UnknownProvider, get_provider
 from jobs.models import FINISHED_STATES, Batch, Job, Page, State
+from jobs.prompts import Pieces, PromptTooLong, TemplateError, check_length, parse_template, render_prompt
 
 KIND = "content.page"
 KEYWORD = "keyword"
@@ -106,7 +106,8 @@ def plan_content(
     first row after the header).
     """
     errors: list[dict[str, str]] = []
-    fields = _template_fields(template, errors)
+    pieces = _template_pieces(template, errors)
+    fields = None if pieces is None else list(dict.fromkeys(f for _, f in pieces if f is not None))
     provider = (provider or "").strip() or None
     model = (model or "").strip() or None
     if provider is not None:
@@ -128,6 +129,8 @@ def plan_content(
                     "message": f"names {names}, {what} of the file (its columns: {', '.join(columns)})",
                 }
             )
+        elif pieces is not None and rows is not None:
+            _check_prompt_lengths(pieces, rows, errors)
     slugs = _slugs(rows, errors) if rows is not None else []
     if errors:
         raise InvalidBatch(errors[:MAX_ERRORS])
@@ -160,7 +163,7 @@ def submit_content(
     )
 
 
-def _template_fields(template: str | None, errors: list[dict[str, str]]) -> list[str] | None:
+def _template_pieces(template: str | None, errors: list[dict[str, str]]) -> Pieces | None:
     if not template or not template.strip():
         errors.append({"field": "template", "message": "is required"})
         return None
@@ -168,16 +171,24 @@ def _template_fields(template: str | None, errors: list[dict[str, str]]) -> list
         errors.append({"field": "template", "message": f"must be at most {MAX_TEMPLATE:,} characters"})
         return None
     try:
-        names = template_fields(template)
-    except ValueError as exc:
-        errors.append({"field": "template", "message": f"is malformed: {exc} (write a literal brace as {{{{ or }}}})"})
+        pieces = parse_template(template)
+    except TemplateError as exc:
+        errors.append({"field": "template", "message": str(exc)})
         return None
-    if not names:
+    if all(field is None for _, field in pieces):
         errors.append(
             {"field": "template", "message": "names no column, so every page would get the same prompt; use {keyword}"}
         )
         return None
-    return list(dict.fromkeys(names))
+    return pieces
+
+
+def _check_prompt_lengths(pieces: Pieces, rows: list[dict[str, str]], errors: list[dict[str, str]]) -> None:
+    for number, row in enumerate(rows, start=1):
+        try:
+            check_length(pieces, row)
+        except PromptTooLong as exc:
+            errors.append({"field": f"rows[{number}]", "message": str(exc)})
 
 
 def _read_csv(data: bytes | str | None, errors: list[dict[str, str]]):

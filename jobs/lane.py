@@ -170,7 +170,7 @@ class Lane:
 
         try:
             try:
-                payload = handler.schema.model_validate(job.payload)
+                payload = handler.parse(job.payload)
                 result = runner._storable(await handler.func(ctx, payload))
             except asyncio.CancelledError:
                 if ctx.cancel_reason == "cancelled":
@@ -291,4 +291,3 @@ def _renew_leases(owned: dict[UUID, str], lease: int) -> list[UUID]:
         )
         renewed = {row[0] for row in cursor.fetchall()}
     return [job_id for job_id in owned if job_id not in renewed]
-

@@ -9,13 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from jobs.errors import InvalidJob, PermanentError, UnknownKind
 
 
 class Payload(BaseModel):
     """Base for payload schemas: unknown fields are refused, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class InvalidPayload(PermanentError):
+    """A stored payload its kind's schema refuses: retrying cannot change it."""
 
 
 @dataclass(frozen=True)
@@ -27,14 +33,31 @@ class Handler:
     max_attempts: int
     timeout: int
     description: str
+    internal: bool = False  # only the engine submits it (e.g. webhook.deliver)
 
     @functools.cached_property
     def is_async(self) -> bool:
         """`async def` handlers run in the worker process's asyncio lane (jobs/lane.py)."""
         return inspect.iscoroutinefunction(self.func)
 
+    def parse(self, payload: Any) -> BaseModel:
+        """The job's payload as its schema reads it. Raises InvalidPayload: a
+        job stored before a check existed (or written around it) goes to the
+        dead-letter queue at once instead of failing the same way every attempt."""
+        try:
+            return self.schema.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidPayload("; ".join(f"{e['field']}: {e['message']}" for e in payload_errors(exc))) from None
+
 
 _registry: dict[str, Handler] = {}
+
+
+def payload_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """A schema's errors, each named by its path (`payload.variables.keyword`)."""
+    return [
+        {"field": ".".join(str(p) for p in ("payload", *err["loc"])), "message": err["msg"]} for err in exc.errors()
+    ]
 
 
 def handler(
@@ -44,14 +67,16 @@ def handler(
     queue: str = "default",
     max_attempts: int = 5,
     timeout: int = 600,
+    internal: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `func(ctx, payload) -> result` as the handler of `kind`."""
+    """Register `func(ctx, payload) -> result` as the handler of `kind`.
+    An `internal` kind is refused to every client: only the engine submits it."""
 
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
         if kind in _registry:
             raise ValueError(f"handler for {kind!r} registered twice")
         description = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
-        _registry[kind] = Handler(kind, func, schema, queue, max_attempts, timeout, description)
+        _registry[kind] = Handler(kind, func, schema, queue, max_attempts, timeout, description, internal)
         return func
 
     return register
@@ -61,8 +86,37 @@ def get_handler(kind: str) -> Handler | None:
     return _registry.get(kind)
 
 
+def submittable_handler(kind: Any, *, internal: bool = False) -> Handler:
+    """The handler of a kind the caller may submit: every client entry point
+    asks here (through `submission.prepare_job`); only the engine passes
+    `internal=True`. Raises UnknownKind, or InvalidJob for an internal kind,
+    naming `kind`."""
+    found = _registry.get(kind) if isinstance(kind, str) else None
+    if found is None:
+        raise UnknownKind(
+            [{"field": "kind", "message": f"unknown kind {kind!r}; known kinds: {', '.join(client_kinds())}"}]
+        )
+    if found.internal and not internal:
+        raise InvalidJob(
+            [
+                {
+                    "field": "kind",
+                    "message": f"{kind!r} is internal: only the engine submits it; "
+                    f"kinds you can submit: {', '.join(client_kinds())}",
+                }
+            ]
+        )
+    return found
+
+
 def known_kinds() -> list[str]:
+    """Every registered kind, internal ones included (for filters and listings)."""
     return sorted(_registry)
+
+
+def client_kinds() -> list[str]:
+    """The kinds a client may submit."""
+    return [kind for kind, h in sorted(_registry.items()) if not h.internal]
 
 
 def async_kinds() -> list[str]:
@@ -77,3 +131,8 @@ def sync_kinds() -> list[str]:
 
 def all_handlers() -> list[Handler]:
     return [_registry[k] for k in known_kinds()]
+
+
+def client_handlers() -> list[Handler]:
+    """The handlers of the kinds a client may submit (the Submit page's list)."""
+    return [_registry[k] for k in client_kinds()]

@@ -204,7 +204,7 @@ def _execute(job: Job, handler, worker: str) -> tuple[str, Any]:
         try:
             if handler is None:
                 raise _UnknownKind(f"no handler is registered for kind {job.kind!r} on this worker")
-            payload = handler.schema.model_validate(job.payload)
+            payload = handler.parse(job.payload)
             return "succeeded", _storable(handler.func(ctx, payload))
         except Cancelled:
             return "cancelled", None

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from jobs.deadletter import cancel_job, discard_job, discard_jobs, retry_job, retry_jobs
 from jobs.errors import JobNotFound
 from jobs.models import Job, JobEvent, State
-from jobs.registry import all_handlers, get_handler, known_kinds
+from jobs.registry import all_handlers, client_handlers, get_handler, known_kinds, submittable_handler
 from jobs.retention import purge_finished
 from jobs.stats import queue_stats
 from jobs.submission import Submitted, submit_job
@@ -19,6 +19,7 @@ __all__ = [
     "Submitted",
     "all_handlers",
     "cancel_job",
+    "client_handlers",
     "discard_job",
     "discard_jobs",
     "get_handler",
@@ -31,6 +32,7 @@ __all__ = [
     "retry_job",
     "retry_jobs",
     "submit_job",
+    "submittable_handler",
 ]
 
 

@@ -21,9 +21,9 @@ from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
 from jobs import broker, events, sql, ssrf
-from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge, UnknownKind
+from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge
 from jobs.models import Batch, Job, State
-from jobs.registry import get_handler, known_kinds
+from jobs.registry import payload_errors, submittable_handler
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 MAX_BACKOFF = 7 * 24 * 3600.0
@@ -57,9 +57,11 @@ def submit_job(
     callback_url: str = "",
     owner: str = "",
     batch: Batch | None = None,
+    internal: bool = False,
 ) -> Submitted:
     """Validate and create a job, its `job.created` event and its broker row in
-    one transaction.
+    one transaction. Only the engine passes `internal=True`, to submit a kind
+    no client may (webhook.deliver).
 
     Raises InvalidJob (with per-field errors) or IdempotencyKeyReused.
     """
@@ -74,6 +76,7 @@ def submit_job(
         backoff_max=backoff_max,
         idempotency_key=idempotency_key,
         callback_url=callback_url,
+        internal=internal,
     )
     asked = fingerprint(fields)
     job = _insert(Job(owner=owner, batch=batch, request_fingerprint=asked, **fields))
@@ -99,16 +102,13 @@ def prepare_job(
     backoff_max: float | None = None,
     idempotency_key: str | None = None,
     callback_url: str = "",
+    internal: bool = False,
 ) -> dict[str, Any]:
     """Validate a submission and return the Job fields it makes (no database
     writes), all but `request_fingerprint`: only a caller with an idempotency
     key needs it (`fingerprint(fields)`), and a 10,000-job batch spent a
     tenth of its time on digests nothing read."""
-    handler = get_handler(kind) if isinstance(kind, str) else None
-    if handler is None:
-        raise UnknownKind(
-            [{"field": "kind", "message": f"unknown kind {kind!r}; known kinds: {', '.join(known_kinds())}"}]
-        )
+    handler = submittable_handler(kind, internal=internal)
     if not isinstance(payload, dict):
         raise InvalidJob([{"field": "payload", "message": "must be a JSON object"}])
     unstorable = _unstorable(payload, "payload")
@@ -126,9 +126,7 @@ def prepare_job(
         normalized = handler.schema.model_validate(payload).model_dump(mode="json")
     except PydanticValidationError as exc:
         normalized = {}
-        for err in exc.errors():
-            path = ".".join(str(p) for p in ("payload", *err["loc"]))
-            errors.append({"field": path, "message": err["msg"]})
+        errors += payload_errors(exc)
 
     queue = handler.queue if queue in (None, "") else queue
     if not isinstance(queue, str) or not QUEUE_NAME.match(queue):

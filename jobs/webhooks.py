@@ -461,6 +461,7 @@ def _start_delivery(delivery: WebhookDelivery) -> Job:
         backoff_base=5.0,
         backoff_max=36_000.0,
         owner="webhooks",
+        internal=True,
     ).job
     WebhookDelivery.objects.filter(id=delivery.id).update(deliver_job=deliver_job)
     delivery.deliver_job = deliver_job

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import string
 from typing import Literal
 
 from django.utils.text import slugify
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from jobs.prompts import PromptTooLong, TemplateError, check_length, parse_template, render_prompt
 from jobs.registry import Payload, handler
 
 LLM_QUEUE = "llm"
@@ -171,28 +172,26 @@ class PagePayload(Payload):
     max_tokens: int | None = Field(default=None, ge=1, le=32_000)
     fallback: Fallback | None = None
 
+    @field_validator("template")
+    @classmethod
+    def _plain_placeholders(cls, template: str) -> str:
+        try:
+            parse_template(template)
+        except TemplateError as exc:
+            raise PydanticCustomError("template", str(exc)) from None
+        return template
+
     @model_validator(mode="after")
     def _template_fits(self):
-        missing = sorted(set(template_fields(self.template)) - set(self.variables))
+        pieces = parse_template(self.template)
+        missing = sorted({field for _, field in pieces if field is not None} - set(self.variables))
         if missing:
             raise ValueError(f"template names {', '.join(missing)}, missing from variables")
+        try:
+            check_length(pieces, self.variables)
+        except PromptTooLong as exc:
+            raise PydanticCustomError("prompt_too_long", f"template and variables {exc}") from None
         return self
-
-
-def template_fields(template: str) -> list[str]:
-    """The `{name}` placeholders of a prompt template (raises ValueError if malformed)."""
-    names = []
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is None:
-            continue
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ -]*", field):
-            raise ValueError(f"placeholder {{{field}}} is not a column name")
-        names.append(field)
-    return names
-
-
-def render_prompt(template: str, variables: dict) -> str:
-    return template.format_map({k: "" if v is None else v for k, v in variables.items()})
 
 
 def page_from_text(text: str, keyword: str) -> dict:

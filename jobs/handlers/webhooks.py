@@ -71,7 +71,14 @@ def next_delay(attempt: int, response: ssrf.Response) -> float:
     return retry_delay(attempt)
 
 
-@handler(webhooks.DELIVER_KIND, schema=DeliverPayload, queue=webhooks.QUEUE, max_attempts=len(SCHEDULE) + 1, timeout=60)
+@handler(
+    webhooks.DELIVER_KIND,
+    schema=DeliverPayload,
+    queue=webhooks.QUEUE,
+    max_attempts=len(SCHEDULE) + 1,
+    timeout=60,
+    internal=True,
+)
 def deliver(ctx, payload: DeliverPayload) -> dict:
     """Sends one signed webhook message (Standard Webhooks)."""
     delivery = webhooks.delivery_for_sending(payload.delivery)

@@ -166,8 +166,18 @@ def test_get_batch_counts_its_jobs_by_state(api):
     assert body["done"] is True
     assert body["finished_at"] is not None or body["done"]
     assert set(body) == {
-        "id", "name", "total", "counts", "done", "callback_url", "created_at", "finished_at",
-        "tokens_used", "usage", "token_budget", "budget_exhausted",
+        "id",
+        "name",
+        "total",
+        "counts",
+        "done",
+        "callback_url",
+        "created_at",
+        "finished_at",
+        "tokens_used",
+        "usage",
+        "token_budget",
+        "budget_exhausted",
     }
 
 

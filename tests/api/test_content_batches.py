@@ -271,3 +271,66 @@ def test_under_asgi_an_export_streams_from_an_async_iterator_in_chunks(make_key,
     assert response.status_code == 200 and response.is_async
     assert len(chunks) > 2, "the export should leave in several chunks, not one buffer"
     assert len(list(csv.DictReader(io.StringIO(b"".join(chunks).decode())))) == 1003
+
+
+# --- what a template may contain -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("About {keyword:>50}", "format spec"),
+        ("About {keyword:{audience}}", "format spec"),
+        ("About {keyword!r}", "conversion"),
+        ("About {keyword.upper}", "only plain {column} placeholders"),
+        ("About {keyword[0]}", "only plain {column} placeholders"),
+    ],
+)
+def test_a_template_with_more_than_plain_placeholders_is_refused(api, template, message):
+    # {keyword:>2000000000} rendered a 2 GB prompt; a narrow spec is refused alike and costs nothing.
+    for path in ("/batches/content/preview", "/batches/content"):
+        body = assert_problem(_post(api, path, template=template), 422, "invalid-batch")
+
+        assert [e["field"] for e in body["errors"]] == ["template"], body["errors"]
+        assert message in body["errors"][0]["message"]
+    assert _nothing_written()
+
+
+def test_doubled_braces_still_write_literal_braces(api):
+    response = _post(api, "/batches/content/preview", template="Use {{braces}} for {keyword} }}{{")
+
+    assert response.status_code == 200, response.content
+    assert response.json()["first_prompt"] == "Use {braces} for blue widgets }{"
+
+
+def test_a_row_whose_prompt_would_be_over_the_limit_is_refused(api):
+    long_cell = "x" * 60_000
+    data = f"keyword,audience\nshort,a\nlong,{long_cell}\n"
+
+    for path in ("/batches/content/preview", "/batches/content"):
+        body = assert_problem(_post(api, path, csv_data=data, template="{keyword}: {audience} {audience}"), 422)
+
+        assert body["errors"] == [
+            {"field": "rows[2]", "message": "makes a prompt of 120,007 characters; at most 100,000"}
+        ]
+    assert _nothing_written()
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "message"),
+    [
+        ({"template": "{keyword:>50}", "variables": {"keyword": "k"}}, "payload.template", "format spec"),
+        ({"template": "{keyword!s}", "variables": {"keyword": "k"}}, "payload.template", "conversion"),
+        (
+            {"template": "{keyword}" * 20, "variables": {"keyword": "k" * 6000}},
+            "payload",
+            "at most 100,000",
+        ),
+    ],
+)
+def test_a_single_content_page_job_with_a_bad_template_is_refused(api, payload, field, message):
+    body = assert_problem(api.post("/jobs", {"kind": "content.page", "payload": payload}), 422, "invalid-job")
+
+    assert [e["field"] for e in body["errors"]] == [field], body["errors"]
+    assert message in body["errors"][0]["message"]
+    assert _nothing_written()

@@ -332,6 +332,7 @@ def test_a_database_error_before_the_insert_is_answered_by_django(make_key, monk
     [
         (b'{"kind": "demo.noop", "payload": ', {}, 400, "malformed-json"),
         ({"kind": "demo.nope", "payload": {}}, {}, 422, None),
+        ({"kind": "webhook.deliver", "payload": {"delivery": "8f0c6a3e-2d6a-4b8e-9d59-0e7f1b1c2a3d"}}, {}, 422, None),
         ({"kind": "demo.sleep", "payload": {"seconds": "long"}}, {}, 422, None),
         ({"kind": "demo.noop", "payload": {}, "surprise": 1}, {}, 422, None),
         ({"kind": "demo.noop", "payload": {}}, {"Idempotency_Key": "k" * 256}, 400, "invalid-idempotency-key"),

@@ -247,3 +247,13 @@ def test_queues_lists_counts_per_queue(api, make_job):
         "succeeded_last_minute",
         "failed_last_minute",
     }
+
+
+def test_an_internal_kind_is_a_422_naming_the_kind(api):
+    delivery = {"kind": "webhook.deliver", "payload": {"delivery": str(uuid.uuid4())}}
+
+    for path, body in (("/jobs", delivery), ("/batches", {"name": "b", "jobs": [delivery]})):
+        problem = assert_problem(api.post(path, body), 422)
+        assert [e["field"] for e in problem["errors"]] in (["kind"], ["jobs[0].kind"]), problem
+        assert "is internal: only the engine submits it" in problem["errors"][0]["message"]
+    assert (Job.objects.count(), OrmQ.objects.count()) == (0, 0)

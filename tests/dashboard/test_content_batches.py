@@ -254,3 +254,16 @@ def test_a_batch_of_other_jobs_has_no_content_section(operator_client, make_job)
     make_job(batch=batch)
 
     assert 'id="batch-content"' not in operator_client.get(f"/batches/{batch.id}/").content.decode()
+
+
+@pytest.mark.parametrize("template", ["About {keyword:>50}", "About {keyword!r}", "About {keyword:{audience}}"])
+def test_a_template_with_a_format_spec_or_conversion_is_refused_on_the_form(operator_client, template):
+    for data in (_form(template=template), {**_form(template=template), "preview": "1"}):
+        response = operator_client.post("/batches/content/", data)
+
+        assert response.status_code == 422
+        errors = response.content.decode().split('id="errors-template"')[1].split("</div>")[0]
+        assert "only plain {column} placeholders" in errors
+    html = operator_client.post("/batches/content/preview", _form(template=template), **htmx()).content.decode()
+    assert "only plain {column} placeholders" in html.split('id="errors-template"')[1].split("</div>")[0]
+    assert _nothing_written()

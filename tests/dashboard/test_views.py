@@ -233,12 +233,30 @@ def test_the_submit_form_is_generated_from_the_payload_schema(operator_client, d
     assert '<select name="payload-mode"' in html and '<option value="permanent">' in html
 
 
-def test_every_registered_kind_gets_a_form(operator_client, db):
-    from jobs.services import known_kinds
+def test_every_kind_a_client_may_submit_gets_a_form(operator_client, db):
+    from jobs.services import all_handlers
 
-    for kind in known_kinds():
-        response = operator_client.get("/submit/", {"kind": kind})
-        assert response.status_code == 200 and b"Submit job" in response.content, kind
+    for handler in all_handlers():
+        if handler.internal:
+            continue
+        response = operator_client.get("/submit/", {"kind": handler.kind})
+        assert response.status_code == 200 and b"Submit job" in response.content, handler.kind
+
+
+def test_internal_kinds_are_not_listed_and_cannot_be_submitted(operator_client, db):
+    page = operator_client.get("/submit/").content.decode()
+    assert "?kind=demo.sleep" in page and "webhook.deliver" not in page
+
+    shown = operator_client.get("/submit/", {"kind": "webhook.deliver"})
+    assert shown.status_code == 422 and b"Submit job" not in shown.content
+    assert "&#x27;webhook.deliver&#x27; is internal: only the engine submits it" in shown.content.decode()
+
+    posted = operator_client.post(
+        "/submit/?kind=webhook.deliver",
+        {"kind": "webhook.deliver", "payload-delivery": "8f0c6a3e-2d6a-4b8e-9d59-0e7f1b1c2a3d"},
+    )
+    assert posted.status_code == 422 and "is internal: only the engine submits it" in posted.content.decode()
+    assert Job.objects.count() == 0
 
 
 def test_json_fields_take_json(operator_client, db):

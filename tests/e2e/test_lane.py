@@ -33,8 +33,13 @@ def test_one_worker_process_runs_many_async_jobs_at_once(processes, make_job):
 
 
 def test_a_failing_async_job_keeps_its_partial_output_and_is_retried(processes, make_job):
-    job = make_job("demo.async_sleep", {"seconds": 0.2, "steps": 2, "fail": True}, max_attempts=2,
-                   backoff_base=0.2, backoff_max=0.2)
+    job = make_job(
+        "demo.async_sleep",
+        {"seconds": 0.2, "steps": 2, "fail": True},
+        max_attempts=2,
+        backoff_base=0.2,
+        backoff_max=0.2,
+    )
     processes.qcluster()
     wait_until(lambda: Job.objects.get(id=job.id).state == "dead", timeout=30, message="the job to die")
     attempts = list(Job.objects.get(id=job.id).attempt_set.values_list("outcome", "error_type", "output"))
@@ -51,8 +56,9 @@ def test_cancelling_a_running_async_job_stops_it(processes, make_job):
 
 
 def test_a_killed_lane_worker_s_jobs_are_rescued_and_finish(processes, make_job):
-    jobs = [make_job("demo.async_sleep", {"seconds": 3, "steps": 6}, backoff_base=0.2, backoff_max=0.5)
-            for _ in range(5)]
+    jobs = [
+        make_job("demo.async_sleep", {"seconds": 3, "steps": 6}, backoff_base=0.2, backoff_max=0.5) for _ in range(5)
+    ]
     processes.qcluster(CONVEYOR_WORKERS="1")
 
     def all_running():
@@ -61,8 +67,12 @@ def test_a_killed_lane_worker_s_jobs_are_rescued_and_finish(processes, make_job)
     wait_until(all_running, timeout=30, message="5 jobs running in the lane")
     pid = int(Job.objects.filter(state="running").first().lease_owner.rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: Job.objects.filter(state="succeeded").count() == 5, timeout=60, interval=0.5,
-               message="the rescued jobs to succeed")
+    wait_until(
+        lambda: Job.objects.filter(state="succeeded").count() == 5,
+        timeout=60,
+        interval=0.5,
+        message="the rescued jobs to succeed",
+    )
     for job in jobs:
         outcomes = list(Job.objects.get(id=job.id).attempt_set.values_list("outcome", flat=True))
         assert outcomes == ["lost", "succeeded"]

@@ -254,3 +254,10 @@ def test_purge_refuses_a_negative_age(make_job):
 
     assert caught.value.code == 2
     assert Job.objects.filter(id=job.id).exists()
+
+
+def test_submit_refuses_an_internal_kind():
+    message = refused("jobs", "submit", "webhook.deliver", "--payload", json.dumps({"delivery": str(uuid.uuid4())}))
+    assert "kind: 'webhook.deliver' is internal" in message
+    assert not Job.objects.exists()
+    assert not OrmQ.objects.exists()

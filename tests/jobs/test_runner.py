@@ -871,3 +871,14 @@ def test_the_successes_before_a_chained_timeout_are_recorded(make_job, roomy_bat
     assert Job.objects.get(id=quick.id).state == State.SUCCEEDED
     assert Job.objects.get(id=slow.id).state == State.RUNNING
     runner._leases.release(slow.id)
+
+
+def test_a_stored_payload_its_schema_refuses_dead_letters_the_job_on_its_first_attempt(make_job):
+    job = make_job("demo.sleep", {"seconds": 0.01})
+    Job.objects.filter(id=job.id).update(payload={"seconds": "soon"})
+
+    job = deliver(job)
+
+    assert (job.state, job.attempts) == (State.DEAD, 1)
+    assert job.error_type == "InvalidPayload" and "payload.seconds" in job.error_message
+    assert len(broker_rows(job)) == 1  # no retry was scheduled

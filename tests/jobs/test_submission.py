@@ -269,3 +269,27 @@ def test_two_submissions_racing_with_one_key_make_one_job():
     assert sorted(r.created for r in results) == [False, True]
     assert OrmQ.objects.count() == 1
     assert JobEvent.objects.count() == 1
+
+
+# --- kinds only the engine submits ------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [{"delivery": "8f0c6a3e-2d6a-4b8e-9d59-0e7f1b1c2a3d"}, {}, {"surprise": 1}, []])
+def test_an_internal_kind_is_refused_naming_the_kind_whatever_the_payload(payload):
+    error = refused("webhook.deliver", payload)
+
+    assert [e["field"] for e in error.errors] == ["kind"]
+    assert "'webhook.deliver' is internal: only the engine submits it" in error.message
+
+
+def test_an_unknown_kind_does_not_name_the_internal_kinds():
+    error = refused("demo.nope", {})
+    assert "webhook.deliver" not in error.message and "demo.noop" in error.message
+
+
+def test_the_engine_still_submits_internal_kinds():
+    from jobs.registry import get_handler
+
+    assert get_handler("webhook.deliver").internal
+    job = submit_job("webhook.deliver", {"delivery": "8f0c6a3e-2d6a-4b8e-9d59-0e7f1b1c2a3d"}, internal=True).job
+    assert (job.kind, job.queue) == ("webhook.deliver", "webhooks")

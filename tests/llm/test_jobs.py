@@ -242,6 +242,7 @@ def test_one_delivery_fills_the_lane_with_the_queues_ready_jobs(configure):
     for job in Job.objects.filter(id__in=ids):
         assert [(a.number, a.outcome) for a in job.attempt_set.all()] == [(1, "succeeded")]
         assert job.completion_tokens > 0
+
     # The claimed jobs' own broker rows served as their watchdogs and went when they finished.
     def rows_left() -> int:
         with connection.cursor() as cursor:
@@ -249,3 +250,25 @@ def test_one_delivery_fills_the_lane_with_the_queues_ready_jobs(configure):
             return cursor.fetchone()[0]
 
     wait_until(lambda: rows_left() == 0, timeout=10, message="the watchdog rows to go")
+
+
+@pytest.mark.parametrize(
+    ("template", "variables", "message"),
+    [
+        ("{keyword:>50}", {"keyword": "k"}, "format spec"),
+        ("{keyword!r}", {"keyword": "k"}, "conversion"),
+        ("{keyword}" * 20, {"keyword": "k" * 6000}, "at most 100,000"),
+    ],
+)
+def test_a_stored_content_page_job_with_a_bad_template_fails_at_once(configure, daphne, template, variables, message):
+    """A job stored before its template was checked (or written around the
+    checks) is dead on its first attempt: retrying cannot fix its payload."""
+    configure({"name": "sim"})
+    job = services.submit_job("content.page", {"template": "{keyword}", "variables": {"keyword": "k"}}).job
+    Job.objects.filter(id=job.id).update(payload={**job.payload, "template": template, "variables": variables})
+
+    done = run(job)
+
+    assert (done.state, done.attempts, done.max_attempts) == ("dead", 1, 5)
+    assert done.error_type == "InvalidPayload" and message in done.error_message
+    assert httpx.get(f"{daphne}/simulated/v1/load").json()["requests"] == 0

@@ -219,7 +219,10 @@ def test_a_callback_to_a_loopback_address_is_refused_at_submission(make_job, rec
     with pytest.raises(InvalidJob) as refused:
         make_job(callback_url=receiver.url("/hook"))
     assert refused.value.errors == [
-        {"field": "callback_url", "message": "the host 127.0.0.1 is a loopback address; outbound calls may not reach it"}
+        {
+            "field": "callback_url",
+            "message": "the host 127.0.0.1 is a loopback address; outbound calls may not reach it",
+        }
     ]
 
 
