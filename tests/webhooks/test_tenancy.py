@@ -167,3 +167,49 @@ def _owner_of(client: ApiClient) -> str:
     from jobs.apikeys import verify_api_key
 
     return verify_api_key(client.headers["Authorization"].removeprefix("Bearer ")).owner
+
+
+def test_the_dashboard_records_its_user_as_user_pk_everywhere(db, receiver, allow_private):
+    """Jobs, content batches and endpoints created on the dashboard are owned by
+    `user:<pk>`, as through the API with the same session: so the user's own
+    endpoint hears about them, and an idempotency key means one job either way."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    user = User.objects.create_user("una", password="pw")
+    user.user_permissions.add(Permission.objects.get(codename="add_job", content_type__app_label="jobs"))
+    session = Client()
+    session.force_login(user)
+    owner = f"user:{user.pk}"
+    endpoint = _register(ApiClient(client=session), receiver, "/una")
+
+    response = session.post("/submit/?kind=demo.noop", {"kind": "demo.noop", "options-idempotency_key": "k-1"})
+    assert response.status_code == 302, response.content
+    job = Job.objects.get(kind="demo.noop")
+    assert job.owner == owner
+    again = ApiClient(client=session).post("/jobs", NOOP, **{"Idempotency-Key": "k-1"})
+    assert again.json()["id"] == str(job.id)
+
+    response = session.post(
+        "/batches/content/",
+        {
+            "name": "widgets",
+            "template": "Write about {keyword}.",
+            "provider": "",
+            "model": "",
+            "callback_url": "",
+            "file": SimpleUploadedFile("pages.csv", b"keyword\nblue widgets\n", "text/csv"),
+        },
+    )
+    assert response.status_code == 302, response.content
+    batch = Batch.objects.get(name="widgets")
+    assert batch.owner == owner
+    assert {j.owner for j in batch.jobs.all()} == {owner}
+
+    finish(job)
+    assert _about(endpoint) == {("job.succeeded", str(job.id))}
+    operator = User.objects.create_user("olga", password="pw", is_staff=True)
+    operator.user_permissions.add(Permission.objects.get(codename="operate_job", content_type__app_label="jobs"))
+    session.force_login(operator)
+    created = session.post("/webhooks/", {"url": receiver.url("/olga"), "event_types": ["job.dead"]})
+    assert created.status_code == 201
+    assert services.list_endpoints(owner=f"user:{operator.pk}")[0].url == receiver.url("/olga")
