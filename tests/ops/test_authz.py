@@ -592,11 +592,10 @@ def test_a_second_tenants_objects_answer_each_caller_as_the_model_says(role):
 
 
 def _dashboard_id_routes() -> list[str]:
-    return [name for name in DASHBOARD if name not in ("content-new", "content-preview") and _takes_an_id(name)]
-
-
-def _takes_an_id(name: str) -> bool:
-    return name.startswith(("job", "cancel-", "retry-", "batch-", "webhook-")) or name in ("batch", "webhook")
+    """The dashboard routes whose URL names an object (read from the resolver)."""
+    resolver = get_resolver()
+    (dashboard,) = [p for p in resolver.url_patterns if isinstance(p, URLResolver) and p.namespace == "dashboard"]
+    return [p.name for p in dashboard.url_patterns if isinstance(p, URLPattern) and "<" in str(p.pattern)]
 
 
 @pytest.mark.django_db
