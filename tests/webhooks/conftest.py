@@ -18,6 +18,7 @@ from jobs import runner, webhooks
 from jobs.models import Job, State, WebhookDelivery
 from jobs.states import transition
 from tests.api.conftest import api, make_key  # noqa: F401 - fixtures
+from tests.api.test_tenancy import alice, bob  # noqa: F401 - fixtures (keys with submit,read)
 from tests.dashboard.conftest import operator, operator_client, reader, reader_client  # noqa: F401 - fixtures
 
 
