@@ -20,7 +20,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from dashboard.forms import ContentBatchForm
-from dashboard.permissions import can_operate, can_submit
+from dashboard.permissions import can_operate, can_submit, owner_of
 from dashboard.views import _notice, _operator, _page
 from jobs import content
 from jobs.batches import InvalidBatch
@@ -63,7 +63,7 @@ def new_content_batch(request: HttpRequest) -> HttpResponse:
                 form.cleaned_data["template"],
                 provider=form.cleaned_data["provider"],
                 model=form.cleaned_data["model"],
-                owner=request.user.get_username(),
+                owner=owner_of(request.user),
                 callback_url=form.cleaned_data["callback_url"],
             )
         except InvalidBatch as exc:

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_POST
 
 from dashboard import charts, queries
 from dashboard.forms import OptionsForm, payload_form
-from dashboard.permissions import can_operate, can_submit
+from dashboard.permissions import can_operate, can_submit, owner_of
 from dashboard.waiting import waiting_reason
 from jobs import services
 from jobs.errors import IdempotencyKeyReused, InvalidJob, InvalidState, JobNotFound
@@ -232,7 +232,7 @@ def submit(request: HttpRequest) -> HttpResponse:
                 submitted = services.submit_job(
                     handler.kind,
                     form.payload(),
-                    owner=request.user.get_username(),
+                    owner=owner_of(request.user),
                     **options.submit_options(),
                 )
             except InvalidJob as exc:

@@ -24,7 +24,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from dashboard import queries
-from dashboard.permissions import can_operate
+from dashboard.permissions import can_operate, owner_of
 from jobs import services
 from jobs.errors import InvalidState
 from jobs.models import WebhookDelivery, WebhookEndpoint
@@ -68,7 +68,7 @@ def endpoint_list(request: HttpRequest) -> HttpResponse:
         if form.is_valid():
             try:
                 created = services.create_endpoint(
-                    owner=f"user:{request.user.pk}",
+                    owner=owner_of(request.user),
                     url=form.cleaned_data["url"],
                     event_types=form.cleaned_data["event_types"],
                     description=form.cleaned_data["description"],

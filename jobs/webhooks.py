@@ -17,6 +17,12 @@ whoever submitted the job: each API key has its own (owner "apikey:<id>");
 jobs submitted by dashboard users, the admin or the CLI use the project's
 default secret (owner "").
 
+Who hears what (the REST API's tenancy). An endpoint hears about the jobs and
+batches its owner submitted; an endpoint whose owner is an operator (an API
+key with `operate`, a staff user) hears about every owner's. Whether the
+owner is an operator is read when the job finishes, so a key that loses
+`operate` (or is revoked) stops its endpoints hearing about others at once.
+
 How it is delivered. Each message to each URL is a `WebhookDelivery` row and a
 `webhook.deliver` job on the "webhooks" queue (jobs/handlers/webhooks.py),
 created in the same transaction as the state change that causes it (see
@@ -39,17 +45,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
-from django.db.models import F, Window
-from django.db.models.functions import RowNumber
+from django.db.models import CharField, F, Q, QuerySet, Value, Window
+from django.db.models.functions import Cast, Concat, RowNumber
 from django.utils import timezone
 
 from jobs import ssrf, states
 from jobs.errors import ConveyorError, InvalidState
 from jobs.models import (
     ACTIVE_STATES,
+    ApiKey,
     Attempt,
     Batch,
     Job,
@@ -369,7 +377,7 @@ def job_finished(job: Job) -> None:
     event_type = f"job.{State(job.state).value}"
     subscribed = subscribed_event_types()
     if job.callback_url or event_type in subscribed:
-        endpoints = _subscribers(event_type) if event_type in subscribed else []
+        endpoints = _subscribers(event_type, job.owner) if event_type in subscribed else []
         if job.callback_url or endpoints:
             _enqueue(
                 event_type,
@@ -403,7 +411,7 @@ def _batch_completed(batch_id: uuid.UUID) -> None:
         )
         if cursor.fetchone()[0]:
             return
-    endpoints = _subscribers(BATCH_COMPLETED) if BATCH_COMPLETED in subscribed_event_types() else []
+    endpoints = _subscribers(BATCH_COMPLETED, batch.owner) if BATCH_COMPLETED in subscribed_event_types() else []
     if batch.callback_url or endpoints:
         _enqueue(
             BATCH_COMPLETED,
@@ -415,8 +423,24 @@ def _batch_completed(batch_id: uuid.UUID) -> None:
         )
 
 
-def _subscribers(event_type: str) -> list[WebhookEndpoint]:
-    return list(WebhookEndpoint.objects.filter(disabled_at__isnull=True, event_types__contains=[event_type]))
+def _subscribers(event_type: str, owner: str) -> list[WebhookEndpoint]:
+    """The enabled endpoints subscribed to `event_type` that may hear about
+    what `owner` submitted: `owner`'s own and the operators'."""
+    subscribed = WebhookEndpoint.objects.filter(disabled_at__isnull=True, event_types__contains=[event_type])
+    return list(subscribed.filter(Q(owner=owner) | _operator_owned()))
+
+
+def _operator_owned() -> Q:
+    """Endpoints whose owner is, now, an operator: an API key with `operate`
+    that is not revoked, or an active staff user. One query with the caller's."""
+    keys = ApiKey.objects.filter(revoked_at__isnull=True, scopes__contains=["operate"])
+    staff = get_user_model().objects.filter(is_staff=True, is_active=True)
+    return Q(owner__in=_owner_strings(keys, "apikey:")) | Q(owner__in=_owner_strings(staff, "user:"))
+
+
+def _owner_strings(query: QuerySet, prefix: str) -> QuerySet:
+    """The owner strings ("apikey:<id>", "user:<pk>") of the rows of `query`, as a subquery."""
+    return query.annotate(owner_string=Concat(Value(prefix), Cast("pk", CharField()))).values("owner_string")
 
 
 def _enqueue(
@@ -503,19 +527,33 @@ def _as_api(schema: Any, data: dict[str, Any]) -> dict[str, Any]:
 # --- deliveries --------------------------------------------------------------
 
 
-def job_deliveries(job_id: uuid.UUID | str) -> list[WebhookDelivery]:
-    """The messages about a job, oldest first, with their attempts."""
-    return _deliveries(WebhookDelivery.objects.filter(job_id=job_id))
+def job_deliveries(job_id: uuid.UUID | str, *, viewer: str | None = None) -> list[WebhookDelivery]:
+    """The messages about a job, oldest first, with their attempts. With
+    `viewer` (a caller limited to its own), only those to the callback_url
+    and to `viewer`'s endpoints: an operator's endpoint is not its business."""
+    return _deliveries(_to_viewer(WebhookDelivery.objects.filter(job_id=job_id), viewer))
 
 
-def batch_deliveries(batch_id: uuid.UUID | str) -> list[WebhookDelivery]:
-    """The messages about a batch (batch.completed), oldest first, with their attempts."""
-    return _deliveries(WebhookDelivery.objects.filter(batch_id=batch_id))
+def batch_deliveries(batch_id: uuid.UUID | str, *, viewer: str | None = None) -> list[WebhookDelivery]:
+    """The messages about a batch (batch.completed), oldest first, with their
+    attempts; `viewer` as for `job_deliveries`."""
+    return _deliveries(_to_viewer(WebhookDelivery.objects.filter(batch_id=batch_id), viewer))
 
 
-def endpoint_deliveries(endpoint_id: uuid.UUID | str, *, limit: int = 50) -> list[WebhookDelivery]:
-    """An endpoint's latest messages, newest first, with their attempts."""
-    query = WebhookDelivery.objects.filter(endpoint_id=endpoint_id).order_by("-created_at", "-id")[:limit]
+def _to_viewer(query: QuerySet, viewer: str | None) -> QuerySet:
+    return query if viewer is None else query.filter(Q(endpoint__isnull=True) | Q(endpoint__owner=viewer))
+
+
+def endpoint_deliveries(
+    endpoint_id: uuid.UUID | str, *, limit: int = 50, viewer: str | None = None
+) -> list[WebhookDelivery]:
+    """An endpoint's latest messages, newest first, with their attempts. With
+    `viewer`, only those about `viewer`'s jobs and batches (messages sent
+    while its owner was an operator are about others' too)."""
+    query = WebhookDelivery.objects.filter(endpoint_id=endpoint_id)
+    if viewer is not None:
+        query = query.filter(Q(job__owner=viewer) | Q(batch__owner=viewer))
+    query = query.order_by("-created_at", "-id")[:limit]
     return list(query.select_related("deliver_job", "endpoint").prefetch_related("attempts"))
 
 

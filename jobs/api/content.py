@@ -32,8 +32,7 @@ class ContentForm(BaseModel):
 
     name: str = Field("", max_length=200, description="Required to submit; not for a preview.")
     template: str = Field(
-        "",
-        description="Prompt with {column} placeholders, filled from each row (e.g. `Write about {keyword}`)."
+        "", description="Prompt with {column} placeholders, filled from each row (e.g. `Write about {keyword}`)."
     )
     provider: str | None = Field(None, max_length=100, description="A configured provider; default: the default one.")
     model: str | None = Field(None, max_length=200)
@@ -100,7 +99,9 @@ def submit_content_batch(
     key = _idempotency_key(idempotency_key)
     form, data = _upload(request)
     if not form.name.strip():
-        raise Problem("validation-error", "Some fields are invalid.", errors=[{"field": "name", "message": "is required"}])
+        raise Problem(
+            "validation-error", "Some fields are invalid.", errors=[{"field": "name", "message": "is required"}]
+        )
     submitted = content.submit_content(
         form.name,
         data,
@@ -154,15 +155,17 @@ def export_pages(request: HttpRequest, batch_id: UUID, format: Query[Literal["cs
     """The batch's generated pages, streamed: `csv` (cells that would start a
     spreadsheet formula get a leading '), `json` (an array), or `zip` (one
     `<slug>.md` per page with a front-matter header)."""
-    batch = services.get_batch(batch_id)
+    batch = services.get_batch(batch_id, owner=request.auth.visible_owner)
     return content.streaming_response(request, content.export_pages(batch, format))
 
 
 @router.get("/batches/{batch_id}/pages/{slug}", auth=READ, response=PageOut, openapi_extra=_doc(404))
 def get_page(request: HttpRequest, batch_id: UUID, slug: str):
     """One generated page."""
+    # Another owner's batch answers as GET /batches/{id} does, so ids do not leak.
+    batch = services.get_batch(batch_id, owner=request.auth.visible_owner)
     try:
-        return content.page_record(content.get_page(batch_id, slug))
+        return content.page_record(content.get_page(batch.id, slug))
     except content.PageNotFound as exc:
         raise Problem("not-found", exc.message) from None
 

@@ -2,8 +2,12 @@
 the deliveries of jobs and batches. Thin: parse, call `jobs.services`, render.
 
 Endpoints belong to whoever registered them (an API key, or a dashboard
-user): each caller sees and changes only its own. Reading needs the `read`
-scope; registering, deleting, rotating and the signing secret need `submit`;
+user): each caller lists and changes only its own; an operator (a key with
+`operate`, a session) reads any, as it reads any job. An endpoint hears about
+its owner's jobs and batches only, or about all when its owner is an operator
+(jobs/webhooks.py), and deliveries are listed by the same rule.
+
+Reading needs the `read` scope; registering, deleting, rotating and the signing secret need `submit`;
 redelivering needs `operate`, as the other operator actions do.
 """
 
@@ -138,9 +142,9 @@ def list_endpoints(request: HttpRequest):
 
 @router.get("/webhooks/{uuid:endpoint_id}", auth=READ, response=EndpointOut, openapi_extra=_doc(404))
 def get_endpoint(request: HttpRequest, endpoint_id: UUID):
-    """One of your endpoints."""
+    """One of your endpoints (an operator reads any)."""
     with _problems():
-        return endpoint_out(services.get_endpoint(endpoint_id, owner=request.auth.owner))
+        return endpoint_out(services.get_endpoint(endpoint_id, owner=request.auth.visible_owner))
 
 
 @router.delete("/webhooks/{uuid:endpoint_id}", auth=SUBMIT, response={204: None}, openapi_extra=_doc(404))
@@ -178,10 +182,12 @@ def enable_endpoint(request: HttpRequest, endpoint_id: UUID):
 
 @router.get("/webhooks/{uuid:endpoint_id}/deliveries", auth=READ, response=list[DeliveryOut], openapi_extra=_doc(404))
 def endpoint_deliveries(request: HttpRequest, endpoint_id: UUID):
-    """The endpoint's latest 50 messages, newest first."""
+    """The endpoint's latest 50 messages about what you submitted, newest first
+    (an operator reads any endpoint's, about everything)."""
+    viewer = request.auth.visible_owner
     with _problems():
-        endpoint = services.get_endpoint(endpoint_id, owner=request.auth.owner)
-    return [delivery_out(d) for d in services.endpoint_deliveries(endpoint.id)]
+        endpoint = services.get_endpoint(endpoint_id, owner=viewer)
+    return [delivery_out(d) for d in services.endpoint_deliveries(endpoint.id, viewer=viewer)]
 
 
 # --- deliveries of a job or batch -------------------------------------------
@@ -189,9 +195,11 @@ def endpoint_deliveries(request: HttpRequest, endpoint_id: UUID):
 
 @router.get("/jobs/{job_id}/deliveries", auth=READ, response=list[DeliveryOut], openapi_extra=_doc(404))
 def job_deliveries(request: HttpRequest, job_id: UUID):
-    """The webhook messages about a job, oldest first, with every attempt."""
-    job = services.get_job(job_id, owner=request.auth.visible_owner)
-    return [delivery_out(d) for d in services.job_deliveries(job.id)]
+    """The webhook messages about a job, oldest first, with every attempt
+    (to its callback_url and your endpoints; an operator sees all)."""
+    viewer = request.auth.visible_owner
+    job = services.get_job(job_id, owner=viewer)
+    return [delivery_out(d) for d in services.job_deliveries(job.id, viewer=viewer)]
 
 
 @router.post(
@@ -208,9 +216,11 @@ def redeliver_job_message(request: HttpRequest, job_id: UUID, delivery_id: UUID)
 
 @router.get("/batches/{batch_id}/deliveries", auth=READ, response=list[DeliveryOut], openapi_extra=_doc(404))
 def batch_deliveries(request: HttpRequest, batch_id: UUID):
-    """The `batch.completed` messages of a batch, oldest first, with every attempt."""
-    batch = services.get_batch(batch_id, owner=request.auth.visible_owner)
-    return [delivery_out(d) for d in services.batch_deliveries(batch.id)]
+    """The `batch.completed` messages of a batch, oldest first, with every
+    attempt (to its callback_url and your endpoints; an operator sees all)."""
+    viewer = request.auth.visible_owner
+    batch = services.get_batch(batch_id, owner=viewer)
+    return [delivery_out(d) for d in services.batch_deliveries(batch.id, viewer=viewer)]
 
 
 @router.post(

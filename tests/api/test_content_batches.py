@@ -242,10 +242,14 @@ def test_an_export_of_an_unknown_batch_or_format_is_a_problem(api, batch_with_pa
     assert body["errors"][0]["field"] == "query.format"
 
 
-def test_a_read_only_key_may_export_but_not_submit(make_key, batch_with_pages):
+def test_a_read_only_key_may_export_but_not_submit(batch_with_pages):
+    from jobs.apikeys import create_api_key
     from tests.api.conftest import ApiClient
 
-    reader = ApiClient(make_key(scopes=("read",)))
+    created = create_api_key("reader", scopes=["read"])
+    # Its own batch: a key without `operate` exports only what it submitted.
+    Batch.objects.filter(id=batch_with_pages.id).update(owner=created.api_key.owner)
+    reader = ApiClient(created.key)
 
     assert reader.get(f"/batches/{batch_with_pages.id}/pages", {"format": "csv"}).status_code == 200
     assert_problem(_post(reader, "/batches/content"), 403, "forbidden")

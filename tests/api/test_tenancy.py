@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
 
 from jobs.apikeys import create_api_key
+from jobs.models import Page
 from tests.api.conftest import ApiClient, assert_problem, make_dead
 
 NOOP = {"kind": "demo.noop", "payload": {}}
@@ -34,8 +35,10 @@ def ops(db) -> ApiClient:
 
 
 def _submit(client: ApiClient) -> tuple[str, str]:
+    """A job and a batch with one generated page, "intro"."""
     job = client.post("/jobs", NOOP).json()["id"]
     batch = client.post("/batches", {"name": "mine", "jobs": [NOOP]}).json()["id"]
+    Page.objects.create(batch_id=batch, slug="intro", title="Intro", body_markdown="# private text")
     return job, batch
 
 
@@ -46,6 +49,8 @@ def test_a_key_sees_its_own_jobs_and_batches(alice):
     assert alice.get(f"/jobs/{job}/deliveries").status_code == 200
     assert alice.get(f"/batches/{batch}").status_code == 200
     assert alice.get(f"/batches/{batch}/deliveries").status_code == 200
+    assert alice.get(f"/batches/{batch}/pages/intro").json()["markdown"] == "# private text"
+    assert [p["slug"] for p in json.loads(alice.get(f"/batches/{batch}/pages").getvalue())] == ["intro"]
     assert job in {j["id"] for j in alice.get("/jobs").json()["items"]}
     assert [b["id"] for b in alice.get("/batches").json()["items"]] == [batch]
 
@@ -59,7 +64,11 @@ def test_another_keys_jobs_and_batches_are_not_found(alice, bob):
         (f"/jobs/{job}/deliveries", "job-not-found"),
         (f"/batches/{batch}", "batch-not-found"),
         (f"/batches/{batch}/deliveries", "batch-not-found"),
+        (f"/batches/{batch}/pages", "batch-not-found"),
+        (f"/batches/{batch}/pages?format=csv", "batch-not-found"),
+        (f"/batches/{batch}/pages/intro", "batch-not-found"),
     ]:
+        assert bob.get(path).status_code == 404, path
         hidden = assert_problem(bob.get(path), 404, code)
         missing = assert_problem(bob.get(path.replace(job, never).replace(batch, never)), 404, code)
         # Nothing tells a hidden id from one that does not exist.
@@ -83,6 +92,8 @@ def test_a_key_with_operate_and_a_dashboard_user_see_everything(alice, bob, ops,
     bobs, batch = _submit(bob)
     assert {j["id"] for j in ops.get("/jobs").json()["items"]} >= {alices, bobs}
     assert ops.get(f"/batches/{batch}").status_code == 200
+    assert ops.get(f"/batches/{batch}/pages/intro").status_code == 200
+    assert ops.get(f"/batches/{batch}/pages").status_code == 200
     assert ops.post(f"/jobs/{alices}/cancel").status_code == 202
     client.force_login(User.objects.create_user("rick", password="pw"))
     session = ApiClient(client=client)

@@ -115,12 +115,12 @@ def test_too_many_rows_are_refused(operator_client, monkeypatch):
     assert _nothing_written()
 
 
-def test_submitting_creates_one_content_page_job_per_row_in_one_batch(operator_client):
+def test_submitting_creates_one_content_page_job_per_row_in_one_batch(operator_client, operator):
     response = operator_client.post("/batches/content/", _form(model="simulated@latency_ms=5"))
 
     batch = Batch.objects.get()
     assert response.status_code == 302 and response["Location"] == f"/batches/{batch.id}/"
-    assert (batch.name, batch.total, batch.owner) == ("widgets", 2, "olga")
+    assert (batch.name, batch.total, batch.owner) == ("widgets", 2, f"user:{operator.pk}")
     jobs = Job.objects.filter(batch=batch)
     assert jobs.count() == 2 and {j.kind for j in jobs} == {"content.page"}
     assert sorted(j.payload["variables"]["keyword"] for j in jobs) == ["blue widgets", "red widgets"]

@@ -271,7 +271,7 @@ def test_json_fields_take_json(operator_client, db):
     assert "[]" in str(payload_form(schema)["tags"]) and '"[]"' not in str(payload_form(schema)["tags"])
 
 
-def test_submitting_goes_to_the_live_job_page(operator_client, db):
+def test_submitting_goes_to_the_live_job_page(operator_client, operator, db):
     response = operator_client.post(
         "/submit/?kind=demo.sleep",
         {"kind": "demo.sleep", "payload-seconds": "1.5", "payload-steps": "", "options-idempotency_key": "k-1"},
@@ -279,7 +279,7 @@ def test_submitting_goes_to_the_live_job_page(operator_client, db):
     job = Job.objects.get()
     assert response.status_code == 302 and response["Location"] == f"/jobs/{job.id}/"
     assert job.payload == {"seconds": 1.5, "steps": 10}
-    assert (job.owner, job.idempotency_key) == ("olga", "k-1")
+    assert (job.owner, job.idempotency_key) == (f"user:{operator.pk}", "k-1")
 
     again = operator_client.post(
         "/submit/?kind=demo.sleep",

@@ -488,3 +488,140 @@ async def test_the_sse_streams_answer_each_caller_as_the_matrix_says():
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+# --- a second tenant ------------------------------------------------------------------
+
+# Keys besides the matrix's single-scope ones: a tenant's everyday key and an
+# operator's key that may read too.
+KEY_TENANT, KEY_OPERATOR = "key:tenant", "key:operator"
+SECOND_TENANT_KEYS = {
+    KEY_READ: {"read"},
+    KEY_SUBMIT: {"submit"},
+    KEY_OPERATE: {"operate"},
+    KEY_TENANT: {"submit", "read"},
+    KEY_OPERATOR: {"submit", "read", "operate"},
+}
+# An endpoint is changed through the API by its owner only, operators included
+# (they change any from the dashboard): another owner's answers 404.
+OWNER_ONLY = {
+    ("DELETE", "/webhooks/{uuidstr:endpoint_id}"),
+    ("POST", "/webhooks/{uuidstr:endpoint_id}/rotate"),
+    ("POST", "/webhooks/{uuidstr:endpoint_id}/disable"),
+    ("POST", "/webhooks/{uuidstr:endpoint_id}/enable"),
+}
+PATCH_BODY = {("PATCH", "/batches/{batch_id}"): {"token_budget": 1000}}
+
+
+def _second_tenants_objects() -> dict[str, dict[str, str]]:
+    """Everything an id in a path can name, all of another key's (`submit,
+    read`): a dead job and a batch whose job died, each with a delivery to
+    the tenant's endpoint, and a generated page. Per path prefix, since a
+    delivery is named under its job or its batch."""
+    from jobs.models import Page, WebhookDelivery
+    from jobs.services import create_endpoint, submit_batch, submit_job
+
+    owner = create_api_key("tenant-b", scopes=["submit", "read"]).api_key.owner
+    endpoint = create_endpoint(owner=owner, url=HOOK_URL, event_types=["job.dead", "batch.completed"]).endpoint
+    job = submit_job("demo.noop", {}, owner=owner).job
+    make_dead(job.id)
+    batch = submit_batch("theirs", [{"kind": "demo.noop", "payload": {}}], owner=owner).batch
+    make_dead(batch.jobs.get().id)
+    Page.objects.create(batch=batch, slug="intro", title="Intro", body_markdown="theirs")
+    common = {"job_id": str(job.id), "batch_id": str(batch.id), "endpoint_id": str(endpoint.id), "slug": "intro"}
+    return {
+        "/jobs": {**common, "delivery_id": str(WebhookDelivery.objects.get(job=job, endpoint=endpoint).id)},
+        "/batches": {**common, "delivery_id": str(WebhookDelivery.objects.get(batch=batch, endpoint=endpoint).id)},
+        "/webhooks": common,
+    }
+
+
+def _id_routes() -> list[tuple[str, str]]:
+    return [(method, path) for method, path in API if "{" in path and path != "/problems/{code}"]
+
+
+def _second_tenant_expected(role: str, method: str, path: str) -> str:
+    scope = API[(method, path)]
+    if role in SECOND_TENANT_KEYS:
+        scopes = SECOND_TENANT_KEYS[role]
+        if scope not in scopes:
+            return "forbidden"
+        sees_all = "operate" in scopes
+    else:
+        if role not in SESSION_SCOPE[scope]:
+            return "forbidden"
+        sees_all = True  # dashboard users read everything
+    if not sees_all or (method, path) in OWNER_ONLY:
+        return "not-found"
+    return "allowed"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("role", [*SECOND_TENANT_KEYS, READER, OPERATOR])
+def test_a_second_tenants_objects_answer_each_caller_as_the_model_says(role):
+    """Every API route with an id, called with another tenant's real objects: a
+    key without `operate` gets 404 (exactly as for what does not exist) or 403
+    for a scope it lacks; a key with `operate` and a session see them."""
+    import json
+
+    callers = Callers()
+    if role in SECOND_TENANT_KEYS and role not in callers.keys:
+        callers.keys[role] = create_api_key(role, scopes=sorted(SECOND_TENANT_KEYS[role])).key
+    routes = _id_routes()
+    assert len(routes) >= 15
+    failures = []
+    for method, path in routes:
+        objects = _second_tenants_objects()["/" + path.split("/")[1]]
+        client, headers = callers.client(role)
+        body = PATCH_BODY.get((method, path))
+        kwargs = {"data": json.dumps(body), "content_type": "application/json"} if body is not None else {}
+        response = client.generic(method, "/api/v1" + _fill(path, objects), headers=headers, **kwargs)
+        expected = _second_tenant_expected(role, method, path)
+        status = response.status_code
+        ok = {
+            "forbidden": status == 403,
+            "not-found": status == 404,
+            # Past the checks: a state conflict (cancelling a dead job) is fine.
+            "allowed": status < 500 and status not in (401, 403, 404),
+        }[expected]
+        if status >= 400:
+            ok = ok and response["Content-Type"] == "application/problem+json"
+        if not ok:
+            failures.append((method, path, expected, status))
+    assert not failures, failures
+
+
+def _dashboard_id_routes() -> list[str]:
+    """The dashboard routes whose URL names an object (read from the resolver)."""
+    resolver = get_resolver()
+    (dashboard,) = [p for p in resolver.url_patterns if isinstance(p, URLResolver) and p.namespace == "dashboard"]
+    return [p.name for p in dashboard.url_patterns if isinstance(p, URLPattern) and "<" in str(p.pattern)]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("role", [READER, OPERATOR])
+def test_dashboard_routes_with_ids_answer_for_a_second_tenants_objects_as_the_model_says(role):
+    """The dashboard is one tenant's view of everything: a signed-in user reads
+    every owner's jobs, batches, pages and endpoints (README, "Who sees
+    what"), and only an operator acts on them."""
+    callers = Callers()
+    client, headers = callers.client(role)
+    names = _dashboard_id_routes()
+    assert {"job", "batch", "batch-page", "batch-export", "webhook", "webhook-delivery"} <= set(names)
+    failures = []
+    for name in names:
+        for method, needs in DASHBOARD[name].items():
+            tenant = _second_tenants_objects()
+            objects = tenant["/batches" if name.startswith("batch") else "/jobs"]
+            # Real ids and slugs, where the matrix above makes some up.
+            url = _dashboard_url(name, objects)
+            data = {"job": objects["job_id"]} if method == "POST" and name != "batch-retry" else {}
+            response = client.generic(method, url, _encode(data), content_type=_FORM, headers=headers)
+            expected = _dashboard_expected(role, needs)
+            ok = {
+                "forbidden": response.status_code == 403,
+                "allowed": response.status_code in {200, 302} | ({422} if method == "POST" else set()),
+            }[expected]
+            if not ok:
+                failures.append((method, url, expected, response.status_code))
+    assert not failures, failures

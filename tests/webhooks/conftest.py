@@ -18,6 +18,7 @@ from jobs import runner, webhooks
 from jobs.models import Job, State, WebhookDelivery
 from jobs.states import transition
 from tests.api.conftest import api, make_key  # noqa: F401 - fixtures
+from tests.api.test_tenancy import alice, bob  # noqa: F401 - fixtures (keys with submit,read)
 from tests.dashboard.conftest import operator, operator_client, reader, reader_client  # noqa: F401 - fixtures
 
 
@@ -134,6 +135,14 @@ def receiver() -> Iterator[Receiver]:
 def allow_private(settings) -> None:
     """Deliver to the loopback receiver from this process."""
     settings.CONVEYOR_WEBHOOKS = {**settings.CONVEYOR_WEBHOOKS, "ALLOW_PRIVATE": True}
+
+
+def operator_owner() -> str:
+    """The owner string of a new API key with `operate`: its endpoints hear
+    about every owner's jobs (test jobs are mostly submitted with owner "")."""
+    from jobs.apikeys import create_api_key
+
+    return create_api_key("operator", scopes=["operate"]).api_key.owner
 
 
 def finish(job: Job, target: State = State.SUCCEEDED, **fields) -> Job:

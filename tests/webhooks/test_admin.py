@@ -10,7 +10,7 @@ from django.contrib.auth.models import Permission, User
 
 from jobs import services, ssrf, webhooks
 from jobs.models import Job, SigningSecret, State, WebhookDelivery, WebhookEndpoint
-from tests.webhooks.conftest import deliveries_of, finish
+from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 URL = "https://hooks.example.com/in"
 
@@ -27,7 +27,7 @@ def superuser_client(client, db):
 
 
 def _endpoint(**overrides) -> WebhookEndpoint:
-    options = {"owner": "apikey:1", "url": URL, "event_types": ["job.succeeded"]} | overrides
+    options = {"owner": operator_owner(), "url": URL, "event_types": ["job.succeeded"]} | overrides
     return services.create_endpoint(**options).endpoint
 
 
@@ -83,7 +83,7 @@ def test_no_admin_page_shows_a_secret(superuser_client, make_job):
 
 
 def test_the_endpoint_list_shows_url_owner_event_types_and_state(superuser_client, db):
-    _endpoint(event_types=["job.dead", "batch.completed"])
+    _endpoint(owner="apikey:1", event_types=["job.dead", "batch.completed"])
     services.disable_endpoint(_endpoint(url="https://other.example.com/x", owner="user:7").id)
 
     html = superuser_client.get("/admin/jobs/webhookendpoint/").content.decode()

@@ -67,7 +67,7 @@ def test_registering_needs_the_submit_scope(make_key):
 
 def test_each_key_sees_and_changes_only_its_own_endpoints(api, make_key):
     mine = _create(api).json()["id"]
-    other = ApiClient(make_key(name="other"))
+    other = ApiClient(make_key(scopes=("submit", "read"), name="other"))
     assert other.get("/webhooks").json() == []
     assert_problem(other.get(f"/webhooks/{mine}"), 404, "not-found")
     assert_problem(other.post(f"/webhooks/{mine}/rotate"), 404, "not-found")

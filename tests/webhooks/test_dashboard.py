@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from jobs import services, ssrf, webhooks
 from jobs.models import Job, State, WebhookDelivery, WebhookEndpoint
-from tests.webhooks.conftest import deliveries_of, finish
+from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 URL = "https://hooks.example.com/in"
 HTMX = {"HTTP_HX_REQUEST": "true"}
@@ -26,7 +26,7 @@ def _public_dns(monkeypatch):
 
 def _endpoint(*event_types: str, url: str = URL) -> WebhookEndpoint:
     return services.create_endpoint(
-        owner="apikey:1", url=url, event_types=list(event_types or ["job.succeeded"])
+        owner=operator_owner(), url=url, event_types=list(event_types or ["job.succeeded"])
     ).endpoint
 
 

@@ -11,16 +11,16 @@ from jobs import services
 from jobs.models import Job, State, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.api.conftest import ApiClient
 from tests.conftest import wait_until
-from tests.webhooks.conftest import deliveries_of, finish
+from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 pytestmark = pytest.mark.processes
 
 WEBHOOKS_CLUSTER = {"CONVEYOR_WEBHOOK_ALLOW_PRIVATE": "1", "CONVEYOR_WEBHOOK_BACKOFF_SCALE": "0.0001"}
 
 
-def _endpoint(receiver, path: str, *event_types: str, owner: str = "apikey:0"):
-    """Register an endpoint at the receiver (use with the allow_private fixture)."""
-    created = services.create_endpoint(owner=owner, url=receiver.url(path), event_types=list(event_types))
+def _endpoint(receiver, path: str, *event_types: str):
+    """Register an operator's endpoint at the receiver (use with the allow_private fixture)."""
+    created = services.create_endpoint(owner=operator_owner(), url=receiver.url(path), event_types=list(event_types))
     receiver.expect(path, created.secret)
     return created.endpoint
 

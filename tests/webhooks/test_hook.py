@@ -14,7 +14,7 @@ from jobs import services, webhooks
 from jobs.models import Job, State, WebhookDelivery
 from jobs.states import transition
 from tests.api.conftest import ApiClient
-from tests.webhooks.conftest import deliveries_of, finish
+from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 PUBLIC = "https://hooks.example.com/in"
 
@@ -26,7 +26,8 @@ def endpoint(db, monkeypatch):
         webhooks.ssrf, "resolve", lambda host, port: [webhooks.ssrf.ipaddress.ip_address("93.184.215.14")]
     )
 
-    def make(*event_types: str, owner: str = "apikey:1", url: str = PUBLIC):
+    def make(*event_types: str, owner: str | None = None, url: str = PUBLIC):
+        owner = operator_owner() if owner is None else owner
         return services.create_endpoint(owner=owner, url=url, event_types=list(event_types)).endpoint
 
     return make

@@ -13,7 +13,7 @@ from django.utils import timezone
 from jobs import services
 from jobs.handlers.webhooks import SCHEDULE
 from jobs.models import Job, State, WebhookAttempt
-from tests.webhooks.conftest import deliveries_of, finish, run_delivery
+from tests.webhooks.conftest import deliveries_of, finish, operator_owner, run_delivery
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def _first_attempt(receiver, make_job, status: int, headers: dict[str, str]) -> tuple[Job, float]:
     """Deliver one message to a receiver answering `status` with `headers`: the
     delivery job afterwards, and the seconds from the attempt to its next run."""
-    created = services.create_endpoint(owner="apikey:0", url=receiver.url("/busy"), event_types=["job.succeeded"])
+    created = services.create_endpoint(owner=operator_owner(), url=receiver.url("/busy"), event_types=["job.succeeded"])
     receiver.expect("/busy", created.secret)
     receiver.answer("/busy", status, headers=headers)
     (delivery,) = deliveries_of(finish(make_job()))
