@@ -871,3 +871,40 @@ def test_the_successes_before_a_chained_timeout_are_recorded(make_job, roomy_bat
     assert Job.objects.get(id=quick.id).state == State.SUCCEEDED
     assert Job.objects.get(id=slow.id).state == State.RUNNING
     runner._leases.release(slow.id)
+
+
+def sweep_until(stop: threading.Event) -> tuple[threading.Thread, list[BaseException]]:
+    """The periodic sweep, run over and over on its own thread until `stop`."""
+
+    def sweep() -> None:
+        while not stop.is_set():
+            runner.rescue_expired()
+            stop.wait(0.05)
+
+    return in_thread(sweep)
+
+
+def test_a_batchs_finished_jobs_keep_their_leases_while_a_slow_batch_mate_runs(make_job, roomy_batches, settings):
+    # A lease of 1 s, renewed every third of one; the slow job runs four leases.
+    settings.CONVEYOR = {**settings.CONVEYOR, "LEASE_SECONDS": 1}
+    first = make_job("demo.noop")
+    quick = make_job("demo.noop", max_attempts=1)
+    slow = make_job("demo.sleep", {"seconds": 4, "steps": 4})
+    Job.objects.filter(id=slow.id).update(timeout=60)
+    stop = threading.Event()
+    sweeper, errors = sweep_until(stop)
+
+    try:
+        deliver_as_django_q2(first)
+    finally:
+        stop.set()
+        sweeper.join(timeout=10)
+
+    assert errors == []
+    assert started_groups([first, quick, slow]) == [1, 2]  # quick finished first, then slow ran its 4 s
+    assert Job.objects.get(id=slow.id).state == State.SUCCEEDED
+    quick.refresh_from_db()
+    assert (quick.state, quick.attempts) == (State.SUCCEEDED, 1)
+    assert [(a.number, a.outcome) for a in attempts_of(quick)] == [(1, "succeeded")]
+    assert event_types(quick) == ["job.created", "job.started", "job.succeeded"]
+    assert broker_rows(quick) == []
