@@ -33,8 +33,13 @@ def test_one_worker_process_runs_many_async_jobs_at_once(processes, make_job):
 
 
 def test_a_failing_async_job_keeps_its_partial_output_and_is_retried(processes, make_job):
-    job = make_job("demo.async_sleep", {"seconds": 0.2, "steps": 2, "fail": True}, max_attempts=2,
-                   backoff_base=0.2, backoff_max=0.2)
+    job = make_job(
+        "demo.async_sleep",
+        {"seconds": 0.2, "steps": 2, "fail": True},
+        max_attempts=2,
+        backoff_base=0.2,
+        backoff_max=0.2,
+    )
     processes.qcluster()
     wait_until(lambda: Job.objects.get(id=job.id).state == "dead", timeout=30, message="the job to die")
     attempts = list(Job.objects.get(id=job.id).attempt_set.values_list("outcome", "error_type", "output"))
@@ -51,8 +56,9 @@ def test_cancelling_a_running_async_job_stops_it(processes, make_job):
 
 
 def test_a_killed_lane_worker_s_jobs_are_rescued_and_finish(processes, make_job):
-    jobs = [make_job("demo.async_sleep", {"seconds": 3, "steps": 6}, backoff_base=0.2, backoff_max=0.5)
-            for _ in range(5)]
+    jobs = [
+        make_job("demo.async_sleep", {"seconds": 3, "steps": 6}, backoff_base=0.2, backoff_max=0.5) for _ in range(5)
+    ]
     processes.qcluster(CONVEYOR_WORKERS="1")
 
     def all_running():
@@ -61,8 +67,38 @@ def test_a_killed_lane_worker_s_jobs_are_rescued_and_finish(processes, make_job)
     wait_until(all_running, timeout=30, message="5 jobs running in the lane")
     pid = int(Job.objects.filter(state="running").first().lease_owner.rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: Job.objects.filter(state="succeeded").count() == 5, timeout=60, interval=0.5,
-               message="the rescued jobs to succeed")
+    wait_until(
+        lambda: Job.objects.filter(state="succeeded").count() == 5,
+        timeout=60,
+        interval=0.5,
+        message="the rescued jobs to succeed",
+    )
     for job in jobs:
         outcomes = list(Job.objects.get(id=job.id).attempt_set.values_list("outcome", flat=True))
         assert outcomes == ["lost", "succeeded"]
+
+
+def test_a_job_waiting_for_a_place_in_a_full_lane_keeps_its_lease(processes, make_job):
+    from datetime import timedelta
+
+    from jobs.runner import rescue_expired
+
+    # One worker process, one place in its lane; leases of 3 s (process_env).
+    processes.qcluster(CONVEYOR_WORKERS="1", CONVEYOR_LANE_CAPACITY="1", CONVEYOR_LANE_FILL="0")
+    long = make_job("demo.async_sleep", {"seconds": 8, "steps": 8})
+    wait_until(lambda: Job.objects.get(id=long.id).progress_percent > 0, timeout=30, message="the long job to run")
+    waiting = make_job("demo.async_sleep", {"seconds": 0.2, "steps": 1}, max_attempts=1)
+
+    def done_while_swept() -> bool:
+        rescue_expired()  # the periodic sweep, as often as the test can run it
+        return Job.objects.get(id=waiting.id).state not in ("queued", "running")
+
+    wait_until(done_while_swept, timeout=60, interval=0.2, message="the waiting job to finish")
+
+    waiting = Job.objects.get(id=waiting.id)
+    assert (waiting.state, waiting.attempts) == ("succeeded", 1)
+    assert list(waiting.attempt_set.values_list("outcome", flat=True)) == ["succeeded"]
+    # It was claimed while the long job held the place, and waited longer than
+    # its lease and the sweep's grace second.
+    assert waiting.finished_at - waiting.started_at > timedelta(seconds=4)
+    assert Job.objects.get(id=long.id).state == "succeeded"
