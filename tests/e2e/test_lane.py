@@ -102,3 +102,27 @@ def test_a_job_waiting_for_a_place_in_a_full_lane_keeps_its_lease(processes, mak
     # its lease and the sweep's grace second.
     assert waiting.finished_at - waiting.started_at > timedelta(seconds=4)
     assert Job.objects.get(id=long.id).state == "succeeded"
+
+
+def test_a_waiting_job_that_another_worker_took_is_not_started(processes, make_job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    cluster = processes.qcluster(CONVEYOR_WORKERS="1", CONVEYOR_LANE_CAPACITY="1", CONVEYOR_LANE_FILL="0")
+    long = make_job("demo.async_sleep", {"seconds": 6, "steps": 6})
+    wait_until(lambda: Job.objects.get(id=long.id).progress_percent > 0, timeout=30, message="the long job to run")
+    waiting = make_job("demo.async_sleep", {"seconds": 0.2, "steps": 1})
+    wait_until(lambda: Job.objects.get(id=waiting.id).state == "running", timeout=30, message="the claim")
+    # What a rescue and another worker's claim leave while the delivery waits.
+    Job.objects.filter(id=waiting.id).update(
+        lease_owner="elsewhere:1", lease_expires_at=timezone.now() + timedelta(minutes=10)
+    )
+
+    wait_until(
+        lambda: "not started" in processes.log_of(cluster), timeout=30, message="the lane to refuse the stale copy"
+    )
+    waiting = Job.objects.get(id=waiting.id)
+    assert (waiting.state, waiting.lease_owner, waiting.progress_percent) == ("running", "elsewhere:1", 0)
+    assert list(waiting.attempt_set.values_list("outcome", "output")) == [("", "")]
+    wait_until(lambda: Job.objects.get(id=long.id).state == "succeeded", timeout=30, message="the long job")
