@@ -124,6 +124,79 @@ def test_the_heartbeat_renews_the_lease_while_the_handler_runs(make_job, setting
     assert job.state == State.SUCCEEDED
 
 
+class RefusedRenewals:
+    """A trigger that makes Postgres refuse every lease renewal of one job with
+    an error (a real database error, as during an outage), counting them in a
+    sequence, which the failed statement's rollback does not undo."""
+
+    def refuse(self, job: Job) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE SEQUENCE test_refused_renewals")
+            cursor.execute(
+                "CREATE FUNCTION test_refuse_renewal() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN PERFORM nextval('test_refused_renewals'); RAISE EXCEPTION 'renewal refused'; END $$"
+            )
+            cursor.execute(
+                "CREATE TRIGGER test_refuse_renewal BEFORE UPDATE ON jobs_job FOR EACH ROW"
+                f" WHEN (OLD.id = '{job.id}' AND OLD.state = 'running' AND NEW.state = 'running'"
+                " AND OLD.lease_expires_at IS DISTINCT FROM NEW.lease_expires_at)"
+                " EXECUTE FUNCTION test_refuse_renewal()"
+            )
+
+    def count(self) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM test_refused_renewals")
+            return cursor.fetchone()[0]
+
+    def allow(self) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER IF EXISTS test_refuse_renewal ON jobs_job")
+
+
+@pytest.fixture
+def refused_renewals():
+    refused = RefusedRenewals()
+    yield refused
+    refused.allow()
+    with connection.cursor() as cursor:
+        cursor.execute("DROP FUNCTION IF EXISTS test_refuse_renewal()")
+        cursor.execute("DROP SEQUENCE IF EXISTS test_refused_renewals")
+
+
+def test_a_renewal_that_failed_with_a_database_error_is_not_counted_as_one(make_job, settings, refused_renewals):
+    settings.CONVEYOR = {**settings.CONVEYOR, "LEASE_SECONDS": 6}  # renewed every 2 s
+    job = make_job("demo.sleep", {"seconds": 8, "steps": 8})
+    refused_renewals.refuse(job)
+    stop = threading.Event()
+
+    def watchdog() -> None:  # what a watchdog delivery does once the lease has run out
+        while not stop.is_set():
+            runner.rescue_job(job.id)
+            stop.wait(0.05)
+
+    watcher, watcher_errors = in_thread(watchdog)
+    worker, errors = in_thread(lambda: runner.run_job(str(job.id)))
+    try:
+        # Three renewals refused (the database is back after them); the lease
+        # was taken for 6 s and only a renewal that committed extends it.
+        wait_until(
+            lambda: refused_renewals.count() >= 3 or Job.objects.filter(id=job.id, state=State.RETRYING).exists(),
+            timeout=20,
+            interval=0.02,
+            message="3 refused renewals",
+        )
+        refused_renewals.allow()
+        worker.join(timeout=30)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+    assert errors == [] and watcher_errors == []
+    job.refresh_from_db()
+    assert (job.state, job.attempts) == (State.SUCCEEDED, 1)
+    assert [(a.number, a.outcome) for a in attempts_of(job)] == [(1, "succeeded")]
+
+
 # --- failures and retries -----------------------------------------------------
 
 
