@@ -952,23 +952,31 @@ class _Leases:
                 lease_expires_at=Now() + timedelta(seconds=lease_seconds())
             )
         except DatabaseError as exc:
-            # Postgres restarting: try again on a new connection at the next
-            # beat. If the outage outlasts the lease, the job is rescued and
-            # the next renewal matches nothing.
+            # Postgres restarting: the lease still ends when it did, so try
+            # again soon on a new connection, not a whole beat later. If the
+            # outage outlasts the lease, the job is rescued and the next
+            # renewal matches nothing.
             log.warning("job %s: lease renewal failed (%s); retrying", job_id, exc)
             connection.close()
-            renewed = 1
+            renewed = None
         except Exception:  # noqa: BLE001 - a failed renewal must not stop the thread; the lease decides
             log.exception("job %s: lease renewal failed; retrying", job_id)
-            renewed = 1
+            renewed = None
         with self._lock:
             if job_id not in self._held:
                 return  # finished meanwhile
+            if renewed is None:
+                self._held[job_id] = (worker, lost, time.monotonic() + min(interval, _RENEWAL_RETRY))
+                return
             if renewed:
                 self._held[job_id] = (worker, lost, time.monotonic() + interval)
                 return
             del self._held[job_id]
         lost.set()
+
+
+# Seconds before a renewal that failed is tried again.
+_RENEWAL_RETRY = 0.5
 
 
 _leases = _Leases()
