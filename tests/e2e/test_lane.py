@@ -126,3 +126,22 @@ def test_a_waiting_job_that_another_worker_took_is_not_started(processes, make_j
     assert (waiting.state, waiting.lease_owner, waiting.progress_percent) == ("running", "elsewhere:1", 0)
     assert list(waiting.attempt_set.values_list("outcome", "output")) == [("", "")]
     wait_until(lambda: Job.objects.get(id=long.id).state == "succeeded", timeout=30, message="the long job")
+
+
+def test_an_async_outcome_the_database_refused_is_written_again(processes, make_job):
+    from tests.jobs.test_runner import RefusedUpdates
+
+    job = make_job("demo.async_sleep", {"seconds": 0.5, "steps": 1})
+    refused = RefusedUpdates()
+    refused.refuse(job, "NEW.state = 'succeeded'")  # the success, as if Postgres were restarting
+    try:
+        processes.qcluster()
+        wait_until(lambda: refused.count() >= 2, timeout=30, message="the success to be written again")
+        refused.allow()
+        wait_until(lambda: Job.objects.get(id=job.id).state == "succeeded", timeout=30, message="the success")
+    finally:
+        refused.remove()
+
+    job = Job.objects.get(id=job.id)
+    assert job.attempts == 1 and job.result == {"slept": 0.5}
+    assert list(job.attempt_set.values_list("outcome", flat=True)) == ["succeeded"]

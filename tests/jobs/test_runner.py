@@ -7,7 +7,7 @@ start) use their own database connections, so data must really be committed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -124,49 +124,54 @@ def test_the_heartbeat_renews_the_lease_while_the_handler_runs(make_job, setting
     assert job.state == State.SUCCEEDED
 
 
-class RefusedRenewals:
-    """A trigger that makes Postgres refuse every lease renewal of one job with
-    an error (a real database error, as during an outage), counting them in a
-    sequence, which the failed statement's rollback does not undo."""
+class RefusedUpdates:
+    """A trigger that makes Postgres refuse, with an error, the updates of one
+    job that match `condition` (SQL over OLD and NEW): a real database error,
+    as during an outage. It counts them in a sequence, which the failed
+    statement's rollback does not undo."""
 
-    def refuse(self, job: Job) -> None:
+    def refuse(self, job: Job, condition: str) -> None:
         with connection.cursor() as cursor:
-            cursor.execute("CREATE SEQUENCE test_refused_renewals")
+            cursor.execute("CREATE SEQUENCE test_refused_updates")
             cursor.execute(
-                "CREATE FUNCTION test_refuse_renewal() RETURNS trigger LANGUAGE plpgsql AS $$"
-                " BEGIN PERFORM nextval('test_refused_renewals'); RAISE EXCEPTION 'renewal refused'; END $$"
+                "CREATE FUNCTION test_refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN PERFORM nextval('test_refused_updates'); RAISE EXCEPTION 'update refused'; END $$"
             )
             cursor.execute(
-                "CREATE TRIGGER test_refuse_renewal BEFORE UPDATE ON jobs_job FOR EACH ROW"
-                f" WHEN (OLD.id = '{job.id}' AND OLD.state = 'running' AND NEW.state = 'running'"
-                " AND OLD.lease_expires_at IS DISTINCT FROM NEW.lease_expires_at)"
-                " EXECUTE FUNCTION test_refuse_renewal()"
+                "CREATE TRIGGER test_refuse_update BEFORE UPDATE ON jobs_job FOR EACH ROW"
+                f" WHEN (OLD.id = '{job.id}' AND {condition}) EXECUTE FUNCTION test_refuse_update()"
             )
 
     def count(self) -> int:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM test_refused_renewals")
+            cursor.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM test_refused_updates")
             return cursor.fetchone()[0]
 
     def allow(self) -> None:
         with connection.cursor() as cursor:
-            cursor.execute("DROP TRIGGER IF EXISTS test_refuse_renewal ON jobs_job")
+            cursor.execute("DROP TRIGGER IF EXISTS test_refuse_update ON jobs_job")
+
+    def remove(self) -> None:
+        self.allow()
+        with connection.cursor() as cursor:
+            cursor.execute("DROP FUNCTION IF EXISTS test_refuse_update()")
+            cursor.execute("DROP SEQUENCE IF EXISTS test_refused_updates")
 
 
 @pytest.fixture
-def refused_renewals():
-    refused = RefusedRenewals()
+def refused_updates() -> Iterator[RefusedUpdates]:
+    refused = RefusedUpdates()
     yield refused
-    refused.allow()
-    with connection.cursor() as cursor:
-        cursor.execute("DROP FUNCTION IF EXISTS test_refuse_renewal()")
-        cursor.execute("DROP SEQUENCE IF EXISTS test_refused_renewals")
+    refused.remove()
 
 
-def test_a_renewal_that_failed_with_a_database_error_is_not_counted_as_one(make_job, settings, refused_renewals):
+def test_a_renewal_that_failed_with_a_database_error_is_not_counted_as_one(make_job, settings, refused_updates):
     settings.CONVEYOR = {**settings.CONVEYOR, "LEASE_SECONDS": 6}  # renewed every 2 s
     job = make_job("demo.sleep", {"seconds": 8, "steps": 8})
-    refused_renewals.refuse(job)
+    # Lease renewals: only the lease of a running job changes.
+    refused_updates.refuse(
+        job, "OLD.state = 'running' AND NEW.state = 'running' AND OLD.lease_expires_at <> NEW.lease_expires_at"
+    )
     stop = threading.Event()
 
     def watchdog() -> None:  # what a watchdog delivery does once the lease has run out
@@ -180,12 +185,12 @@ def test_a_renewal_that_failed_with_a_database_error_is_not_counted_as_one(make_
         # Three renewals refused (the database is back after them); the lease
         # was taken for 6 s and only a renewal that committed extends it.
         wait_until(
-            lambda: refused_renewals.count() >= 3 or Job.objects.filter(id=job.id, state=State.RETRYING).exists(),
+            lambda: refused_updates.count() >= 3 or Job.objects.filter(id=job.id, state=State.RETRYING).exists(),
             timeout=20,
             interval=0.02,
             message="3 refused renewals",
         )
-        refused_renewals.allow()
+        refused_updates.allow()
         worker.join(timeout=30)
     finally:
         stop.set()
