@@ -42,7 +42,7 @@ from multiprocessing import util as mp_util
 from uuid import UUID
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 
 from config.logs import job_log_contextvars
 from jobs import broker, events, sql
@@ -222,7 +222,19 @@ class Lane:
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
         # Progress still buffered for this job would arrive after its end.
         self.pending.pop(job.id, None)
-        await self._db(finish, job, worker, *args, **kwargs)
+        delay = FLUSH_SECONDS
+        while True:
+            try:
+                await self._db(finish, job, worker, *args, **kwargs)
+                return
+            except DatabaseError as exc:
+                # Postgres restarting: the outcome is known and the job still
+                # in `tasks`, its lease renewed, so write it again rather than
+                # leave the job to be rescued and run again. The write only
+                # matches while the lease is ours; a lost lease cancels this task.
+                log.warning("job %s: could not record its outcome (%s); trying again", job.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def _housekeeping(self) -> None:
         """Flush coalesced progress often; renew leases every third of a lease."""
