@@ -14,7 +14,9 @@ Everything that makes a job safe stays the same:
   backlog fills the lane at once rather than one Django-Q2 delivery at a time;
 - leases are renewed for all in-flight jobs in one UPDATE per interval; a job
   whose renewal matches nothing (cancelled, or rescued after a stall) has its
-  task cancelled;
+  task cancelled. A job a delivery claimed while the lane was full has its
+  lease renewed in the same UPDATE while the delivery waits for a place, and
+  is not started if that found it lost;
 - the worker is done with the delivery at hand-off, so a broker row is armed
   for the lease's end instead (the runner's usual "look again" delivery): if
   the process dies, that delivery finds the lease expired and rescues the job.
@@ -40,7 +42,7 @@ from multiprocessing import util as mp_util
 from uuid import UUID
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 
 from config.logs import job_log_contextvars
 from jobs import broker, events, sql
@@ -98,6 +100,14 @@ class AsyncContext:
             raise LeaseLost(self.cancel_reason)
 
 
+class _Waiting:
+    """A claimed job whose delivery waits for a place in the full lane."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self.lost = False  # its renewal matched nothing: someone else has it now
+
+
 class Lane:
     def __init__(self, *, capacity: int) -> None:
         self.capacity = capacity
@@ -106,6 +116,7 @@ class Lane:
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lane-db")
         self.thread = threading.Thread(target=self._run_loop, name="conveyor-lane", daemon=True)
         self.tasks: dict[UUID, tuple[asyncio.Task, AsyncContext]] = {}
+        self.waiting: dict[UUID, _Waiting] = {}
         self.watchdogs: dict[UUID, int] = {}
         self.disarm: list[int] = []
         self.pending: dict[UUID, tuple[int, str, AsyncContext]] = {}
@@ -123,9 +134,16 @@ class Lane:
         """Run a claimed job in the lane; blocks while the lane is full (unless
         its place was `reserve`d). `watchdog_id`: the broker row the claim armed
         (see runner._lane_watchdog)."""
-        if not reserved:
-            self.slots.acquire()
-        self.loop.call_soon_threadsafe(self._start_task, job, handler, worker, watchdog_id)
+        waiting = None
+        if not reserved and not self.slots.acquire(blocking=False):
+            # The job is claimed already: its lease is renewed with the lane's
+            # while it waits, or the sweep would rescue it and this copy run too.
+            waiting = self.waiting[job.id] = _Waiting(worker)
+            try:
+                self.slots.acquire()
+            finally:
+                self.waiting.pop(job.id, None)
+        self.loop.call_soon_threadsafe(self._start_task, job, handler, worker, watchdog_id, waiting)
 
     def reserve(self, most: int) -> int:
         """Take up to `most` free places without waiting; returns how many.
@@ -154,7 +172,12 @@ class Lane:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def _start_task(self, job, handler, worker: str, watchdog_id: int | None) -> None:
+    def _start_task(self, job, handler, worker: str, watchdog_id: int | None, waiting: _Waiting | None = None) -> None:
+        if waiting is not None and waiting.lost:
+            # Its lease lapsed or it was cancelled while it waited: it is not ours to run.
+            log.warning("job %s: lost its lease while waiting for a place in the lane; not started", job.id)
+            self.slots.release()
+            return
         ctx = AsyncContext(self, job, worker)
         # Its own context: the task's log lines carry its job's fields.
         task = self.loop.create_task(self._run_job(job, handler, ctx), context=job_log_contextvars(job))
@@ -199,7 +222,19 @@ class Lane:
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
         # Progress still buffered for this job would arrive after its end.
         self.pending.pop(job.id, None)
-        await self._db(finish, job, worker, *args, **kwargs)
+        delay = FLUSH_SECONDS
+        while True:
+            try:
+                await self._db(finish, job, worker, *args, **kwargs)
+                return
+            except DatabaseError as exc:
+                # Postgres restarting: the outcome is known and the job still
+                # in `tasks`, its lease renewed, so write it again rather than
+                # leave the job to be rescued and run again. The write only
+                # matches while the lease is ours; a lost lease cancels this task.
+                log.warning("job %s: could not record its outcome (%s); trying again", job.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def _housekeeping(self) -> None:
         """Flush coalesced progress often; renew leases every third of a lease."""
@@ -215,10 +250,15 @@ class Lane:
                     batch, self.pending = self.pending, {}
                     cancelled = await self._db(_flush_progress, batch)
                     self._cancel(cancelled, "cancelled")
-                if self.tasks and self.loop.time() >= next_renewal:
-                    owned = {job_id: ctx.worker for job_id, (_, ctx) in self.tasks.items()}
+                if (self.tasks or self.waiting) and self.loop.time() >= next_renewal:
+                    waiting = dict(self.waiting)
+                    owned = {job_id: entry.worker for job_id, entry in waiting.items()}
+                    owned.update((job_id, ctx.worker) for job_id, (_, ctx) in self.tasks.items())
                     lost = await self._db(_renew_leases, owned, lease)
                     self._cancel(lost, "lease lost")
+                    for job_id in lost:
+                        if job_id in waiting:  # not to be started (if it started meanwhile, it was cancelled above)
+                            waiting[job_id].lost = True
                 if self.loop.time() >= next_renewal:
                     next_renewal = self.loop.time() + lease / 3
             except Exception:  # noqa: BLE001 - the next round tries again; leases decide

@@ -252,7 +252,8 @@ def _run_chain(
        in the statement that records the previous batch's successes.
     2. Run its jobs one after another. A failure, a cancellation, and a success
        that asks for a webhook message are recorded at once by the usual
-       transition; other successes wait for step 1's next statement.
+       transition; other successes wait for step 1's next statement, their
+       leases renewed meanwhile as a running job's are.
     3. Size the next batch from how long these jobs took: twice as many at
        most, and no more than fit in about 20 ms (`_BATCH_WINDOW`). A chain of
        slow jobs claims them one at a time.
@@ -336,6 +337,10 @@ class _Chain:
                 took = time.monotonic() - claimed
                 spent += took - began
                 if outcome == "succeeded" and self.quiet:
+                    # Recorded with the next claim: until then its lease is
+                    # renewed, or a slow batch-mate would outlast it and the
+                    # sweep would rescue and rerun a job that succeeded.
+                    _leases.hold(job.id, self.worker, threading.Event())
                     done.append(_Ran(job, row, value, began, took))
                 else:
                     _record(job, self.worker, outcome, value, ack=row)
@@ -365,21 +370,27 @@ class _Chain:
         if not claim and not done:
             return []
         try:
-            rows, finished = _claim_ready(
-                self.key,
-                self.worker,
-                claim,
-                self.kinds or [""],
-                rearm=_VISIBLE_AGAIN,
-                max_timeout=left,
-                finish=done or None,
-            )
-        except DatabaseError as exc:  # nothing claimed: the rows are delivered as usual
-            log.warning("could not claim the next jobs (%s)", exc)
-            rows, finished = [], set()
-        for item in done:
-            if item.job.id not in finished:
-                _record(item.job, self.worker, "succeeded", item.value, ack=item.row)
+            try:
+                rows, finished = _claim_ready(
+                    self.key,
+                    self.worker,
+                    claim,
+                    self.kinds or [""],
+                    rearm=_VISIBLE_AGAIN,
+                    max_timeout=left,
+                    finish=done or None,
+                )
+            except DatabaseError as exc:  # nothing claimed: the rows are delivered as usual
+                log.warning("could not claim the next jobs (%s)", exc)
+                rows, finished = [], set()
+            for item in done:
+                if item.job.id not in finished:
+                    _record(item.job, self.worker, "succeeded", item.value, ack=item.row)
+        finally:
+            # Recorded, or the recording failed: then the lease must run out
+            # so the job is rescued, rather than stay renewed for ever.
+            for item in done:
+                _leases.release(item.job.id)
         return rows
 
 
@@ -853,7 +864,8 @@ def _to_retrying(
 
 
 class _Leases:
-    """Renews the leases of this process's running (sync) jobs on one thread
+    """Renews the leases of this process's running (sync) jobs, and of chained
+    jobs that succeeded and wait to be recorded, on one thread
     of the process (with its own database connection), each every third of a
     lease from its start, and sets a job's `lost` event when its renewal
     matches nothing. One thread for the process's life rather than one per
@@ -940,23 +952,31 @@ class _Leases:
                 lease_expires_at=Now() + timedelta(seconds=lease_seconds())
             )
         except DatabaseError as exc:
-            # Postgres restarting: try again on a new connection at the next
-            # beat. If the outage outlasts the lease, the job is rescued and
-            # the next renewal matches nothing.
+            # Postgres restarting: the lease still ends when it did, so try
+            # again soon on a new connection, not a whole beat later. If the
+            # outage outlasts the lease, the job is rescued and the next
+            # renewal matches nothing.
             log.warning("job %s: lease renewal failed (%s); retrying", job_id, exc)
             connection.close()
-            renewed = 1
+            renewed = None
         except Exception:  # noqa: BLE001 - a failed renewal must not stop the thread; the lease decides
             log.exception("job %s: lease renewal failed; retrying", job_id)
-            renewed = 1
+            renewed = None
         with self._lock:
             if job_id not in self._held:
                 return  # finished meanwhile
+            if renewed is None:
+                self._held[job_id] = (worker, lost, time.monotonic() + min(interval, _RENEWAL_RETRY))
+                return
             if renewed:
                 self._held[job_id] = (worker, lost, time.monotonic() + interval)
                 return
             del self._held[job_id]
         lost.set()
+
+
+# Seconds before a renewal that failed is tried again.
+_RENEWAL_RETRY = 0.5
 
 
 _leases = _Leases()

@@ -76,3 +76,72 @@ def test_a_killed_lane_worker_s_jobs_are_rescued_and_finish(processes, make_job)
     for job in jobs:
         outcomes = list(Job.objects.get(id=job.id).attempt_set.values_list("outcome", flat=True))
         assert outcomes == ["lost", "succeeded"]
+
+
+def test_a_job_waiting_for_a_place_in_a_full_lane_keeps_its_lease(processes, make_job):
+    from datetime import timedelta
+
+    from jobs.runner import rescue_expired
+
+    # One worker process, one place in its lane; leases of 3 s (process_env).
+    processes.qcluster(CONVEYOR_WORKERS="1", CONVEYOR_LANE_CAPACITY="1", CONVEYOR_LANE_FILL="0")
+    long = make_job("demo.async_sleep", {"seconds": 8, "steps": 8})
+    wait_until(lambda: Job.objects.get(id=long.id).progress_percent > 0, timeout=30, message="the long job to run")
+    waiting = make_job("demo.async_sleep", {"seconds": 0.2, "steps": 1}, max_attempts=1)
+
+    def done_while_swept() -> bool:
+        rescue_expired()  # the periodic sweep, as often as the test can run it
+        return Job.objects.get(id=waiting.id).state not in ("queued", "running")
+
+    wait_until(done_while_swept, timeout=60, interval=0.2, message="the waiting job to finish")
+
+    waiting = Job.objects.get(id=waiting.id)
+    assert (waiting.state, waiting.attempts) == ("succeeded", 1)
+    assert list(waiting.attempt_set.values_list("outcome", flat=True)) == ["succeeded"]
+    # It was claimed while the long job held the place, and waited longer than
+    # its lease and the sweep's grace second.
+    assert waiting.finished_at - waiting.started_at > timedelta(seconds=4)
+    assert Job.objects.get(id=long.id).state == "succeeded"
+
+
+def test_a_waiting_job_that_another_worker_took_is_not_started(processes, make_job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    cluster = processes.qcluster(CONVEYOR_WORKERS="1", CONVEYOR_LANE_CAPACITY="1", CONVEYOR_LANE_FILL="0")
+    long = make_job("demo.async_sleep", {"seconds": 6, "steps": 6})
+    wait_until(lambda: Job.objects.get(id=long.id).progress_percent > 0, timeout=30, message="the long job to run")
+    waiting = make_job("demo.async_sleep", {"seconds": 0.2, "steps": 1})
+    wait_until(lambda: Job.objects.get(id=waiting.id).state == "running", timeout=30, message="the claim")
+    # What a rescue and another worker's claim leave while the delivery waits.
+    Job.objects.filter(id=waiting.id).update(
+        lease_owner="elsewhere:1", lease_expires_at=timezone.now() + timedelta(minutes=10)
+    )
+
+    wait_until(
+        lambda: "not started" in processes.log_of(cluster), timeout=30, message="the lane to refuse the stale copy"
+    )
+    waiting = Job.objects.get(id=waiting.id)
+    assert (waiting.state, waiting.lease_owner, waiting.progress_percent) == ("running", "elsewhere:1", 0)
+    assert list(waiting.attempt_set.values_list("outcome", "output")) == [("", "")]
+    wait_until(lambda: Job.objects.get(id=long.id).state == "succeeded", timeout=30, message="the long job")
+
+
+def test_an_async_outcome_the_database_refused_is_written_again(processes, make_job):
+    from tests.jobs.test_runner import RefusedUpdates
+
+    job = make_job("demo.async_sleep", {"seconds": 0.5, "steps": 1})
+    refused = RefusedUpdates()
+    refused.refuse(job, "NEW.state = 'succeeded'")  # the success, as if Postgres were restarting
+    try:
+        processes.qcluster()
+        wait_until(lambda: refused.count() >= 2, timeout=30, message="the success to be written again")
+        refused.allow()
+        wait_until(lambda: Job.objects.get(id=job.id).state == "succeeded", timeout=30, message="the success")
+    finally:
+        refused.remove()
+
+    job = Job.objects.get(id=job.id)
+    assert job.attempts == 1 and job.result == {"slept": 0.5}
+    assert list(job.attempt_set.values_list("outcome", flat=True)) == ["succeeded"]

@@ -7,7 +7,7 @@ start) use their own database connections, so data must really be committed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -122,6 +122,84 @@ def test_the_heartbeat_renews_the_lease_while_the_handler_runs(make_job, setting
     assert later_lease > first_lease
     job.refresh_from_db()
     assert job.state == State.SUCCEEDED
+
+
+class RefusedUpdates:
+    """A trigger that makes Postgres refuse, with an error, the updates of one
+    job that match `condition` (SQL over OLD and NEW): a real database error,
+    as during an outage. It counts them in a sequence, which the failed
+    statement's rollback does not undo."""
+
+    def refuse(self, job: Job, condition: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE SEQUENCE test_refused_updates")
+            cursor.execute(
+                "CREATE FUNCTION test_refuse_update() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN PERFORM nextval('test_refused_updates'); RAISE EXCEPTION 'update refused'; END $$"
+            )
+            cursor.execute(
+                "CREATE TRIGGER test_refuse_update BEFORE UPDATE ON jobs_job FOR EACH ROW"
+                f" WHEN (OLD.id = '{job.id}' AND {condition}) EXECUTE FUNCTION test_refuse_update()"
+            )
+
+    def count(self) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM test_refused_updates")
+            return cursor.fetchone()[0]
+
+    def allow(self) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER IF EXISTS test_refuse_update ON jobs_job")
+
+    def remove(self) -> None:
+        self.allow()
+        with connection.cursor() as cursor:
+            cursor.execute("DROP FUNCTION IF EXISTS test_refuse_update()")
+            cursor.execute("DROP SEQUENCE IF EXISTS test_refused_updates")
+
+
+@pytest.fixture
+def refused_updates() -> Iterator[RefusedUpdates]:
+    refused = RefusedUpdates()
+    yield refused
+    refused.remove()
+
+
+def test_a_renewal_that_failed_with_a_database_error_is_not_counted_as_one(make_job, settings, refused_updates):
+    settings.CONVEYOR = {**settings.CONVEYOR, "LEASE_SECONDS": 6}  # renewed every 2 s
+    job = make_job("demo.sleep", {"seconds": 8, "steps": 8})
+    # Lease renewals: only the lease of a running job changes.
+    refused_updates.refuse(
+        job, "OLD.state = 'running' AND NEW.state = 'running' AND OLD.lease_expires_at <> NEW.lease_expires_at"
+    )
+    stop = threading.Event()
+
+    def watchdog() -> None:  # what a watchdog delivery does once the lease has run out
+        while not stop.is_set():
+            runner.rescue_job(job.id)
+            stop.wait(0.05)
+
+    watcher, watcher_errors = in_thread(watchdog)
+    worker, errors = in_thread(lambda: runner.run_job(str(job.id)))
+    try:
+        # Three renewals refused (the database is back after them); the lease
+        # was taken for 6 s and only a renewal that committed extends it.
+        wait_until(
+            lambda: refused_updates.count() >= 3 or Job.objects.filter(id=job.id, state=State.RETRYING).exists(),
+            timeout=20,
+            interval=0.02,
+            message="3 refused renewals",
+        )
+        refused_updates.allow()
+        worker.join(timeout=30)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+    assert errors == [] and watcher_errors == []
+    job.refresh_from_db()
+    assert (job.state, job.attempts) == (State.SUCCEEDED, 1)
+    assert [(a.number, a.outcome) for a in attempts_of(job)] == [(1, "succeeded")]
 
 
 # --- failures and retries -----------------------------------------------------
@@ -882,3 +960,40 @@ def test_a_stored_payload_its_schema_refuses_dead_letters_the_job_on_its_first_a
     assert (job.state, job.attempts) == (State.DEAD, 1)
     assert job.error_type == "InvalidPayload" and "payload.seconds" in job.error_message
     assert len(broker_rows(job)) == 1  # no retry was scheduled
+
+
+def sweep_until(stop: threading.Event) -> tuple[threading.Thread, list[BaseException]]:
+    """The periodic sweep, run over and over on its own thread until `stop`."""
+
+    def sweep() -> None:
+        while not stop.is_set():
+            runner.rescue_expired()
+            stop.wait(0.05)
+
+    return in_thread(sweep)
+
+
+def test_a_batchs_finished_jobs_keep_their_leases_while_a_slow_batch_mate_runs(make_job, roomy_batches, settings):
+    # A lease of 1 s, renewed every third of one; the slow job runs four leases.
+    settings.CONVEYOR = {**settings.CONVEYOR, "LEASE_SECONDS": 1}
+    first = make_job("demo.noop")
+    quick = make_job("demo.noop", max_attempts=1)
+    slow = make_job("demo.sleep", {"seconds": 4, "steps": 4})
+    Job.objects.filter(id=slow.id).update(timeout=60)
+    stop = threading.Event()
+    sweeper, errors = sweep_until(stop)
+
+    try:
+        deliver_as_django_q2(first)
+    finally:
+        stop.set()
+        sweeper.join(timeout=10)
+
+    assert errors == []
+    assert started_groups([first, quick, slow]) == [1, 2]  # quick finished first, then slow ran its 4 s
+    assert Job.objects.get(id=slow.id).state == State.SUCCEEDED
+    quick.refresh_from_db()
+    assert (quick.state, quick.attempts) == (State.SUCCEEDED, 1)
+    assert [(a.number, a.outcome) for a in attempts_of(quick)] == [(1, "succeeded")]
+    assert event_types(quick) == ["job.created", "job.started", "job.succeeded"]
+    assert broker_rows(quick) == []
