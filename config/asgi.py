@@ -13,6 +13,7 @@ django.setup(set_prefix=False)
 
 from config import form_parsing, tcp_writes  # noqa: E402
 from config.handler import ThreadPoolASGIHandler  # noqa: E402
+from config.middleware import ProxyHeaders  # noqa: E402
 
 # Daphne's connections send at once instead of on the reactor's next turn
 # (the SSE streams' many small writes; see config/tcp_writes.py).
@@ -56,6 +57,11 @@ application = ProtocolTypeRouter(
         )
     }
 )
+
+# Behind a proxy, the client's address is the one the proxy forwards; never
+# otherwise (Daphne runs without --proxy-headers, which trusted anyone).
+if settings.CONVEYOR_BEHIND_PROXY:
+    application = ProxyHeaders(application)
 
 # Everything loaded so far lives as long as the process: keep it out of the
 # cyclic garbage collector's full passes, which otherwise walk all of Django

@@ -54,3 +54,34 @@ class RequestIdMiddleware:
             response = await self.get_response(request)
         response[HEADER] = request.request_id
         return response
+
+
+class ProxyHeaders:
+    """ASGI: the client address is the one the proxy put in `X-Forwarded-For`.
+
+    Installed only with CONVEYOR_BEHIND_PROXY=1 (config/asgi.py). Daphne's own
+    --proxy-headers believed whoever sent the header, so a client talking to
+    Daphne directly chose its address (and escaped the sign-in lockout). The
+    last entry is the one the proxy next to us wrote, whether it overwrites
+    the header (as the README's nginx configuration does) or appends to it.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            forwarded = forwarded_for(scope["headers"])
+            if forwarded is not None:
+                scope = {**scope, "client": (forwarded, 0)}
+        return await self.app(scope, receive, send)
+
+
+def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The last address of the request's `X-Forwarded-For` headers, if any."""
+    found = None
+    for name, value in headers:
+        if name.lower() == b"x-forwarded-for":
+            last = value.decode("latin-1").rsplit(",", 1)[-1].strip()
+            found = last or found
+    return found
