@@ -570,3 +570,90 @@ async def test_api_clients_stream_with_a_key_that_may_read():
         finally:
             await allowed.close()
             await refused.close()
+
+
+# --- credentials that stop being valid ----------------------------------------------
+
+
+def _signed_in(user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def _deactivate(user) -> None:
+    from django.contrib.auth.models import User
+
+    User.objects.filter(pk=user.pk).update(is_active=False)
+
+
+def _change_password(user) -> None:
+    user.set_password("a new one, elsewhere")
+    user.save(update_fields=["password"])
+
+
+async def _ends_within(client: SSEClient, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(client.body(timeout=60), seconds)
+    except TimeoutError:
+        raise AssertionError(f"the stream was still open {seconds} s later") from None
+    assert client.finished
+
+
+async def _still_streaming(client: SSEClient) -> None:
+    """Still open, and still delivering: a new job's event arrives."""
+    job = await submit()
+    (event,) = await client.events(1, names={"job.created"})
+    assert json.loads(event["data"])["job"] == str(job.id)
+    assert not client.finished
+
+
+async def test_a_deactivated_users_streams_end_within_five_seconds(operator, reader):
+    async with running_hub():
+        doomed_page = await SSEClient("/events/overview", cookie=await cookie_for(reader)).open()
+        doomed_api = await SSEClient("/api/v1/events", cookie=await cookie_for(reader)).open()
+        other = await SSEClient("/api/v1/events", cookie=await cookie_for(operator)).open()
+        try:
+            assert doomed_page.status == doomed_api.status == other.status == 200
+            await wait_for_raw(doomed_page, b": connected")
+            await sync_to_async(_deactivate)(reader)
+            await _ends_within(doomed_page, 5)
+            await _ends_within(doomed_api, 5)
+            await _still_streaming(other)
+        finally:
+            for client in (doomed_page, doomed_api, other):
+                await client.close()
+
+
+async def test_a_logged_out_sessions_streams_end_within_five_seconds(operator):
+    browser = await sync_to_async(_signed_in)(operator)
+    cookie = f"sessionid={browser.cookies['sessionid'].value}".encode()
+    async with running_hub():
+        doomed_page = await SSEClient("/events/dead-letter", cookie=cookie).open()
+        doomed_api = await SSEClient("/api/v1/events", cookie=cookie).open()
+        # Another session of the same user is not logged out.
+        other = await SSEClient("/api/v1/events", cookie=await cookie_for(operator)).open()
+        try:
+            assert doomed_page.status == doomed_api.status == other.status == 200
+            await wait_for_raw(doomed_page, b": connected")
+            await sync_to_async(browser.logout)()
+            await _ends_within(doomed_page, 5)
+            await _ends_within(doomed_api, 5)
+            await _still_streaming(other)
+        finally:
+            for client in (doomed_page, doomed_api, other):
+                await client.close()
+
+
+async def test_a_password_change_ends_the_users_other_sessions_streams(operator):
+    async with running_hub():
+        doomed = await SSEClient("/events/overview", cookie=await cookie_for(operator)).open()
+        try:
+            assert doomed.status == 200
+            await wait_for_raw(doomed, b": connected")
+            await sync_to_async(_change_password)(operator)
+            await _ends_within(doomed, 5)
+        finally:
+            await doomed.close()
