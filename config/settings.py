@@ -155,6 +155,9 @@ CONVEYOR_LIVE = {
     # most once a second across all processes).
     "PUBLISH_QUEUE_STATS": env_bool("CONVEYOR_PUBLISH_QUEUE_STATS", True),
     "STATS_INTERVAL_SECONDS": 1.0,
+    # How often each process re-checks, in one batch, that the keys, sessions
+    # and users its open streams were let in with are still valid.
+    "ACCESS_CHECK_SECONDS": env_float("CONVEYOR_SSE_ACCESS_CHECK_SECONDS", 1.0, minimum=0.1),
 }
 
 # --- Security (secure defaults whenever DEBUG is off) -----------------------

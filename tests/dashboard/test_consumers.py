@@ -657,3 +657,22 @@ async def test_a_password_change_ends_the_users_other_sessions_streams(operator)
             await _ends_within(doomed, 5)
         finally:
             await doomed.close()
+
+
+@pytest.mark.anyio(False)
+def test_checking_every_streams_credentials_takes_at_most_three_queries(operator, django_assert_max_num_queries):
+    from django.contrib.sessions.models import Session
+
+    from dashboard.api_auth import Credential, invalid_credentials
+    from jobs.services import verify_api_key
+
+    keys = [_api_key(["read"]) for _ in range(5)]
+    for _ in range(3):
+        _signed_in(operator)
+    credentials = {Credential(api_key_id=verify_api_key(key).pk) for key in keys}
+    credentials |= {
+        Credential(user_id=operator.pk, session_key=key) for key in Session.objects.values_list("pk", flat=True)
+    }
+    gone = {Credential(api_key_id=10**9), Credential(user_id=operator.pk, session_key="logged-out")}
+    with django_assert_max_num_queries(3):
+        assert invalid_credentials(credentials | gone) == gone
