@@ -47,9 +47,7 @@ def authenticate_bearer(token: str) -> ApiPrincipal | None:
     api_key = services.verify_api_key(token)
     if api_key is None:
         return None
-    return ApiPrincipal(
-        name=api_key.name, owner=api_key.owner, scopes=frozenset(api_key.scopes), key_id=api_key.pk
-    )
+    return ApiPrincipal(name=api_key.name, owner=api_key.owner, scopes=frozenset(api_key.scopes), key_id=api_key.pk)
 
 
 def owns_job(job_id, owner: str | None) -> bool:

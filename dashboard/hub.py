@@ -262,8 +262,6 @@ class EventHub:
         self.publish_stats = live["PUBLISH_QUEUE_STATS"] if publish_stats is None else publish_stats
         self.stats_interval = stats_interval or live["STATS_INTERVAL_SECONDS"]
         self.access_interval = access_interval or live["ACCESS_CHECK_SECONDS"]
-        # Batched credential checks run (see step 6).
-        self.access_checks = 0
         self.subscriptions: set[Subscription] = set()
         # The same subscriptions split for the fan-out (see step 3).
         self._unscoped: set[Subscription] = set()
@@ -470,7 +468,6 @@ class EventHub:
             except Exception:  # noqa: BLE001 - statistics are best effort; the next tick tries again
                 log.exception("event hub: publishing queue statistics failed")
 
-
     # --- credentials of open streams ------------------------------------------
 
     async def _check_access(self) -> None:
@@ -486,10 +483,9 @@ class EventHub:
                 invalid = await check(watched)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the next tick tries again; the hub reconnects the streams' feed
+            except Exception:  # noqa: BLE001 - an outage must not end every stream; the next tick checks again
                 log.exception("event hub: checking the streams' credentials failed")
                 continue
-            self.access_checks += 1
             if not invalid:
                 continue
             for subscription in list(self.subscriptions):
