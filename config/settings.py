@@ -293,6 +293,13 @@ LOGGING = {
     },
 }
 
+# --- The simulated LLM provider (jobs/llm/simulated.py) -----------------------
+# Its /load endpoint and X-Sim-* failure-injection headers: unset, they work
+# only with DEBUG on while it is a configured provider; 1 or 0 decides outright.
+CONVEYOR_SIMULATOR_CONTROLS = (
+    env_bool("CONVEYOR_SIMULATOR_CONTROLS", False) if (env_str("CONVEYOR_SIMULATOR_CONTROLS") or "").strip() else None
+)
+
 # --- Webhooks (jobs/webhooks.py, jobs/ssrf.py) --------------------------------
 
 

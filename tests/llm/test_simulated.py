@@ -151,6 +151,7 @@ def test_the_bare_asgi_app_answers_like_the_django_views(daphne):
             CONVEYOR_SIM_TTFT_MS="20",
             CONVEYOR_SIM_TPS="2000",
             CONVEYOR_SIM_REQUIRE_KEY="",
+            CONVEYOR_SIMULATOR_CONTROLS="1",
         )
         assert post(bare).json()["choices"] == post(daphne).json()["choices"]
         streamed = sse_chunks(post(bare, {**BODY, "stream": True}))
