@@ -5,6 +5,7 @@ headers, the request id; and the client address a declared proxy forwards."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid
 from typing import Any
@@ -84,13 +85,16 @@ class ProxyHeaders:
 
 
 def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The last address of the request's `X-Forwarded-For` headers, if any."""
+    """The last address of the request's `X-Forwarded-For` headers, if it is
+    an IP address (anything else would reach the lockout's address column)."""
     found = None
     for name, value in headers:
         if name.lower() == b"x-forwarded-for":
-            last = value.decode("latin-1").rsplit(",", 1)[-1].strip()
-            found = last or found
-    return found
+            found = value.decode("latin-1").rsplit(",", 1)[-1].strip() or found
+    try:
+        return str(ipaddress.ip_address(found)) if found else None
+    except ValueError:
+        return None
 
 
 # --- ASGI apps mounted ahead of Django ------------------------------------------

@@ -90,3 +90,35 @@ def test_behind_a_declared_proxy_the_lockout_sees_the_address_the_proxy_set(proc
     url = _start_web(processes, _procfile_web, CONVEYOR_BEHIND_PROXY="1", DEBUG="1")
     _fail_sign_in(url, "trudy")
     assert _addresses("trudy") == {FORGED}
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "client"),
+    [
+        ([b"198.51.100.1"], "198.51.100.1"),
+        # An appending proxy: the last entry is the one it wrote.
+        ([b"203.0.113.7, 198.51.100.1"], "198.51.100.1"),
+        ([b"203.0.113.7", b"2001:db8::1"], "2001:db8::1"),
+        # Not an address: the connection's peer stays.
+        ([b"localhost"], "192.0.2.9"),
+        ([b""], "192.0.2.9"),
+        ([], "192.0.2.9"),
+    ],
+)
+def test_behind_a_proxy_the_client_is_the_last_forwarded_address(forwarded, client):
+    import asyncio
+
+    from config.middleware import ProxyHeaders
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen["client"] = scope["client"][0]
+
+    scope = {
+        "type": "http",
+        "headers": [(b"x-forwarded-for", value) for value in forwarded],
+        "client": ("192.0.2.9", 5),
+    }
+    asyncio.run(ProxyHeaders(app)(scope, None, None))
+    assert seen["client"] == client
