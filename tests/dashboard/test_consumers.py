@@ -610,35 +610,21 @@ async def _still_streaming(client: SSEClient) -> None:
     assert not client.finished
 
 
-async def test_a_deactivated_users_streams_end_within_five_seconds(operator, reader):
-    async with running_hub():
-        doomed_page = await SSEClient("/events/overview", cookie=await cookie_for(reader)).open()
-        doomed_api = await SSEClient("/api/v1/events", cookie=await cookie_for(reader)).open()
-        other = await SSEClient("/api/v1/events", cookie=await cookie_for(operator)).open()
-        try:
-            assert doomed_page.status == doomed_api.status == other.status == 200
-            await wait_for_raw(doomed_page, b": connected")
-            await sync_to_async(_deactivate)(reader)
-            await _ends_within(doomed_page, 5)
-            await _ends_within(doomed_api, 5)
-            await _still_streaming(other)
-        finally:
-            for client in (doomed_page, doomed_api, other):
-                await client.close()
-
-
-async def test_a_logged_out_sessions_streams_end_within_five_seconds(operator):
-    browser = await sync_to_async(_signed_in)(operator)
+@pytest.mark.parametrize("ending", ["deactivation", "logout"])
+async def test_a_deactivated_users_or_logged_out_sessions_streams_end_within_five_seconds(operator, reader, ending):
+    browser = await sync_to_async(_signed_in)(reader)
     cookie = f"sessionid={browser.cookies['sessionid'].value}".encode()
+    # Unaffected: another user's stream, or another session of the user logging out.
+    still_valid = await cookie_for(operator if ending == "deactivation" else reader)
+    end = sync_to_async((lambda: _deactivate(reader)) if ending == "deactivation" else browser.logout)
     async with running_hub():
         doomed_page = await SSEClient("/events/dead-letter", cookie=cookie).open()
         doomed_api = await SSEClient("/api/v1/events", cookie=cookie).open()
-        # Another session of the same user is not logged out.
-        other = await SSEClient("/api/v1/events", cookie=await cookie_for(operator)).open()
+        other = await SSEClient("/api/v1/events", cookie=still_valid).open()
         try:
             assert doomed_page.status == doomed_api.status == other.status == 200
             await wait_for_raw(doomed_page, b": connected")
-            await sync_to_async(browser.logout)()
+            await end()
             await _ends_within(doomed_page, 5)
             await _ends_within(doomed_api, 5)
             await _still_streaming(other)

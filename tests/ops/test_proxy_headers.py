@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Processes, free_port, wait_until
+from tests.conftest import ROOT, Processes, free_port
 
 pytestmark = pytest.mark.processes
 
@@ -48,16 +48,7 @@ def _start_web(processes: Processes, command, **env: str) -> str:
     args = [sys.executable, "-m", "daphne", *(w.replace("interface=0.0.0.0", "interface=127.0.0.1") for w in words[1:])]
     proc = processes.start("daphne", args, **{**unit_env, **env})
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"daphne exited:\n{processes.log_of(proc)}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=60, interval=0.2, message=f"daphne on {url}")
+    processes.wait_healthy(proc, url)
     return url
 
 
