@@ -13,6 +13,7 @@ django.setup(set_prefix=False)
 
 from config import form_parsing, tcp_writes  # noqa: E402
 from config.handler import ThreadPoolASGIHandler  # noqa: E402
+from config.middleware import DjangoProtections, ProxyHeaders  # noqa: E402
 
 # Daphne's connections send at once instead of on the reactor's next turn
 # (the SSE streams' many small writes; see config/tcp_writes.py).
@@ -43,11 +44,16 @@ application = ProtocolTypeRouter(
             [
                 # Server-sent events (/events/…, /api/v1/events), with the
                 # dashboard's session and user.
-                re_path(r"^(?=events/|api/v1/events$)", AuthMiddlewareStack(URLRouter(event_streams))),
+                # Host check, HTTPS redirect and security headers as Django's
+                # middleware would (config/middleware.py).
+                re_path(
+                    r"^(?=events/|api/v1/events$)",
+                    DjangoProtections(AuthMiddlewareStack(URLRouter(event_streams)), django_http),
+                ),
                 # The simulated LLM provider, ahead of Django's middleware: its
                 # hundreds of concurrent calls would otherwise cost a dozen
                 # thread hops each (the Django views serve the same endpoint).
-                re_path(r"^(?=simulated/v1/)", simulated.asgi_app),
+                re_path(r"^(?=simulated/v1/)", DjangoProtections(simulated.asgi_app, django_http)),
                 # Job submissions with an API key, ahead of Django's request
                 # cycle; what it does not answer itself goes to Django.
                 *([re_path(r"^api/v1/jobs$", intake)] if settings.CONVEYOR["INTAKE"] else []),
@@ -56,6 +62,11 @@ application = ProtocolTypeRouter(
         )
     }
 )
+
+# Behind a proxy, the client's address is the one the proxy forwards; never
+# otherwise (Daphne runs without --proxy-headers, which trusted anyone).
+if settings.CONVEYOR_BEHIND_PROXY:
+    application = ProxyHeaders(application)
 
 # Everything loaded so far lives as long as the process: keep it out of the
 # cyclic garbage collector's full passes, which otherwise walk all of Django

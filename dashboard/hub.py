@@ -19,6 +19,10 @@ stream that this Daphne process serves.
    starts a margin below the last id seen and skips ids already delivered.
 5. While the hub runs it also publishes the queue statistics (see
    dashboard/publisher.py): at most once a second across all processes.
+6. Every `ACCESS_CHECK_SECONDS` it checks the credentials of its open
+   streams, all in one batch (`api_auth.invalid_credentials`, at most three
+   queries), and ends the streams of a revoked key, a logged-out session or
+   a deactivated user: no query per event or per viewer.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 import psycopg
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 from psycopg.conninfo import make_conninfo
@@ -116,6 +121,10 @@ class SubscriberTooSlow(Exception):
     """The subscription's queue overflowed; the stream must end."""
 
 
+class AccessRevoked(Exception):
+    """The credentials the stream was opened with are no longer valid; it must end."""
+
+
 class HubUnavailable(Exception):
     """The hub could not reach Postgres in time."""
 
@@ -127,12 +136,16 @@ class Subscription:
     time per message. The keep-alive timeout is one timer per subscription,
     moved on lazily when it fires early, not a timer per wait."""
 
-    def __init__(self, wants: Callable[[Update], bool], maxsize: int, *, job_id: Any = None) -> None:
+    def __init__(
+        self, wants: Callable[[Update], bool], maxsize: int, *, job_id: Any = None, credential: Any = None
+    ) -> None:
         self.wants = wants
         self.job_id = job_id  # not None: wants nothing but this job's events
+        self.credential = credential  # what the hub re-checks (api_auth.Credential)
         self.maxsize = maxsize
         self.pending: deque[Update] = deque()
         self.dropped = False
+        self.revoked = False
         self._waiter: asyncio.Future | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -147,12 +160,22 @@ class Subscription:
             waiter.set_result(None)
         return True
 
+    def revoke(self) -> None:
+        """End the stream: its next (or current) get() raises AccessRevoked."""
+        self.revoked = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def get(self, timeout: float) -> Update | None:
         """The next update, or None after `timeout` seconds without one.
 
         Raises SubscriberTooSlow once the hub has dropped this subscription
-        (which only happens with a full queue, so never to a waiting reader).
+        (which only happens with a full queue, so never to a waiting reader),
+        and AccessRevoked once its credentials are no longer valid.
         """
+        if self.revoked:
+            raise AccessRevoked
         if self.dropped:
             raise SubscriberTooSlow
         if not self.pending:
@@ -166,6 +189,8 @@ class Subscription:
                 await waiter  # cancelled with the stream itself
             finally:
                 self._waiter = None
+            if self.revoked:
+                raise AccessRevoked
             if not self.pending:
                 return None
         return self.pending.popleft()
@@ -229,12 +254,14 @@ class EventHub:
         keepalive: float | None = None,
         publish_stats: bool | None = None,
         stats_interval: float | None = None,
+        access_interval: float | None = None,
     ) -> None:
         live = settings.CONVEYOR_LIVE
         self.queue_size = queue_size or live["SUBSCRIBER_QUEUE_SIZE"]
         self.keepalive = keepalive or live["KEEPALIVE_SECONDS"]
         self.publish_stats = live["PUBLISH_QUEUE_STATS"] if publish_stats is None else publish_stats
         self.stats_interval = stats_interval or live["STATS_INTERVAL_SECONDS"]
+        self.access_interval = access_interval or live["ACCESS_CHECK_SECONDS"]
         self.subscriptions: set[Subscription] = set()
         # The same subscriptions split for the fan-out (see step 3).
         self._unscoped: set[Subscription] = set()
@@ -256,6 +283,7 @@ class EventHub:
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task | None = None
         self._publisher: asyncio.Task | None = None
+        self._access: asyncio.Task | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -264,19 +292,26 @@ class EventHub:
     # --- subscribers ---------------------------------------------------------
 
     async def subscribe(
-        self, wants: Callable[[Update], bool], *, job_id: Any = None, timeout: float = 10.0
+        self,
+        wants: Callable[[Update], bool],
+        *,
+        job_id: Any = None,
+        credential: Any = None,
+        timeout: float = 10.0,
     ) -> Subscription:
         """Register a subscription once the hub is listening (so that nothing
         committed after this returns can be missed); raises HubUnavailable.
 
         With `job_id`, `wants` is only ever asked about that job's events.
+        With `credential` (an `api_auth.Credential`), the subscription is
+        revoked once that credential is no longer valid (step 6).
         """
         self.start()
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             raise HubUnavailable("the event hub is not connected to Postgres") from None
-        subscription = Subscription(wants, self.queue_size, job_id=job_id)
+        subscription = Subscription(wants, self.queue_size, job_id=job_id, credential=credential)
         self.subscriptions.add(subscription)
         if job_id is None:
             self._unscoped.add(subscription)
@@ -303,14 +338,15 @@ class EventHub:
             self._task = self._loop.create_task(self._run(), name="conveyor-event-hub")
             if self.publish_stats:
                 self._publisher = self._loop.create_task(self._publish_stats(), name="conveyor-queue-stats")
+            self._access = self._loop.create_task(self._check_access(), name="conveyor-stream-access")
 
     async def stop(self) -> None:
-        for task in (self._publisher, self._task):
+        for task in (self._publisher, self._access, self._task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._task = self._publisher = None
+        self._task = self._publisher = self._access = None
         self._ready.clear()
 
     async def _run(self) -> None:
@@ -431,6 +467,31 @@ class EventHub:
                 raise
             except Exception:  # noqa: BLE001 - statistics are best effort; the next tick tries again
                 log.exception("event hub: publishing queue statistics failed")
+
+    # --- credentials of open streams ------------------------------------------
+
+    async def _check_access(self) -> None:
+        from dashboard.api_auth import invalid_credentials
+
+        check = database_sync_to_async(invalid_credentials)
+        while True:
+            await asyncio.sleep(self.access_interval)
+            watched = {s.credential for s in self.subscriptions if s.credential is not None}
+            if not watched:
+                continue
+            try:
+                invalid = await check(watched)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - an outage must not end every stream; the next tick checks again
+                log.exception("event hub: checking the streams' credentials failed")
+                continue
+            if not invalid:
+                continue
+            for subscription in list(self.subscriptions):
+                if subscription.credential in invalid:
+                    self.unsubscribe(subscription)
+                    subscription.revoke()
 
 
 def _event_id(payload: str) -> int | None:

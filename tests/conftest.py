@@ -100,6 +100,11 @@ class Processes:
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
             **env,
         )
+        self.wait_healthy(proc, url)
+        return proc, url
+
+    def wait_healthy(self, proc: subprocess.Popen, url: str) -> None:
+        """Wait until the Daphne `proc` answers /healthz at `url`."""
 
         def healthy() -> bool:
             if proc.poll() is not None:
@@ -110,7 +115,6 @@ class Processes:
                 return False
 
         wait_until(healthy, timeout=60, interval=0.2, message=f"daphne on {url}")
-        return proc, url
 
     def qcluster(self, queue: str = "default", **env: str) -> subprocess.Popen:
         return self.start(f"qcluster-{queue}", [sys.executable, "manage.py", "qcluster"], Q_CLUSTER_NAME=queue, **env)

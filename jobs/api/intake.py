@@ -53,12 +53,13 @@ import pydantic
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import HttpResponse
-from django.http.request import split_domain_port, validate_host
 from django.urls import reverse
 from ninja.responses import NinjaJSONEncoder
 
 from config.middleware import HEADER as REQUEST_ID
-from config.middleware import request_id_from
+from config.middleware import host_allowed, request_id_from
+from config.middleware import is_secure as _is_secure
+from config.middleware import security_headers as _security_headers
 from jobs import broker, submission
 from jobs.api.parsing import MAX_BODY, loads
 from jobs.api.problems import Problem, problem_response
@@ -117,9 +118,7 @@ class Intake:
         under a path prefix, whose Location headers carry it)."""
         if settings.FORCE_SCRIPT_NAME or scope.get("root_path"):
             return False
-        host = headers.get("host", "")
-        domain, _ = split_domain_port(host)
-        if not domain or not validate_host(domain, _allowed_hosts()):
+        if not host_allowed(headers.get("host", "")):
             return False
         if settings.SECURE_SSL_REDIRECT and not _is_secure(scope, headers):
             return False
@@ -351,42 +350,3 @@ def _replaying(body: bytes, receive):
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replay
-
-
-def _allowed_hosts() -> list[str]:
-    # As HttpRequest.get_host: DEBUG with no ALLOWED_HOSTS allows local names.
-    allowed = settings.ALLOWED_HOSTS
-    if settings.DEBUG and not allowed:
-        return [".localhost", "127.0.0.1", "[::1]"]
-    return allowed
-
-
-def _is_secure(scope: dict[str, Any], headers: dict[str, str]) -> bool:
-    # As HttpRequest.is_secure, SECURE_PROXY_SSL_HEADER included.
-    if settings.SECURE_PROXY_SSL_HEADER:
-        header, secure_value = settings.SECURE_PROXY_SSL_HEADER
-        name = header.removeprefix("HTTP_").replace("_", "-").lower()
-        value = headers.get(name)
-        if value is not None:
-            return value.split(",")[0].strip() == secure_value
-    return scope.get("scheme") == "https"
-
-
-def _security_headers(secure: bool) -> list[tuple[bytes, bytes]]:
-    """The headers SecurityMiddleware and XFrameOptionsMiddleware add to the answer."""
-    found = [(b"x-frame-options", settings.X_FRAME_OPTIONS.upper().encode())]
-    if secure and settings.SECURE_HSTS_SECONDS:
-        hsts = f"max-age={settings.SECURE_HSTS_SECONDS}"
-        if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS:
-            hsts += "; includeSubDomains"
-        if settings.SECURE_HSTS_PRELOAD:
-            hsts += "; preload"
-        found.append((b"strict-transport-security", hsts.encode()))
-    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
-        found.append((b"x-content-type-options", b"nosniff"))
-    if settings.SECURE_REFERRER_POLICY:
-        policy = settings.SECURE_REFERRER_POLICY
-        found.append((b"referrer-policy", (policy if isinstance(policy, str) else ",".join(policy)).encode()))
-    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
-        found.append((b"cross-origin-opener-policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY.encode()))
-    return found

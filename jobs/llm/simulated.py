@@ -15,6 +15,7 @@ Its behaviour comes from, in increasing precedence:
    default 0), `CONVEYOR_SIM_RETRY_AFTER` (1), `CONVEYOR_SIM_REQUIRE_KEY` (0);
 2. options in the model name: `"simulated@latency_ms=1000,rate_429=0.1"`;
 3. request headers: `X-Sim-Latency-Ms: 1000`, `X-Sim-Fail: 429`, `X-Sim-Ttft-Ms: 50`, …
+   (only where its controls are on: see `controls_enabled`).
 
 Options: `ttft_ms` (time to first token), `tps` (tokens per second), `latency_ms` (the whole
 answer takes this long: the first token after min(ttft, latency), the rest spread evenly),
@@ -45,6 +46,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -174,12 +176,33 @@ def _env_defaults() -> Behaviour:
     return Behaviour(**values)
 
 
+def controls_enabled() -> bool:
+    """Whether the `X-Sim-*` headers and `/load` work. They let any caller make
+    the provider fail or hang, so: CONVEYOR_SIMULATOR_CONTROLS when set, else
+    only with DEBUG on while the simulator is a configured provider. The bare
+    app without Django (`config/simulator_asgi.py`, benchmarks) has no DEBUG:
+    there they are off unless the variable turns them on."""
+    if not settings.configured:
+        return env_bool("CONVEYOR_SIMULATOR_CONTROLS", False)
+    explicit = getattr(settings, "CONVEYOR_SIMULATOR_CONTROLS", None)
+    if explicit is not None:
+        return explicit
+    if not settings.DEBUG:
+        return False
+    from jobs.llm.providers import all_providers
+
+    try:
+        return any(provider.simulated for provider in all_providers())
+    except ImproperlyConfigured:
+        return False
+
+
 def _behaviour(headers: dict[str, str], options: dict[str, str]) -> Behaviour:
-    """Environment, then model-name options, then `X-Sim-*` headers."""
+    """Environment, then model-name options, then `X-Sim-*` headers (when its controls are on)."""
     given = dict(options)
-    for header, value in headers.items():
-        if header.startswith("x-sim-"):
-            given[header[6:].replace("-", "_")] = value
+    injected = {header[6:].replace("-", "_"): value for header, value in headers.items() if header.startswith("x-sim-")}
+    if injected and controls_enabled():
+        given.update(injected)
     values: dict[str, Any] = {}
     for key, raw in given.items():
         parse = _OPTIONS.get(key)
@@ -301,7 +324,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
             if path.endswith("/chat/completions"):
                 reply = _error(405, "use POST")
-            elif path.endswith("/load"):
+            elif path.endswith("/load") and controls_enabled():
                 if method == "DELETE":
                     load.reset()
                 reply = _json(200, load.snapshot())

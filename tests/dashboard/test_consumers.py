@@ -570,3 +570,95 @@ async def test_api_clients_stream_with_a_key_that_may_read():
         finally:
             await allowed.close()
             await refused.close()
+
+
+# --- credentials that stop being valid ----------------------------------------------
+
+
+def _signed_in(user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def _deactivate(user) -> None:
+    from django.contrib.auth.models import User
+
+    User.objects.filter(pk=user.pk).update(is_active=False)
+
+
+def _change_password(user) -> None:
+    user.set_password("a new one, elsewhere")
+    user.save(update_fields=["password"])
+
+
+async def _ends_within(client: SSEClient, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(client.body(timeout=60), seconds)
+    except TimeoutError:
+        raise AssertionError(f"the stream was still open {seconds} s later") from None
+    assert client.finished
+
+
+async def _still_streaming(client: SSEClient) -> None:
+    """Still open, and still delivering: a new job's event arrives."""
+    job = await submit()
+    (event,) = await client.events(1, names={"job.created"})
+    assert json.loads(event["data"])["job"] == str(job.id)
+    assert not client.finished
+
+
+@pytest.mark.parametrize("ending", ["deactivation", "logout"])
+async def test_a_deactivated_users_or_logged_out_sessions_streams_end_within_five_seconds(operator, reader, ending):
+    browser = await sync_to_async(_signed_in)(reader)
+    cookie = f"sessionid={browser.cookies['sessionid'].value}".encode()
+    # Unaffected: another user's stream, or another session of the user logging out.
+    still_valid = await cookie_for(operator if ending == "deactivation" else reader)
+    end = sync_to_async((lambda: _deactivate(reader)) if ending == "deactivation" else browser.logout)
+    async with running_hub():
+        doomed_page = await SSEClient("/events/dead-letter", cookie=cookie).open()
+        doomed_api = await SSEClient("/api/v1/events", cookie=cookie).open()
+        other = await SSEClient("/api/v1/events", cookie=still_valid).open()
+        try:
+            assert doomed_page.status == doomed_api.status == other.status == 200
+            await wait_for_raw(doomed_page, b": connected")
+            await end()
+            await _ends_within(doomed_page, 5)
+            await _ends_within(doomed_api, 5)
+            await _still_streaming(other)
+        finally:
+            for client in (doomed_page, doomed_api, other):
+                await client.close()
+
+
+async def test_a_password_change_ends_the_users_other_sessions_streams(operator):
+    async with running_hub():
+        doomed = await SSEClient("/events/overview", cookie=await cookie_for(operator)).open()
+        try:
+            assert doomed.status == 200
+            await wait_for_raw(doomed, b": connected")
+            await sync_to_async(_change_password)(operator)
+            await _ends_within(doomed, 5)
+        finally:
+            await doomed.close()
+
+
+@pytest.mark.anyio(False)
+def test_checking_every_streams_credentials_takes_at_most_three_queries(operator, django_assert_max_num_queries):
+    from django.contrib.sessions.models import Session
+
+    from dashboard.api_auth import Credential, invalid_credentials
+    from jobs.services import verify_api_key
+
+    keys = [_api_key(["read"]) for _ in range(5)]
+    for _ in range(3):
+        _signed_in(operator)
+    credentials = {Credential(api_key_id=verify_api_key(key).pk) for key in keys}
+    credentials |= {
+        Credential(user_id=operator.pk, session_key=key) for key in Session.objects.values_list("pk", flat=True)
+    }
+    gone = {Credential(api_key_id=10**9), Credential(user_id=operator.pk, session_key="logged-out")}
+    with django_assert_max_num_queries(3):
+        assert invalid_credentials(credentials | gone) == gone

@@ -72,6 +72,8 @@ def daphne() -> Iterator[str]:
             CONVEYOR_SIM_RATE_HANG="",
             CONVEYOR_SIM_FAIL="",
             CONVEYOR_SIM_REQUIRE_KEY="1",
+            # The tests inject failures with X-Sim-* headers and read /load.
+            CONVEYOR_SIMULATOR_CONTROLS="1",
         )
     finally:
         procs.stop_all()

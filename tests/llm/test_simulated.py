@@ -151,6 +151,7 @@ def test_the_bare_asgi_app_answers_like_the_django_views(daphne):
             CONVEYOR_SIM_TTFT_MS="20",
             CONVEYOR_SIM_TPS="2000",
             CONVEYOR_SIM_REQUIRE_KEY="",
+            CONVEYOR_SIMULATOR_CONTROLS="1",
         )
         assert post(bare).json()["choices"] == post(daphne).json()["choices"]
         streamed = sse_chunks(post(bare, {**BODY, "stream": True}))
@@ -161,3 +162,74 @@ def test_the_bare_asgi_app_answers_like_the_django_views(daphne):
         assert httpx.get(f"{bare}/simulated/v1/nowhere").status_code == 404
     finally:
         procs.stop_all()
+
+
+# --- controls and failure injection: development and tests only ---------------------
+
+
+def _in_process(method: str, path: str, **headers: str) -> httpx.Response:
+    """One request to the bare ASGI app, in this process (settings as overridden)."""
+    import asyncio
+
+    from jobs.llm import simulated
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=simulated.asgi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            body = json.dumps({**BODY, "max_tokens": 3}).encode() if method == "POST" else None
+            return await client.request(method, path, content=body, headers=headers, timeout=10)
+
+    return asyncio.run(call())
+
+
+def _controls_work() -> dict[str, bool]:
+    failed = _in_process("POST", "/simulated/v1/chat/completions", **{"X-Sim-Fail": "429"})
+    assert failed.status_code in (200, 429), failed.text
+    return {
+        "load": _in_process("GET", "/simulated/v1/load").status_code == 200,
+        "reset": _in_process("DELETE", "/simulated/v1/load").status_code == 200,
+        "injection": failed.status_code == 429,
+    }
+
+
+ON = {"load": True, "reset": True, "injection": True}
+OFF = {"load": False, "reset": False, "injection": False}
+
+
+@pytest.fixture
+def sim_env(monkeypatch):
+    for name in (
+        "CONVEYOR_SIM_REQUIRE_KEY",
+        "CONVEYOR_SIM_FAIL",
+        "CONVEYOR_LLM_PROVIDERS",
+        "CONVEYOR_SIMULATOR_CONTROLS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CONVEYOR_SIM_TTFT_MS", "0")
+    monkeypatch.setenv("CONVEYOR_SIM_TPS", "10000")
+    return monkeypatch
+
+
+def test_with_debug_off_the_controls_answer_404_and_injection_headers_are_ignored(sim_env, settings):
+    settings.DEBUG = False
+    settings.CONVEYOR_SIMULATOR_CONTROLS = None
+    assert _controls_work() == OFF
+    assert _in_process("GET", "/simulated/v1/load").json()["error"]["code"] == "unknown_url"
+
+
+def test_with_debug_on_the_controls_work_while_the_simulator_is_a_configured_provider(sim_env, settings):
+    settings.DEBUG = True
+    settings.CONVEYOR_SIMULATOR_CONTROLS = None
+    assert _controls_work() == ON
+    real = [{"name": "openai", "base_url": "https://api.openai.com/v1", "default_model": "gpt-4o-mini"}]
+    sim_env.setenv("CONVEYOR_LLM_PROVIDERS", json.dumps(real))
+    assert _controls_work() == OFF
+
+
+def test_an_explicit_setting_turns_the_controls_on_or_off(sim_env, settings):
+    settings.DEBUG = False
+    settings.CONVEYOR_SIMULATOR_CONTROLS = True
+    assert _controls_work() == ON
+    settings.DEBUG = True
+    settings.CONVEYOR_SIMULATOR_CONTROLS = False
+    assert _controls_work() == OFF
