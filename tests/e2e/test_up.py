@@ -197,6 +197,10 @@ def test_sigkill_of_up_takes_down_every_child_and_its_postgres_within_10_s(data_
 
         wait_until(all_gone, timeout=10, interval=0.2, message="every child of up, its Postgres and the port")
         assert time.monotonic() - killed_at < 10
+        # Its lifeline watcher did it (it writes to up's stderr).
+        wait_until(
+            lambda: f"manage.py up (pid {up.pid}) is gone" in log_path.read_text(), timeout=10, message="the watcher"
+        )
     finally:
         for process in tree:
             if alive(process):
