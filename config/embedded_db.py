@@ -75,20 +75,24 @@ def is_running(pgdata: Path) -> bool:
         return False
 
 
-# True when this process started the server (rather than finding it running).
-started_here = False
-# Whether this process's exit should still report a server it started and left running.
-_report_on_exit = True
+# The data directories whose server this process started (rather than found running).
+_started: set[Path] = set()
+# Those whose fate this process has settled (stopped, or left to a user): its
+# exit reports no more about them.
+_settled: set[Path] = set()
+
+
+def started_here(pgdata: Path) -> bool:
+    return pgdata.resolve() in _started
 
 
 def database_url(pgdata: Path, dbname: str) -> str:
     """Start the server if needed, create `dbname` if missing, return its URL."""
-    global started_here
     _recover_after_crash(pgdata)
     was_running = is_running(pgdata)
     server = _server(pgdata)
-    if not was_running and not started_here:
-        started_here = True
+    if not was_running and not started_here(pgdata):
+        _started.add(pgdata.resolve())
         atexit.register(_report_left_running, pgdata)
     _register_user(pgdata)
     socket_dir = str(server.get_postmaster_info().socket_dir)
@@ -126,7 +130,10 @@ def _recover_after_crash(pgdata: Path) -> None:
     log.warning(
         "%s names pid %s, which is not its server: removing it (left by a crash)", pgdata / "postmaster.pid", pid
     )
-    lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except FileNotFoundError:
+        return  # a server that was stopping has removed it meanwhile
     (pgdata / "postmaster.pid").unlink(missing_ok=True)
     # The socket's lock file names the same dead server.
     if len(lines) > 4 and lines[3].strip() and lines[4].strip():
@@ -190,8 +197,7 @@ def stop_unless_used(pgdata: Path, exclude: Iterable[int] = ()) -> list[int]:
     """Stop the server unless another live process has it open; return those
     processes' pids (empty: stopped, or was not running). Either way this
     process has settled it, so its exit reports nothing more."""
-    global _report_on_exit
-    _report_on_exit = False
+    _settled.add(pgdata.resolve())
     users = other_users(pgdata, exclude)
     if not users:
         stop(pgdata)
@@ -199,7 +205,7 @@ def stop_unless_used(pgdata: Path, exclude: Iterable[int] = ()) -> list[int]:
 
 
 def _report_left_running(pgdata: Path) -> None:
-    if _report_on_exit and is_running(pgdata):
+    if pgdata.resolve() not in _settled and is_running(pgdata):
         print(
             f"conveyor: the embedded Postgres this command started on {pgdata} is left running "
             f"(pid {postmaster_pid(pgdata)}); `make stop` stops it",

@@ -160,10 +160,10 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
     from config import embedded_db
 
-    if not embedded_db.started_here:
+    pgdata = settings.DATA_DIR / "pg"
+    if not embedded_db.started_here(pgdata):
         return
     connections.close_all()
-    pgdata = settings.DATA_DIR / "pg"
     users = embedded_db.stop_unless_used(pgdata)
     if users:
         print(f"\nembedded Postgres on {pgdata} left running: in use by pid {', '.join(map(str, users))}")

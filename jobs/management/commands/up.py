@@ -132,7 +132,7 @@ class Command(BaseCommand):
 
     def _refuse(self, message: str, pgdata: Path) -> NoReturn:
         # Before anything ran: stop only a server this command started for nothing.
-        if settings.EMBEDDED_POSTGRES and embedded_db.started_here:
+        if settings.EMBEDDED_POSTGRES and embedded_db.started_here(pgdata):
             embedded_db.stop_unless_used(pgdata)
         raise CommandError(message)
 
