@@ -34,8 +34,11 @@ def main(argv: list[str]) -> int:
     with connection.cursor() as cursor:
         cursor.execute("SHOW server_version")
         pg = cursor.fetchone()[0]
-    print(f"Python {platform.python_version()}, Django {django.get_version()}, django-q2 {django_q.VERSION}, "
-          f"Postgres {pg}, {platform.machine()}, {__import__('os').cpu_count()} CPUs", flush=True)
+    print(
+        f"Python {platform.python_version()}, Django {django.get_version()}, django-q2 {django_q.VERSION}, "
+        f"Postgres {pg}, {platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        flush=True,
+    )
     table = Table()
     started = time.monotonic()
     for name in chosen:

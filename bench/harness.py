@@ -121,8 +121,12 @@ class Cluster:
             log = open(LOGS / f"qcluster-{broker}-{i}.log", "wb")  # noqa: SIM115
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=full_env, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True,
+                    [sys.executable, "manage.py", "qcluster"],
+                    cwd=ROOT,
+                    env=full_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             )
 
@@ -173,8 +177,9 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str, str, str]] = []
 
-    def add(self, name: str, unit: str, conveyor: float, stock: float | None, *, higher_is_better: bool,
-            detail: str = "") -> None:
+    def add(
+        self, name: str, unit: str, conveyor: float, stock: float | None, *, higher_is_better: bool, detail: str = ""
+    ) -> None:
         if stock in (None, 0):
             ratio = "n/a"
         else:

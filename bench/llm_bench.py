@@ -33,9 +33,18 @@ class Simulator:
         self.port = _free_port()
         LOGS.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-e", f"tcp:port={self.port}:interface=127.0.0.1:backlog=1024",
-             "config.simulator_asgi:application"],
-            cwd=ROOT, stdout=open(LOGS / "simulator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-e",
+                f"tcp:port={self.port}:interface=127.0.0.1:backlog=1024",
+                "config.simulator_asgi:application",
+            ],
+            cwd=ROOT,
+            stdout=open(LOGS / "simulator.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_for(self._listening, timeout=30, interval=0.1)
 
@@ -98,9 +107,15 @@ def conveyor_run(sim: Simulator) -> tuple[float, float, float, int]:
     reset()
     # The simulated provider's default limit is 200 calls at once across all
     # workers; this workload wants its 400 in flight together.
-    providers = json.dumps([{"name": "simulated", "simulated": True, "default_model": "simulated", "max_concurrency": N}])
+    providers = json.dumps(
+        [{"name": "simulated", "simulated": True, "default_model": "simulated", "max_concurrency": N}]
+    )
     with Cluster(
-        "postgres", workers=2, queue="llm", PORT=str(sim.port), CONVEYOR_LANE_CAPACITY="250",
+        "postgres",
+        workers=2,
+        queue="llm",
+        PORT=str(sim.port),
+        CONVEYOR_LANE_CAPACITY="250",
         CONVEYOR_LLM_PROVIDERS=providers,
     ) as cluster:
         time.sleep(3)  # cluster up and idle, as the stock one
@@ -152,7 +167,19 @@ def w4_llm(table: Table, runs: int = 3) -> None:
         stock = sorted((stock_run(sim) for _ in range(runs)), key=lambda r: r[0])[runs // 2]
     finally:
         sim.stop()
-    table.add(f"W4 {N} LLM calls at 1 s, wall time", "s", conveyor[0], stock[0], higher_is_better=False,
-              detail=f"duplicates: conveyor {conveyor[3]}, stock {stock[3]}")
-    table.add("W4 worker memory, peak PSS total", "MiB", conveyor[1], stock[1], higher_is_better=False,
-              detail=f"RSS {conveyor[2]:.0f} vs {stock[2]:.0f} MiB")
+    table.add(
+        f"W4 {N} LLM calls at 1 s, wall time",
+        "s",
+        conveyor[0],
+        stock[0],
+        higher_is_better=False,
+        detail=f"duplicates: conveyor {conveyor[3]}, stock {stock[3]}",
+    )
+    table.add(
+        "W4 worker memory, peak PSS total",
+        "MiB",
+        conveyor[1],
+        stock[1],
+        higher_is_better=False,
+        detail=f"RSS {conveyor[2]:.0f} vs {stock[2]:.0f} MiB",
+    )

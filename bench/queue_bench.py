@@ -37,8 +37,9 @@ def w1_submission(table: Table, n: int = 5000) -> None:
 
     c, cs = median_of(RUNS, conveyor)
     s, ss = median_of(RUNS, stock)
-    table.add(f"W1 submit {n} (service call)", "jobs/s", c, s, higher_is_better=True,
-              detail=f"runs {fmt(cs)} vs {fmt(ss)}")
+    table.add(
+        f"W1 submit {n} (service call)", "jobs/s", c, s, higher_is_better=True, detail=f"runs {fmt(cs)} vs {fmt(ss)}"
+    )
 
 
 def _drain(broker: str, n: int, *, clusters: int = 1, workers: int = 2) -> float:
@@ -60,8 +61,9 @@ def _drain(broker: str, n: int, *, clusters: int = 1, workers: int = 2) -> float
 def w2_drain(table: Table, n: int = 5000) -> None:
     c, cs = median_of(RUNS, lambda: _drain("postgres", n))
     s, ss = median_of(RUNS, lambda: _drain("orm", n))
-    table.add(f"W2 drain {n} noop, 2 workers", "jobs/s", c, s, higher_is_better=True,
-              detail=f"runs {fmt(cs)} vs {fmt(ss)}")
+    table.add(
+        f"W2 drain {n} noop, 2 workers", "jobs/s", c, s, higher_is_better=True, detail=f"runs {fmt(cs)} vs {fmt(ss)}"
+    )
 
 
 def _pickup(broker: str, n: int) -> list[float]:
@@ -103,8 +105,14 @@ def competing_clusters(table: Table, n: int = 5000) -> None:
 
     c_rate, c_dup = run("postgres")
     s_rate, s_dup = run("orm")
-    table.add(f"4 competing clusters, {n} jobs", "jobs/s", c_rate, s_rate, higher_is_better=True,
-              detail=f"duplicate executions: conveyor {c_dup}, stock {s_dup}")
+    table.add(
+        f"4 competing clusters, {n} jobs",
+        "jobs/s",
+        c_rate,
+        s_rate,
+        higher_is_better=True,
+        detail=f"duplicate executions: conveyor {c_dup}, stock {s_dup}",
+    )
 
 
 def fmt(values: list[float]) -> str:

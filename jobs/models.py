@@ -153,7 +153,9 @@ class Attempt(models.Model):
     error_type = models.CharField(max_length=200, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
     traceback = models.TextField(blank=True, default="")
-    output = models.TextField(blank=True, default="", help_text="Text a streaming handler produced (kept if it failed).")
+    output = models.TextField(
+        blank=True, default="", help_text="Text a streaming handler produced (kept if it failed)."
+    )
 
     class Meta:
         ordering = ["id"]
@@ -167,9 +169,7 @@ class JobEvent(models.Model):
     id = models.BigAutoField(primary_key=True)
     # No index of its own: jobevent_job_id (job, id) serves every lookup by
     # job, and every job writes at least three events (one index write each).
-    job = models.ForeignKey(
-        Job, null=True, blank=True, on_delete=models.CASCADE, related_name="events", db_index=False
-    )
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="events", db_index=False)
     type = models.CharField(max_length=50)
     data = models.JSONField(default=dict)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -322,9 +322,7 @@ class WebhookDelivery(models.Model):
         max_length=100, blank=True, default="", help_text="Whose signing secret (callback_url messages)."
     )
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries")
-    batch = models.ForeignKey(
-        Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries"
-    )
+    batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries")
     deliver_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
