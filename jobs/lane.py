@@ -44,7 +44,7 @@ from django.db import connection
 
 from config.logs import job_log_contextvars
 from jobs import broker, events, sql
-from jobs.durability import relax_commit_durability
+from jobs.durability import handler_writes, relax_commit_durability
 from jobs.errors import Cancelled, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,9 @@ class AsyncContext:
         self._lane.pending[self.job_id] = (max(0, min(100, int(percent))), message[:500], self)
 
     async def run_db(self, func, *args, **kwargs):
-        """Run synchronous ORM code on the lane's database thread."""
-        return await self._lane._db(func, *args, **kwargs)
+        """Run synchronous ORM code on the lane's database thread (committing
+        with the server's durability, not the lane's own)."""
+        return await self._lane._db(_handlers, func, *args, **kwargs)
 
     def check_cancelled(self) -> None:
         if self.cancel_reason == "cancelled":
@@ -252,6 +253,11 @@ def _in_db_thread(func, *args, **kwargs):
     return func(*args, **kwargs)
 
 
+def _handlers(func, *args, **kwargs):
+    with handler_writes():
+        return func(*args, **kwargs)
+
+
 def _flush_progress(batch: dict[UUID, tuple[int, str, AsyncContext]]) -> list[UUID]:
     """Write the latest progress of each job (and its attempt's output so far)
     in one statement; return the jobs whose cancellation was requested."""
@@ -291,4 +297,3 @@ def _renew_leases(owned: dict[UUID, str], lease: int) -> list[UUID]:
         )
         renewed = {row[0] for row in cursor.fetchall()}
     return [job_id for job_id in owned if job_id not in renewed]
-

@@ -124,7 +124,9 @@ def test_a_sync_handlers_own_writes_commit_durably(probes, make_job, mode, progr
     assert _setting() == "off"
 
 
-def test_every_handler_of_a_chain_writes_durably(probes, make_job):
+def test_every_handler_of_a_chain_writes_durably(probes, make_job, settings):
+    # Time enough for the chain to reach all three on a loaded machine.
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 30.0}
     jobs = [make_job("test.durability_sync", {"mode": mode}) for mode in ("atomic", "autocommit", "atomic")]
     row = OrmQ.objects.filter(key="default").order_by("id").first()
     assert row.task["args"] == (str(jobs[0].id),)
