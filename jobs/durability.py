@@ -22,9 +22,12 @@ next `relax_commit_durability()` relaxes it again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 
 from django.db import connection
 from psycopg.pq import TransactionStatus
@@ -94,3 +97,34 @@ def _restore(db) -> None:
         with db.wrap_database_errors:
             raw.execute("SET LOCAL synchronous_commit TO DEFAULT")
         _local.local_in = id(raw)
+
+
+# --- showing only what a crash cannot take back ------------------------------
+#
+# A reader (the event hub, an SSE replay) can see a worker's write as soon as
+# it commits, before its WAL is flushed: a crash could still roll it back, and
+# an SSE client would keep an event the log no longer has (its id perhaps
+# reused for another). So readers wait, before passing rows on, until the WAL
+# is flushed up to where it was when they read them (the walwriter flushes
+# asynchronous commits within about `wal_writer_delay`, 200 ms by default).
+
+# The WAL insert position now (every commit the reader saw is before it), and
+# whether it is already flushed.
+WAL_NOW = "SELECT lsn::text, pg_current_wal_flush_lsn() >= lsn FROM (SELECT pg_current_wal_insert_lsn() AS lsn) AS now"
+FLUSHED = "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn"
+_FLUSH_POLL = 0.01
+_FLUSH_PATIENCE = 10.0
+
+log = logging.getLogger(__name__)
+
+
+async def until_flushed(lsn: str, flushed: bool, check: Callable[[str], Awaitable[bool]]) -> None:
+    """Return once the WAL is flushed up to `lsn` (`flushed`: it already was);
+    `check(lsn)` asks Postgres (FLUSHED). Errors of `check` propagate."""
+    deadline = time.monotonic() + _FLUSH_PATIENCE
+    while not flushed:
+        if time.monotonic() > deadline:
+            log.warning("the WAL is not flushed up to %s after %.0f s; going on", lsn, _FLUSH_PATIENCE)
+            return
+        await asyncio.sleep(_FLUSH_POLL)
+        flushed = await check(lsn)
