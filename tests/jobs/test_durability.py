@@ -5,10 +5,12 @@ handlers' own writes commit with the server's durability."""
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from django_q.models import OrmQ
 from django_q.signals import pre_execute
 
@@ -130,6 +132,8 @@ def test_every_handler_of_a_chain_writes_durably(probes, make_job, settings):
     jobs = [make_job("test.durability_sync", {"mode": mode}) for mode in ("atomic", "autocommit", "atomic")]
     row = OrmQ.objects.filter(key="default").order_by("id").first()
     assert row.task["args"] == (str(jobs[0].id),)
+    # The broker's claim: the row is invisible for its visibility timeout.
+    OrmQ.objects.filter(id=row.id).update(lock=timezone.now() + timedelta(seconds=60))
     task = {**row.task, "ack_id": row.id}
 
     # As a Django-Q2 worker runs a delivery: the chain then runs the others.
