@@ -213,6 +213,8 @@ CONVEYOR = {
     # lease has expired, its attempt is recorded as lost and the job retried.
     "LEASE_SECONDS": env_int("CONVEYOR_LEASE_SECONDS", 30, minimum=2),
     "RETENTION_DAYS": env_int("CONVEYOR_RETENTION_DAYS", 14, minimum=1),
+    # Dead jobs (the dead-letter queue) are kept longer: they may still be retried.
+    "DEAD_RETENTION_DAYS": env_int("CONVEYOR_DEAD_RETENTION_DAYS", 90, minimum=1),
     "MAX_PAYLOAD_BYTES": 256 * 1024,
     "DEFAULT_QUEUE": "default",
     # Async (I/O-bound) jobs one worker process runs at once (jobs/lane.py).

@@ -33,6 +33,7 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
+from django.db import connection
 
 from dashboard import api_auth, queries, sse
 from dashboard.hub import (
@@ -57,6 +58,7 @@ from dashboard.streams import (
     Stream,
     Viewer,
 )
+from jobs import durability
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +182,11 @@ class EventStreamConsumer(AsyncHttpConsumer):
         query = stream.replay_events()
         after = cursor
         while True:
-            events = await sync_to_async(_read_chunk)(query, after)
+            events, lsn, flushed = await sync_to_async(_read_chunk)(query, after)
             if not events:
                 break
+            # Workers commit asynchronously: send only what a crash cannot take back.
+            await durability.until_flushed(lsn, flushed, sync_to_async(_flushed))
             updates = [_update(event) for event in events]
             replayed.update(u.id for u in updates if u.id >= floor)
             await self._send(await stream.render(updates, replaying=True))
@@ -238,8 +242,19 @@ class EventStreamConsumer(AsyncHttpConsumer):
         return user
 
 
-def _read_chunk(query, after: int) -> list:
-    return list(query.filter(id__gt=after).select_related("job").order_by("id")[:REPLAY_CHUNK])
+def _read_chunk(query, after: int) -> tuple[list, str, bool]:
+    """The next events, and the WAL position they are durable at (durability.WAL_NOW)."""
+    events = list(query.filter(id__gt=after).select_related("job").order_by("id")[:REPLAY_CHUNK])
+    with connection.cursor() as cursor:
+        cursor.execute(durability.WAL_NOW)
+        lsn, flushed = cursor.fetchone()
+    return events, lsn, flushed
+
+
+def _flushed(lsn: str) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(durability.FLUSHED, [lsn])
+        return cursor.fetchone()[0]
 
 
 def _uuids(value: str) -> set[uuid.UUID]:

@@ -13,13 +13,15 @@ stream that this Daphne process serves.
    subscription whose queue is full is dropped: its stream ends, the browser
    reconnects with Last-Event-ID and replays from the event log, and memory
    never grows with a slow reader.
-4. When the connection drops (Postgres restart, network), reconnect with
+4. Rows read back are passed on once the WAL is flushed past them: workers
+   commit asynchronously, and a crash must not take back what a client saw.
+5. When the connection drops (Postgres restart, network), reconnect with
    exponential backoff and read what was missed from the event log. Event ids
    are drawn before commit, so they do not commit in order: the catch-up
    starts a margin below the last id seen and skips ids already delivered.
-5. While the hub runs it also publishes the queue statistics (see
+6. While the hub runs it also publishes the queue statistics (see
    dashboard/publisher.py): at most once a second across all processes.
-6. Every `ACCESS_CHECK_SECONDS` it checks the credentials of its open
+7. Every `ACCESS_CHECK_SECONDS` it checks the credentials of its open
    streams, all in one batch (`api_auth.invalid_credentials`, at most three
    queries), and ends the streams of a revoked key, a logged-out session or
    a deactivated user: no query per event or per viewer.
@@ -43,6 +45,7 @@ from django.conf import settings
 from django.utils import timezone
 from psycopg.conninfo import make_conninfo
 
+from jobs import durability
 from jobs.broker import listen_params
 from jobs.events import CHANNEL
 from jobs.models import Job, JobEvent
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 STATS_EVENT = "queue.stats"
 HISTORY = timedelta(minutes=15)
 MIN_BACKOFF, MAX_BACKOFF = 0.5, 30.0
-# How far below the last id seen a catch-up starts (see step 4); ids seen
+# How far below the last id seen a catch-up starts (see step 5); ids seen
 # recently are remembered so that the overlap is not delivered twice.
 CATCH_UP_MARGIN = 1000
 _READ_CHUNK = 1000
@@ -391,6 +394,7 @@ class EventHub:
         while True:
             self.reads += 1
             rows = await (await conn.execute(_EVENTS_AFTER, [after, _READ_CHUNK])).fetchall()
+            await _durable(conn)
             for row in rows:
                 self._deliver(_update_from_row(row))
             if len(rows) < _READ_CHUNK:
@@ -415,6 +419,7 @@ class EventHub:
             for start in range(0, len(ids), _READ_CHUNK):
                 self.reads += 1
                 rows = await (await conn.execute(_EVENTS_BY_ID, [ids[start : start + _READ_CHUNK]])).fetchall()
+                await _durable(conn)
                 for row in rows:
                     self._deliver(_update_from_row(row))
 
@@ -492,6 +497,17 @@ class EventHub:
                 if subscription.credential in invalid:
                     self.unsubscribe(subscription)
                     subscription.revoke()
+
+
+async def _durable(conn: psycopg.AsyncConnection) -> None:
+    """Wait until what was just read cannot be rolled back by a crash
+    (workers commit asynchronously: jobs/durability.py)."""
+    lsn, flushed = await (await conn.execute(durability.WAL_NOW)).fetchone()
+
+    async def check(lsn: str) -> bool:
+        return (await (await conn.execute(durability.FLUSHED, [lsn])).fetchone())[0]
+
+    await durability.until_flushed(lsn, flushed, check)
 
 
 def _event_id(payload: str) -> int | None:

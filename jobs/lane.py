@@ -46,7 +46,7 @@ from django.db import DatabaseError, connection
 
 from config.logs import job_log_contextvars
 from jobs import broker, events, sql
-from jobs.durability import relax_commit_durability
+from jobs.durability import handler_writes, relax_commit_durability
 from jobs.errors import Cancelled, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,9 @@ class AsyncContext:
         self._lane.pending[self.job_id] = (max(0, min(100, int(percent))), message[:500], self)
 
     async def run_db(self, func, *args, **kwargs):
-        """Run synchronous ORM code on the lane's database thread."""
-        return await self._lane._db(func, *args, **kwargs)
+        """Run synchronous ORM code on the lane's database thread (committing
+        with the server's durability, not the lane's own)."""
+        return await self._lane._db(_handlers, func, *args, **kwargs)
 
     def check_cancelled(self) -> None:
         if self.cancel_reason == "cancelled":
@@ -290,6 +291,11 @@ def _in_db_thread(func, *args, **kwargs):
     broker.replace_broken_connection()
     relax_commit_durability()
     return func(*args, **kwargs)
+
+
+def _handlers(func, *args, **kwargs):
+    with handler_writes():
+        return func(*args, **kwargs)
 
 
 def _flush_progress(batch: dict[UUID, tuple[int, str, AsyncContext]]) -> list[UUID]:

@@ -43,7 +43,7 @@ from django_q.signals import pre_execute
 
 from config.logs import job_log_context
 from jobs import broker, events, retries, sql, webhooks
-from jobs.durability import relax_commit_durability
+from jobs.durability import engine_statements, handler_writes, relax_commit_durability
 from jobs.errors import Cancelled, LeaseLost
 from jobs.lane import get_lane
 from jobs.models import Attempt, Job, State
@@ -87,7 +87,7 @@ class Context:
         message = message[:500]
         # One statement: the progress, its event (unless a cancel is pending)
         # and the notification.
-        with sql.cursor() as cursor:
+        with engine_statements(), sql.cursor() as cursor:
             cursor.execute(
                 "WITH j AS (UPDATE jobs_job SET progress_percent = %s, progress_message = %s, updated_at = now()"
                 " WHERE id = %s AND state = 'running' AND lease_owner = %s RETURNING id, queue, cancel_requested_at)"
@@ -113,7 +113,8 @@ class Context:
         """Raise Cancelled when an operator asked this job to stop."""
         if self.lease_lost.is_set():
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
-        requested = Job.objects.filter(id=self.job_id).values_list("cancel_requested_at", flat=True).first()
+        with engine_statements():
+            requested = Job.objects.filter(id=self.job_id).values_list("cancel_requested_at", flat=True).first()
         if requested is not None:
             raise Cancelled("cancelled by an operator")
 
@@ -205,7 +206,8 @@ def _execute(job: Job, handler, worker: str) -> tuple[str, Any]:
             if handler is None:
                 raise _UnknownKind(f"no handler is registered for kind {job.kind!r} on this worker")
             payload = handler.parse(job.payload)
-            return "succeeded", _storable(handler.func(ctx, payload))
+            with handler_writes():
+                return "succeeded", _storable(handler.func(ctx, payload))
         except Cancelled:
             return "cancelled", None
         except LeaseLost:
@@ -214,6 +216,8 @@ def _execute(job: Job, handler, worker: str) -> tuple[str, Any]:
             return "failed", exc
         finally:
             _handler_done(job.id)
+            with contextlib.suppress(DatabaseError):  # then the outcome's own statement fails, and says so
+                relax_commit_durability()  # the handler may have restored the server's setting
 
 
 def _record(job: Job, worker: str, outcome: str, value: Any, *, ack: int | None) -> None:

@@ -218,7 +218,9 @@ def test_purge_deletes_old_finished_jobs_and_keeps_active_and_recent_ones(make_j
     long_ago = timezone.now() - timedelta(days=30)
     purged = []
     for state in (State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED):
-        job = put_in(make_job("demo.noop"), state, finished_at=long_ago, created_at=long_ago)
+        # Dead jobs are kept longer (CONVEYOR_DEAD_RETENTION_DAYS, 90).
+        when = long_ago - timedelta(days=90) if state == State.DEAD else long_ago
+        job = put_in(make_job("demo.noop"), state, finished_at=when, created_at=when)
         Attempt.objects.create(job=job, number=1, started_at=long_ago, finished_at=long_ago, outcome="failed")
         purged.append(job.id)
     recent = put_in(make_job("demo.noop"), State.SUCCEEDED, finished_at=timezone.now() - timedelta(days=1))
@@ -229,7 +231,7 @@ def test_purge_deletes_old_finished_jobs_and_keeps_active_and_recent_ones(make_j
 
     out = run("purge_jobs")
 
-    assert out.strip() == "deleted 4 finished jobs and 1 old events"
+    assert out.strip() == "deleted 4 finished jobs (succeeded 1, dead 1, cancelled 1, discarded 1) and 1 old events"
     assert set(Job.objects.values_list("id", flat=True)) == {recent.id, old_but_queued.id, old_but_running.id}
     assert not Attempt.objects.filter(job_id__in=purged).exists()
     assert not JobEvent.objects.filter(job_id__in=purged).exists()
