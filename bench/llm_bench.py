@@ -39,7 +39,7 @@ class Simulator:
                 "daphne",
                 "-e",
                 f"tcp:port={self.port}:interface=127.0.0.1:backlog=1024",
-                "config.simulator_asgi:application",
+                "config.simulator.asgi:application",
             ],
             cwd=ROOT,
             stdout=open(LOGS / "simulator.log", "wb"),

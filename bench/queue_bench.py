@@ -32,7 +32,7 @@ def w1_submission(table: Table, n: int = 5000) -> None:
         broker = ORM(list_key="default")
         started = time.perf_counter()
         for _ in range(n):
-            async_task("jobs.runner.run_job", "x", broker=broker)
+            async_task("jobs.worker.runner.run_job", "x", broker=broker)
         return n / (time.perf_counter() - started)
 
     c, cs = median_of(RUNS, conveyor)

@@ -72,7 +72,7 @@ QUEUE = "default"
 DAPHNE_APP = "bench-sse-daphne"
 PRODUCER_APP = "bench-sse-producer"
 MARKER_APP = "bench-sse-marker"
-HUB_APP = "conveyor-event-hub"  # dashboard/hub.py names its LISTEN connection so
+HUB_APP = "conveyor-event-hub"  # dashboard/live/hub.py names its LISTEN connection so
 LOG_PREFIX = "%m [%p] app=%a "
 TARGET_P99_MS, TARGET_RSS_MB, TARGET_QUERIES = 250, 500, 1.0
 # How long after the last commit a client may still receive events before
@@ -87,8 +87,8 @@ def prepare_jobs(count: int, *, queue: str = QUEUE, worker: str = "bench-sse-wor
     """Submit `count` demo.noop jobs and claim them as a worker would; the
     event ids each job has so far (its job.created and job.started)."""
     from jobs.models import JobEvent
-    from jobs.runner import _claim
     from jobs.services import submit_job
+    from jobs.worker.runner import _claim
 
     job_ids = []
     for _ in range(count):
@@ -110,9 +110,9 @@ def produce(
     time) for each, in commit order."""
     from django.db import connection
 
-    from jobs.durability import relax_commit_durability
+    from jobs.db.durability import relax_commit_durability
     from jobs.models import Job, JobEvent
-    from jobs.runner import Context
+    from jobs.worker.runner import Context
 
     relax_commit_durability()  # as the workers commit
     contexts = [Context(job, worker) for job in Job.objects.filter(id__in=job_ids)]

@@ -11,14 +11,14 @@ import django  # noqa: E402
 
 django.setup(set_prefix=False)
 
-from config import form_parsing, tcp_writes  # noqa: E402
-from config.handler import ThreadPoolASGIHandler  # noqa: E402
 from config.middleware import DjangoProtections, ProxyHeaders  # noqa: E402
+from config.server import form_parsing, tcp_writes  # noqa: E402
+from config.server.handler import ThreadPoolASGIHandler  # noqa: E402
 
 # Daphne's connections send at once instead of on the reactor's next turn
-# (the SSE streams' many small writes; see config/tcp_writes.py).
+# (the SSE streams' many small writes; see config/server/tcp_writes.py).
 tcp_writes.install()
-# Twisted does not parse the forms Daphne never reads (config/form_parsing.py).
+# Twisted does not parse the forms Daphne never reads (config/server/form_parsing.py).
 form_parsing.install()
 
 django_asgi_app = ThreadPoolASGIHandler()
@@ -29,9 +29,9 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
+from config.simulator import simulated  # noqa: E402
 from dashboard.routing import http_urlpatterns as event_streams  # noqa: E402
 from jobs.api.intake import Intake  # noqa: E402
-from jobs.llm import simulated  # noqa: E402
 
 django_http = ASGIStaticFilesHandler(django_asgi_app)
 intake = Intake(django_http)

@@ -140,7 +140,7 @@ STATIC_ROOT = DATA_DIR / "staticfiles"
 # ever process-local.
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-# --- Live dashboard (dashboard/hub.py) ---------------------------------------
+# --- Live dashboard (dashboard/live/hub.py) ---------------------------------------
 CONVEYOR_LIVE = {
     # Updates a stream may fall behind by before it is closed (its client
     # reconnects and replays from the event log).
@@ -217,34 +217,34 @@ CONVEYOR = {
     "DEAD_RETENTION_DAYS": env_int("CONVEYOR_DEAD_RETENTION_DAYS", 90, minimum=1),
     "MAX_PAYLOAD_BYTES": 256 * 1024,
     "DEFAULT_QUEUE": "default",
-    # Async (I/O-bound) jobs one worker process runs at once (jobs/lane.py).
+    # Async (I/O-bound) jobs one worker process runs at once (jobs/worker/lane.py).
     "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 100, minimum=1),
     # At most this many more ready async jobs a delivery claims for its lane's
-    # free places, in one statement (jobs/runner.py `_fill_lane`); 0: none.
+    # free places, in one statement (jobs/worker/runner.py `_fill_lane`); 0: none.
     "LANE_FILL": env_int("CONVEYOR_LANE_FILL", 32, minimum=0),
     # After its job, a Django-Q2 delivery runs more ready jobs of sync kinds
-    # for up to this many seconds (jobs/runner.py `_run_chain`); 0: none.
+    # for up to this many seconds (jobs/worker/runner.py `_run_chain`); 0: none.
     "CHAIN_SECONDS": env_float("CONVEYOR_CHAIN_SECONDS", 0.5, minimum=0),
     # At most this many ready jobs a chain claims in one statement, while its
     # jobs run fast enough that a claim's jobs are all done within about 20 ms
-    # (jobs/runner.py `_Chain`); 1: one at a time.
+    # (jobs/worker/runner.py `_Chain`); 1: one at a time.
     "CHAIN_BATCH": env_int("CONVEYOR_CHAIN_BATCH", 32, minimum=1),
     # POST /api/v1/jobs with an API key is answered ahead of Django's request
     # cycle (jobs/api/intake.py); off, every request goes through Django's view.
     "INTAKE": env_bool("CONVEYOR_INTAKE", True),
-    # Threads one Daphne process runs Django's views on (config/handler.py).
+    # Threads one Daphne process runs Django's views on (config/server/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
     # The statements of a job's path run as server-side prepared statements
-    # (jobs/sql.py); off, they go through Django's cursor.
+    # (jobs/db/sql.py); off, they go through Django's cursor.
     "PREPARED_STATEMENTS": env_bool("CONVEYOR_PREPARED_STATEMENTS", True),
 }
 
 # Seconds before Django-Q2 hands an unacknowledged broker row out again. The
 # runner uses that redelivery as its watchdog: it is how a job whose worker
-# was killed is noticed (see jobs/runner.py), so keep it short.
+# was killed is noticed (see jobs/worker/runner.py), so keep it short.
 _VISIBILITY = env_int("CONVEYOR_VISIBILITY_TIMEOUT", 60, minimum=2)
 
-# "postgres": jobs.broker.PostgresBroker (SKIP LOCKED batches, LISTEN/NOTIFY
+# "postgres": jobs.djangoq.broker.PostgresBroker (SKIP LOCKED batches, LISTEN/NOTIFY
 # wake-ups); "orm": Django-Q2's stock ORM broker, kept for comparison.
 CONVEYOR_BROKER = env_str("CONVEYOR_BROKER", "postgres")
 if CONVEYOR_BROKER not in ("postgres", "orm"):
@@ -276,7 +276,7 @@ Q_CLUSTER = {
     "label": "Django-Q2",
 }
 if CONVEYOR_BROKER == "postgres":
-    Q_CLUSTER["broker_class"] = "jobs.broker.PostgresBroker"
+    Q_CLUSTER["broker_class"] = "jobs.djangoq.broker.PostgresBroker"
 
 LOGGING = {
     "version": 1,
@@ -290,14 +290,14 @@ LOGGING = {
     },
 }
 
-# --- The simulated LLM provider (jobs/llm/simulated.py) -----------------------
+# --- The simulated LLM provider (config/simulator/simulated.py) -----------------------
 # Its /load endpoint and X-Sim-* failure-injection headers: unset, they work
 # only with DEBUG on while it is a configured provider; 1 or 0 decides outright.
 CONVEYOR_SIMULATOR_CONTROLS = (
     env_bool("CONVEYOR_SIMULATOR_CONTROLS", False) if (env_str("CONVEYOR_SIMULATOR_CONTROLS") or "").strip() else None
 )
 
-# --- Webhooks (jobs/webhooks.py, jobs/ssrf.py) --------------------------------
+# --- Webhooks (jobs/webhooks/endpoints.py, jobs/engine/ssrf.py) --------------------------------
 
 
 def _env_scale(name: str, default: float) -> float:

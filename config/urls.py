@@ -13,6 +13,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/", include("jobs.api.urls")),
-    path("simulated/v1/", include("jobs.llm.urls")),
+    path("simulated/v1/", include("config.simulator.urls")),
     path("", include("dashboard.urls")),
 ]

@@ -35,8 +35,9 @@ from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from django.db import connection
 
-from dashboard import api_auth, queries, sse
-from dashboard.hub import (
+from dashboard import api_auth, queries
+from dashboard.live import sse
+from dashboard.live.hub import (
     CATCH_UP_MARGIN,
     AccessRevoked,
     EventHub,
@@ -45,7 +46,7 @@ from dashboard.hub import (
     Subscription,
     get_hub,
 )
-from dashboard.hub import update_from_event as _update
+from dashboard.live.hub import update_from_event as _update
 from dashboard.permissions import can_operate
 from dashboard.streams import (
     ApiStream,
@@ -58,7 +59,7 @@ from dashboard.streams import (
     Stream,
     Viewer,
 )
-from jobs import durability
+from jobs.db import durability
 
 log = logging.getLogger(__name__)
 

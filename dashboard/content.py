@@ -2,7 +2,7 @@
 pages/failures/exports section of a batch's page, a page's Markdown, exports,
 and retrying a batch's failed jobs.
 
-Every check of an upload is `jobs.content.plan_content`'s; these views parse
+Every check of an upload is `jobs.content.service.plan_content`'s; these views parse
 the form, call it (or `submit_content`) and render.
 """
 
@@ -22,8 +22,8 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from dashboard.forms import ContentBatchForm
 from dashboard.permissions import can_operate, can_submit, owner_of
 from dashboard.views import _notice, _operator, _page
-from jobs import content
-from jobs.batches import InvalidBatch
+from jobs.content import service as content
+from jobs.engine.batches import InvalidBatch
 from jobs.errors import InvalidState, JobNotFound
 from jobs.llm.providers import all_providers
 from jobs.models import Batch

@@ -9,7 +9,7 @@ from typing import Any
 
 from django import forms
 
-from jobs.content import MAX_CSV_BYTES, MAX_PAGES
+from jobs.content.service import MAX_CSV_BYTES, MAX_PAGES
 
 # Schema types a plain input can edit; anything else (objects, arrays,
 # unions of several types) is edited as JSON.
@@ -140,7 +140,7 @@ class OptionsForm(forms.Form):
 
 class ContentBatchForm(forms.Form):
     """A content batch: a CSV of keywords (uploaded or pasted) and a prompt
-    template. The checks that matter are `jobs.content.plan_content`'s; its
+    template. The checks that matter are `jobs.content.service.plan_content`'s; its
     errors land on these fields through `add_plan_errors`."""
 
     name = forms.CharField(max_length=200, required=False, help_text="Required to submit.")

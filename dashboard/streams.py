@@ -25,8 +25,8 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 
 from dashboard import charts, queries
-from dashboard.hub import STATS_EVENT, EventHub, Update
-from dashboard.sse import Message
+from dashboard.live.hub import STATS_EVENT, EventHub, Update
+from dashboard.live.sse import Message
 from dashboard.templatetags.conveyor import page_title, short_id
 from dashboard.waiting import waiting_reason
 from jobs.models import Job, JobEvent

@@ -7,8 +7,9 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from jobs import cluster, handlers  # noqa: F401 - handlers registers the built-in kinds
-        from jobs.schedules import ensure_schedules
+        from jobs import handlers  # noqa: F401 - handlers registers the built-in kinds
+        from jobs.djangoq import cluster
+        from jobs.djangoq.schedules import ensure_schedules
 
         post_migrate.connect(ensure_schedules, sender=self)
         cluster.install()

@@ -5,7 +5,7 @@ reaches, and no process keeps counts of its own (so no prometheus-client
 multiprocess mode, and nothing lost when a worker is recycled or killed):
 
 - gauges are read at scrape time: queue depth by queue and state and the age
-  of the oldest runnable job (`jobs.stats.queue_stats`, on the partial indexes
+  of the oldest runnable job (`jobs.engine.stats.queue_stats`, on the partial indexes
   of active and dead jobs), running jobs whose lease has expired (the
   running-lease index), and Django-Q2 clusters and workers online per queue
   (their heartbeats, which live in the database cache);
@@ -37,7 +37,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from jobs.stats import queue_stats
+from jobs.engine.stats import queue_stats
 
 # A cluster counts as online when its last heartbeat is this recent. Django-Q2
 # saves one every half second with a 3 s expiry, so in practice a cluster is
@@ -49,7 +49,7 @@ HEARTBEAT_SECONDS = 30
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 DEPTH_STATES = ("queued", "scheduled", "running", "retrying", "dead")
-UNKNOWN_QUEUE = "?"  # a cluster whose heartbeat does not name its queue (see jobs/cluster.py)
+UNKNOWN_QUEUE = "?"  # a cluster whose heartbeat does not name its queue (see jobs/djangoq/cluster.py)
 
 _COUNTERS = """
 SELECT metric, kind, queue, label, sum(n), sum(seconds)
@@ -237,8 +237,8 @@ _DELIVERY_OUTCOMES = {"succeeded": "delivered", "dead": "failed", "cancelled": "
 
 def _webhook_families(counts: Iterable[_Count]) -> Iterator[Metric]:
     """Webhook messages, counted through the jobs that deliver them
-    (jobs/webhooks.py: one `webhook.deliver` job per message and URL)."""
-    from jobs.webhooks import DELIVER_KIND
+    (jobs/webhooks/endpoints.py: one `webhook.deliver` job per message and URL)."""
+    from jobs.webhooks.endpoints import DELIVER_KIND
 
     deliveries = CounterMetricFamily(
         "conveyor_webhook_deliveries",

@@ -1,6 +1,6 @@
 """Jobs, their attempts and their event log: fields, constraints, read helpers.
 
-Nothing here changes a job's state: that is `jobs.states.transition`.
+Nothing here changes a job's state: that is `jobs.engine.states.transition`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Batch(models.Model):
     callback_url = models.URLField(max_length=2000, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    # Tokens its jobs' provider calls used (jobs.usage), and the optional cap.
+    # Tokens its jobs' provider calls used (jobs.llm.usage), and the optional cap.
     prompt_tokens = models.BigIntegerField(default=0, db_default=0)
     completion_tokens = models.BigIntegerField(default=0, db_default=0)
     token_budget = models.BigIntegerField(
@@ -75,7 +75,7 @@ class Job(models.Model):
     progress_percent = models.PositiveSmallIntegerField(default=0)
     progress_message = models.CharField(max_length=500, blank=True, default="")
     result = models.JSONField(null=True, blank=True)
-    # Tokens of every provider call the job made, failed attempts included (jobs.usage).
+    # Tokens of every provider call the job made, failed attempts included (jobs.llm.usage).
     prompt_tokens = models.BigIntegerField(default=0, db_default=0)
     completion_tokens = models.BigIntegerField(default=0, db_default=0)
 
@@ -184,7 +184,7 @@ class JobEvent(models.Model):
 
 class ApiKey(models.Model):
     """A key for the REST API. The key itself is shown once, at creation; only
-    its SHA-256 digest is kept (see `jobs.apikeys`)."""
+    its SHA-256 digest is kept (see `jobs.engine.apikeys`)."""
 
     class Scope(models.TextChoices):
         SUBMIT = "submit"
@@ -259,7 +259,7 @@ class Page(models.Model):
         return self.slug
 
 
-# --- Webhooks (jobs/webhooks.py) ---------------------------------------------
+# --- Webhooks (jobs/webhooks/endpoints.py) ---------------------------------------------
 
 
 class WebhookEndpoint(models.Model):
@@ -360,7 +360,7 @@ class WebhookAttempt(models.Model):
         return f"attempt {self.number} of {self.delivery_id}: {self.status_code or self.error[:40]}"
 
 
-# --- LLM providers: shared limits and token accounting (jobs/llm/limits.py, jobs/usage.py) ---
+# --- LLM providers: shared limits and token accounting (jobs/llm/limits.py, jobs/llm/usage.py) ---
 
 
 class ProviderSlot(models.Model):

@@ -7,13 +7,13 @@ from uuid import UUID
 
 from django.core.exceptions import ValidationError
 
-from jobs.deadletter import cancel_job, discard_job, discard_jobs, retry_job, retry_jobs
+from jobs.engine.deadletter import cancel_job, discard_job, discard_jobs, retry_job, retry_jobs
+from jobs.engine.registry import all_handlers, client_handlers, get_handler, known_kinds, submittable_handler
+from jobs.engine.retention import purge_finished
+from jobs.engine.stats import queue_stats
+from jobs.engine.submission import Submitted, submit_job
 from jobs.errors import JobNotFound
 from jobs.models import Job, JobEvent, State
-from jobs.registry import all_handlers, client_handlers, get_handler, known_kinds, submittable_handler
-from jobs.retention import purge_finished
-from jobs.stats import queue_stats
-from jobs.submission import Submitted, submit_job
 
 __all__ = [
     "Submitted",
@@ -73,8 +73,8 @@ from datetime import datetime  # noqa: E402
 
 from django.db.models import Q  # noqa: E402
 
-from jobs.apikeys import ApiKeyNotFound, CreatedApiKey, create_api_key, revoke_api_key, verify_api_key  # noqa: E402
-from jobs.batches import (  # noqa: E402
+from jobs.engine.apikeys import ApiKeyNotFound, CreatedApiKey, create_api_key, revoke_api_key, verify_api_key  # noqa: E402
+from jobs.engine.batches import (  # noqa: E402
     BatchNotFound,
     BatchProgress,
     BatchSubmitted,
@@ -140,10 +140,10 @@ def page_jobs(
 
 # --- Webhooks: endpoints, signing secrets, deliveries ------------------------
 
-from jobs.webhooks import (  # noqa: E402
+from jobs.webhooks.endpoints import (  # noqa: E402
     EVENT_TYPES as WEBHOOK_EVENT_TYPES,
 )
-from jobs.webhooks import (  # noqa: E402
+from jobs.webhooks.endpoints import (  # noqa: E402
     CreatedEndpoint,
     DeliveryNotFound,
     EndpointNotFound,
@@ -195,6 +195,6 @@ __all__ += [
 
 # --- Token accounting and batch budgets --------------------------------------
 
-from jobs.usage import OwnerUsage, Usage, owner_usage, set_batch_budget, waiting_on_budget  # noqa: E402
+from jobs.llm.usage import OwnerUsage, Usage, owner_usage, set_batch_budget, waiting_on_budget  # noqa: E402
 
 __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_on_budget"]

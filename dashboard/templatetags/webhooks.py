@@ -12,7 +12,7 @@ register = template.Library()
 
 @register.filter
 def delivery_status(delivery: WebhookDelivery) -> str:
-    """pending, delivered, failed, gone or skipped (see `jobs.webhooks.delivery_status`)."""
+    """pending, delivered, failed, gone or skipped (see `jobs.webhooks.endpoints.delivery_status`)."""
     return services.delivery_status(delivery)
 
 

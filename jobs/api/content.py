@@ -13,12 +13,13 @@ from django.urls import reverse
 from ninja import Field, Query, Router, Schema, Status
 from pydantic import BaseModel, ConfigDict
 
-from jobs import content, services
+from jobs import services
 from jobs.api.auth import require
 from jobs.api.parsing import MAX_BATCH_BODY, check_length, check_text, require_media_type
 from jobs.api.problems import Problem, pydantic_errors
 from jobs.api.schemas import BatchOut
 from jobs.api.views import IdempotencyKey, KeyText, _doc, _idempotency_key, batch_out
+from jobs.content import service as content
 
 router = Router(tags=["content"])
 

@@ -60,11 +60,12 @@ from config.middleware import HEADER as REQUEST_ID
 from config.middleware import host_allowed, request_id_from
 from config.middleware import is_secure as _is_secure
 from config.middleware import security_headers as _security_headers
-from jobs import broker, submission
 from jobs.api.parsing import MAX_BODY, loads
 from jobs.api.problems import Problem, problem_response
 from jobs.api.schemas import JobIn
-from jobs.apikeys import verify_api_keys
+from jobs.djangoq import broker
+from jobs.engine import submission
+from jobs.engine.apikeys import verify_api_keys
 from jobs.errors import ConveyorError
 from jobs.models import ApiKey
 

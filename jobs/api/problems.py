@@ -24,7 +24,7 @@ from django.http.multipartparser import MultiPartParserError
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
-from jobs.batches import BatchNotFound
+from jobs.engine.batches import BatchNotFound
 from jobs.errors import IdempotencyKeyReused, InvalidJob, InvalidState, JobNotFound
 
 log = logging.getLogger("jobs.api")

@@ -2,7 +2,7 @@
 
 Inputs are plain pydantic models: django-ninja's Schema adds a getter for
 reading ORM objects, which only outputs need and which costs a third of the
-time of validating a 10,000-job batch. Input rules repeat the engine's (`jobs.submission.prepare_job`) so that the
+time of validating a 10,000-job batch. Input rules repeat the engine's (`jobs.engine.submission.prepare_job`) so that the
 contract says them; the engine still checks everything, and has the last word
 on what depends on the kind (the payload) or on the clock (run_after).
 """
@@ -16,9 +16,9 @@ from uuid import UUID
 from ninja import Field, Schema
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, model_validator
 
-from jobs.batches import MAX_JOBS
+from jobs.engine.batches import MAX_JOBS
+from jobs.engine.submission import MAX_BACKOFF, QUEUE_NAME
 from jobs.models import State
-from jobs.submission import MAX_BACKOFF, QUEUE_NAME
 
 
 def _utc(value: datetime) -> datetime:

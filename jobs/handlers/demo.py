@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from jobs.engine.registry import Payload, handler
 from jobs.errors import PermanentError, RetryableError
-from jobs.registry import Payload, handler
 
 
 class NoopPayload(Payload):

@@ -27,7 +27,7 @@ from uuid import UUID
 
 from django.db import connection
 
-from jobs import sql
+from jobs.db import sql
 from jobs.errors import RetryableError
 from jobs.llm.providers import Provider
 
@@ -211,7 +211,7 @@ def in_use(provider_name: str) -> int:
 # --- what a job does when refused -------------------------------------------
 
 # A job whose batch has spent its budget waits this long before looking again,
-# unless an operator raises the budget first (jobs.usage.set_batch_budget wakes it).
+# unless an operator raises the budget first (jobs.llm.usage.set_batch_budget wakes it).
 BUDGET_RECHECK_SECONDS = 3600.0
 
 
@@ -226,7 +226,7 @@ class ProviderBusy(RetryableError):
 class TokenBudgetExhausted(RetryableError):
     """The job's batch has used its token budget: the job waits (uncounted) until an
     operator raises the budget or cancels it. (Its class name is the error type
-    `jobs.usage.BUDGET_ERROR_TYPE` finds waiting jobs by.)"""
+    `jobs.llm.usage.BUDGET_ERROR_TYPE` finds waiting jobs by.)"""
 
     MESSAGE = "token budget exhausted"
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from jobs.apikeys import SCOPES, create_api_key
+from jobs.engine.apikeys import SCOPES, create_api_key
 
 BASE = "/api/v1"
 
@@ -60,8 +60,8 @@ def assert_problem(response, status: int, code: str | None = None) -> dict:
 
 def make_dead(job_id) -> None:
     """Move a queued job to dead the way a worker would (claim, then fail)."""
+    from jobs.engine.states import transition
     from jobs.models import State
-    from jobs.states import transition
 
     transition(job_id, target=State.RUNNING)
     transition(job_id, target=State.DEAD, error_type="DemoPermanentError", error_message="boom")

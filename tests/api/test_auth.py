@@ -10,7 +10,7 @@ from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from jobs.apikeys import verify_api_key
+from jobs.engine.apikeys import verify_api_key
 from jobs.models import ApiKey, Job
 from tests.api.conftest import ApiClient, assert_problem
 

@@ -12,7 +12,7 @@ from django_q.models import OrmQ
 from django_q.signing import SignedPackage
 
 from jobs.models import Batch, Job, JobEvent
-from jobs.runner import run_job
+from jobs.worker.runner import run_job
 from tests.api.conftest import BASE, assert_problem, make_dead
 
 SLEEP = {"kind": "demo.sleep", "payload": {"seconds": 1}}

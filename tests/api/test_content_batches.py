@@ -12,8 +12,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django_q.models import OrmQ
 
-from jobs import content
-from jobs.content import submit_content
+from jobs.content import service as content
+from jobs.content.service import submit_content
 from jobs.models import Batch, Job, Page
 from tests.api.conftest import BASE, assert_problem
 
@@ -243,7 +243,7 @@ def test_an_export_of_an_unknown_batch_or_format_is_a_problem(api, batch_with_pa
 
 
 def test_a_read_only_key_may_export_but_not_submit(batch_with_pages):
-    from jobs.apikeys import create_api_key
+    from jobs.engine.apikeys import create_api_key
     from tests.api.conftest import ApiClient
 
     created = create_api_key("reader", scopes=["read"])

@@ -24,8 +24,8 @@ from django_q.models import OrmQ
 
 from config import asgi
 from config.asgi import application
-from jobs import submission
 from jobs.api import intake
+from jobs.engine import submission
 from jobs.models import Job, JobEvent
 from tests.api.conftest import assert_problem
 
@@ -356,7 +356,7 @@ def test_a_body_over_one_mib_is_answered_by_django(make_key, django_only):
 
 
 def test_an_unknown_or_revoked_key_is_answered_by_django(make_key):
-    from jobs.apikeys import revoke_api_key
+    from jobs.engine.apikeys import revoke_api_key
 
     revoked = make_key()
     revoke_api_key(revoked)

@@ -16,7 +16,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from jobs.apikeys import create_api_key
+from jobs.engine.apikeys import create_api_key
 
 # In-process through Django's WSGI handler: same thread, same connection, so
 # requests see the key this test's transaction created. Loading the document

@@ -12,7 +12,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
 
-from jobs.apikeys import create_api_key
+from jobs.engine.apikeys import create_api_key
 from jobs.models import Page
 from tests.api.conftest import ApiClient, assert_problem, make_dead
 

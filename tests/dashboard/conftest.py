@@ -177,7 +177,7 @@ async def running_hub(**options):
     database connections closed, so the test database can be dropped) after."""
     from django.db import connections
 
-    from dashboard.hub import EventHub, install_hub
+    from dashboard.live.hub import EventHub, install_hub
 
     options.setdefault("publish_stats", False)
     hub = EventHub(**options)

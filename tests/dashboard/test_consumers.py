@@ -25,13 +25,13 @@ def _submit(kind: str = "demo.noop", payload: dict | None = None, **options):
 
 
 def _record(job, type: str, data: dict | None = None) -> int:
-    from jobs import events
+    from jobs.db import events
 
     return events.record(job.id, type, data or {}, queue=job.queue)
 
 
 def _progress(job, percent: int, message: str = ""):
-    from jobs import events
+    from jobs.db import events
     from jobs.models import Job
 
     Job.objects.filter(id=job.id).update(progress_percent=percent, progress_message=message)
@@ -42,8 +42,8 @@ def _start(job):
     from django.db import transaction
     from django.utils import timezone
 
+    from jobs.engine.states import Sql, transition
     from jobs.models import Attempt, State
-    from jobs.states import Sql, transition
 
     with transaction.atomic():
         running = transition(
@@ -57,8 +57,8 @@ def _finish(job, state: str, **fields):
     from django.db import transaction
     from django.utils import timezone
 
+    from jobs.engine.states import Sql, transition
     from jobs.models import Attempt, State
-    from jobs.states import Sql, transition
 
     with transaction.atomic():
         done = transition(job.id, target=State(state), finished_at=Sql("now()"), **fields)
@@ -103,14 +103,14 @@ cookie_for = sync_to_async(_cookie)
 
 
 def test_a_message_is_framed_with_its_id_name_and_one_data_line_per_line():
-    from dashboard.sse import Message
+    from dashboard.live.sse import Message
 
     framed = Message("job-summary-1", "<p>a</p>\n<p>b</p>\r\n<p>c</p>", 42).encode()
     assert framed == b"id: 42\nevent: job-summary-1\ndata: <p>a</p>\ndata: <p>b</p>\ndata: <p>c</p>\n\n"
 
 
 def test_compacting_keeps_the_last_of_each_replaced_fragment_and_every_appended_one():
-    from dashboard.sse import Message, compact
+    from dashboard.live.sse import Message, compact
 
     messages = [
         Message("summary", "1", 1),
@@ -194,7 +194,7 @@ async def test_the_cursor_may_come_as_after_and_last_event_id_wins(operator):
 
 
 async def test_a_stream_without_cursor_starts_now_after_a_statistics_snapshot(operator):
-    from dashboard.publisher import publish_queue_stats
+    from dashboard.live.publisher import publish_queue_stats
 
     cookie = await cookie_for(operator)
     job = await submit()
@@ -391,7 +391,7 @@ async def test_the_jobs_list_stream_updates_its_rows_and_counts_new_jobs(operato
 
 
 async def test_the_overview_stream_sends_cards_chart_workers_and_the_dead_count(operator):
-    from dashboard.publisher import publish_queue_stats
+    from dashboard.live.publisher import publish_queue_stats
 
     cookie = await cookie_for(operator)
     async with running_hub():
@@ -466,7 +466,7 @@ async def test_a_slow_subscriber_is_dropped_and_its_stream_ends(operator, monkey
 
 
 async def test_a_subscription_that_overflows_is_dropped():
-    from dashboard.hub import SubscriberTooSlow, Subscription
+    from dashboard.live.hub import SubscriberTooSlow, Subscription
 
     subscription = Subscription(lambda update: True, maxsize=2)
     assert subscription.offer("a") and subscription.offer("b")
@@ -476,7 +476,7 @@ async def test_a_subscription_that_overflows_is_dropped():
 
 
 async def test_a_subscription_times_out_a_full_timeout_after_each_wait_began():
-    from dashboard.hub import Subscription
+    from dashboard.live.hub import Subscription
 
     loop = asyncio.get_running_loop()
     subscription = Subscription(lambda update: True, maxsize=10)

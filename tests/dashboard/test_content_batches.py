@@ -12,7 +12,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django_q.models import OrmQ
 
-from jobs.content import submit_content
+from jobs.content.service import submit_content
 from jobs.models import Batch, Job, Page, State
 from tests.dashboard.test_views import htmx, run_job
 
@@ -104,7 +104,7 @@ def test_a_bad_submission_is_refused_next_to_its_field_and_nothing_is_queued(
 
 
 def test_too_many_rows_are_refused(operator_client, monkeypatch):
-    from jobs import content
+    from jobs.content import service as content
 
     monkeypatch.setattr(content, "MAX_PAGES", 3)
     rows = "keyword,audience\n" + "".join(f"k{i},a\n" for i in range(4))

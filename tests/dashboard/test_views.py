@@ -13,8 +13,8 @@ from jobs.models import Batch, Job, JobEvent, State
 
 def run_job(job, *, outcome: str = "dead", error_type: str = "Boom", message: str = "it broke", **fields) -> Job:
     """Move a submitted job through running to `outcome`, as the runner would."""
+    from jobs.engine.states import Sql, transition
     from jobs.models import Attempt
-    from jobs.states import Sql, transition
 
     running = transition(
         job.id, target=State.RUNNING, event="job.started", attempts=Sql("attempts + 1"), started_at=Sql("now()")
@@ -65,7 +65,7 @@ def test_actions_refuse_get(operator_client, make_job):
 
 
 def test_the_overview_shows_queue_cards_a_chart_workers_and_the_dead_count(operator_client, make_job):
-    from dashboard.publisher import publish_queue_stats
+    from dashboard.live.publisher import publish_queue_stats
 
     make_job()
     run_job(make_job())
@@ -331,7 +331,7 @@ def test_batches_show_their_aggregate_progress(operator_client, make_job):
 
 
 def test_queue_statistics_are_published_at_most_once_a_second(transactional_db):
-    from dashboard.publisher import publish_queue_stats
+    from dashboard.live.publisher import publish_queue_stats
 
     first = publish_queue_stats()
     assert first is not None
@@ -349,8 +349,8 @@ def test_only_one_process_publishes_at_a_time(transactional_db):
     import psycopg
     from django.db import connection
 
-    from dashboard.hub import _conninfo
-    from dashboard.publisher import LOCK_KEY, publish_queue_stats
+    from dashboard.live.hub import _conninfo
+    from dashboard.live.publisher import LOCK_KEY, publish_queue_stats
 
     connection.ensure_connection()
     with psycopg.connect(_conninfo(), autocommit=False) as other:

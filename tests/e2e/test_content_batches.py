@@ -107,7 +107,7 @@ def test_a_content_batch_is_previewed_run_watched_and_exported(processes, simula
 
 
 def test_an_operator_retries_a_batch_s_failed_pages_from_its_page(processes, simulator, context, operator):  # noqa: F811
-    from jobs.content import submit_content
+    from jobs.content.service import submit_content
     from tests.conftest import wait_until
 
     base = start_daphne(processes)

@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from jobs.events import CHANNEL
+from jobs.db.events import CHANNEL
 from tests.conftest import free_port, wait_until
 from tests.e2e.test_faults import (
     ResumingReader,
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.processes
 # the cluster starts, so what the crash can roll back is the workers' own.
 _SUBMIT = """
 import json
-from jobs.apikeys import create_api_key
+from jobs.engine.apikeys import create_api_key
 from jobs.services import submit_job
 key = create_api_key("crash", scopes=["read", "operate"]).key
 ids = [str(submit_job("demo.sleep", {"seconds": 0.3, "steps": 3}, backoff_base=0.2, backoff_max=1).job.id)

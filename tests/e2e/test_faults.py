@@ -22,7 +22,7 @@ import httpx
 import psycopg
 import pytest
 
-from jobs.apikeys import create_api_key
+from jobs.engine.apikeys import create_api_key
 from jobs.models import Attempt, Job, JobEvent
 from tests.conftest import ROOT, Processes, free_port, process_env, wait_until
 
@@ -243,7 +243,7 @@ def test_a_client_resumes_on_a_restarted_daphne_and_misses_no_event(processes, m
 # jobs, printed as JSON.
 _SUBMIT = """
 import json
-from jobs.apikeys import create_api_key
+from jobs.engine.apikeys import create_api_key
 from jobs.services import submit_job
 key = create_api_key("faults: postgres restart", scopes=["read", "operate"]).key
 # Async jobs first: they are in the asyncio lane when Postgres goes away.

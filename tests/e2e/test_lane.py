@@ -81,7 +81,7 @@ def test_a_killed_lane_worker_s_jobs_are_rescued_and_finish(processes, make_job)
 def test_a_job_waiting_for_a_place_in_a_full_lane_keeps_its_lease(processes, make_job):
     from datetime import timedelta
 
-    from jobs.runner import rescue_expired
+    from jobs.worker.runner import rescue_expired
 
     # One worker process, one place in its lane; leases of 3 s (process_env).
     processes.qcluster(CONVEYOR_WORKERS="1", CONVEYOR_LANE_CAPACITY="1", CONVEYOR_LANE_FILL="0")

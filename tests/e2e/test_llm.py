@@ -29,7 +29,7 @@ def simulator(processes):
             "daphne",
             "-e",
             f"tcp:port={port}:interface=127.0.0.1:backlog=1024",
-            "jobs.llm.simulated:asgi_app",
+            "config.simulator.simulated:asgi_app",
         ],
         CONVEYOR_SIM_TTFT_MS="50",
         CONVEYOR_SIM_TPS="400",

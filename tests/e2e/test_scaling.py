@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs.apikeys import create_api_key
+from jobs.engine.apikeys import create_api_key
 from jobs.models import Attempt, Job, JobEvent
 from tests.conftest import Processes, wait_until
 

@@ -22,7 +22,7 @@ def test_every_bench_client_gets_every_event_it_should(processes):
         prepare_jobs,
         produce,
     )
-    from jobs.apikeys import create_api_key
+    from jobs.engine.apikeys import create_api_key
 
     # Operate: the producer's jobs are not this key's own (keys without it see only theirs).
     key = create_api_key("sse-bench", scopes=("read", "operate")).key

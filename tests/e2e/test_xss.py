@@ -34,8 +34,8 @@ INJECTED = """() => Array.from(document.querySelectorAll('img[src="x"], svg[onlo
 
 def _seed() -> dict[str, str]:
     """Jobs in every state that shows hostile text, committed for Daphne."""
+    from jobs.engine.states import Sql, transition
     from jobs.services import submit_batch, submit_job
-    from jobs.states import Sql, transition
 
     def run(job: Job, outcome: State, **fields) -> Job:
         running = transition(
@@ -79,7 +79,7 @@ def _seed() -> dict[str, str]:
 
 
 def _progress(job_id: str, message: str) -> None:
-    from jobs import events
+    from jobs.db import events
 
     job = Job.objects.get(id=job_id)
     Job.objects.filter(id=job_id).update(progress_percent=60, progress_message=message)
@@ -87,7 +87,7 @@ def _progress(job_id: str, message: str) -> None:
 
 
 def _kill(job_id: str, message: str) -> None:
-    from jobs.states import Sql, transition
+    from jobs.engine.states import Sql, transition
 
     transition(
         job_id,
@@ -218,7 +218,7 @@ def _seed_queued(*, queue: str | None = None) -> str:
 
 
 def _start_and_kill(job_id: str, message: str) -> None:
-    from jobs.states import Sql, transition
+    from jobs.engine.states import Sql, transition
 
     transition(job_id, target=State.RUNNING, event="job.started", attempts=Sql("attempts + 1"), started_at=Sql("now()"))
     _kill(job_id, message)

@@ -11,9 +11,9 @@ from django.forms.models import model_to_dict
 from django.utils import timezone
 from django_q.signing import SignedPackage
 
-from jobs.batches import InvalidBatch, gc_paused, submit_batch
+from jobs.engine.batches import InvalidBatch, gc_paused, submit_batch
+from jobs.engine.submission import submit_job
 from jobs.models import Job, JobEvent
-from jobs.submission import submit_job
 
 pytestmark = pytest.mark.django_db
 

@@ -13,8 +13,8 @@ from django.utils import timezone
 from django_q.conf import Conf
 from django_q.signing import SignedPackage
 
-from jobs import broker as broker_module
-from jobs.broker import PostgresBroker
+from jobs.djangoq import broker as broker_module
+from jobs.djangoq.broker import PostgresBroker
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

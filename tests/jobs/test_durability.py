@@ -14,11 +14,12 @@ from django.utils import timezone
 from django_q.models import OrmQ
 from django_q.signals import pre_execute
 
-from jobs import registry, runner
-from jobs.durability import relax_commit_durability
-from jobs.lane import _in_db_thread, get_lane
+from jobs.db.durability import relax_commit_durability
+from jobs.engine import registry
+from jobs.engine.registry import Payload
 from jobs.models import Job, JobEvent, State
-from jobs.registry import Payload
+from jobs.worker import runner
+from jobs.worker.lane import _in_db_thread, get_lane
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

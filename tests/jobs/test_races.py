@@ -19,10 +19,10 @@ from datetime import timedelta
 import pytest
 from django.db import connection
 
-from jobs import runner
 from jobs.errors import InvalidState
 from jobs.models import Attempt, Job, JobEvent, State
 from jobs.services import cancel_job, retry_job
+from jobs.worker import runner
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,4 +1,4 @@
-"""Retention (`jobs/retention.py`, `manage.py purge_jobs`): finished history
+"""Retention (`jobs/engine/retention.py`, `manage.py purge_jobs`): finished history
 goes, the dead-letter queue stays longer, and nothing with a webhook message
 still to deliver goes at all."""
 
@@ -11,9 +11,9 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from jobs import webhooks
+from jobs.engine.retention import purge_finished
 from jobs.models import Job, State, WebhookDelivery
-from jobs.retention import purge_finished
+from jobs.webhooks import endpoints as webhooks
 
 pytestmark = pytest.mark.django_db
 

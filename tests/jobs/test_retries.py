@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jobs import retries
+from jobs.engine import retries
 from jobs.errors import PermanentError, RetryableError
 
 

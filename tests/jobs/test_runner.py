@@ -15,8 +15,10 @@ from django.db import connection
 from django.utils import timezone
 from django_q.models import OrmQ
 
-from jobs import registry, runner, services
+from jobs import services
+from jobs.engine import registry
 from jobs.models import Attempt, Job, JobEvent, State, WebhookDelivery
+from jobs.worker import runner
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,4 +1,4 @@
-"""jobs/sql.py: the job path's statements run as server-side prepared statements."""
+"""jobs/db/sql.py: the job path's statements run as server-side prepared statements."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import psycopg
 import pytest
 from django.db import connection
 
-from jobs import runner, sql
+from jobs.db import sql
 from jobs.models import Job, State
+from jobs.worker import runner
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -7,11 +7,11 @@ import threading
 import pytest
 from django.db import connection
 
-from jobs import runner
+from jobs.engine.states import transition
 from jobs.models import Attempt, Job, JobEvent, State
-from jobs.states import transition
+from jobs.worker import runner
 
-# The transitions docs/ARCHITECTURE.md draws, written out independently of jobs.states.ALLOWED.
+# The transitions docs/ARCHITECTURE.md draws, written out independently of jobs.engine.states.ALLOWED.
 # Two deliberate refinements of the picture, both documented in the code:
 # a due `retrying` job is claimed directly (retrying -> running), and a
 # cancelled job can be retried like a dead one (cancelled -> queued).
@@ -60,7 +60,7 @@ def test_an_allowed_transition_moves_the_job_and_logs_its_event(source, target):
 def test_an_illegal_transition_is_refused_and_leaves_the_job_alone(source, target):
     # NOTE: fails for every target `scheduled` (engine bug: ALLOWED has no
     # `scheduled` key, so transition() raises KeyError instead of ValueError /
-    # returning None). See the report for the proposed fix in jobs/states.py.
+    # returning None). See the report for the proposed fix in jobs/engine/states.py.
     job = make_job_in(source)
     before = Job.objects.values().get(id=job.id)
 
@@ -93,7 +93,7 @@ def test_a_transition_writes_the_given_fields_and_event():
 
 @pytest.mark.django_db
 def test_a_transition_whose_extra_condition_fails_returns_none():
-    from jobs.states import Sql
+    from jobs.engine.states import Sql
 
     job = make_job_in(State.RUNNING)
     Job.objects.filter(id=job.id).update(lease_owner="worker-a")

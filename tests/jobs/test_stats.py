@@ -168,7 +168,7 @@ def test_an_operator_acting_on_dead_jobs_does_not_change_the_last_minutes_failur
     # NOTE: fails (engine bug): failed_last_minute counts a dead job once but
     # counts each failed attempt of a job in any other state, so discarding or
     # retrying a dead job that failed three times in the last minute turns one
-    # failure into three. Proposed fix (jobs/stats.py) in the report.
+    # failure into three. Proposed fix (jobs/engine/stats.py) in the report.
     now = timezone.now()
     discarded = make(make_job, State.DEAD, attempts=3, max_attempts=3, finished_at=now)
     retried = make(make_job, State.DEAD, attempts=3, max_attempts=3, finished_at=now, queue="llm")

@@ -10,10 +10,10 @@ from django.db import connection
 from django.utils import timezone
 from django_q.models import OrmQ
 
+from jobs.engine.submission import submit_job
 from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge, UnknownKind
 from jobs.models import Job, JobEvent, State
-from jobs.runner import run_job
-from jobs.submission import submit_job
+from jobs.worker.runner import run_job
 
 pytestmark = pytest.mark.django_db
 
@@ -288,7 +288,7 @@ def test_an_unknown_kind_does_not_name_the_internal_kinds():
 
 
 def test_the_engine_still_submits_internal_kinds():
-    from jobs.registry import get_handler
+    from jobs.engine.registry import get_handler
 
     assert get_handler("webhook.deliver").internal
     job = submit_job("webhook.deliver", {"delivery": "8f0c6a3e-2d6a-4b8e-9d59-0e7f1b1c2a3d"}, internal=True).job

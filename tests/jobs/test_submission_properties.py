@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ConfigDict
 
+from jobs.engine.registry import Payload, handler
 from jobs.errors import InvalidJob
 from jobs.models import Job, JobEvent
-from jobs.registry import Payload, handler
 from jobs.services import submit_job
 
 EXAMPLES = 120  # per test; both together take about 20 s

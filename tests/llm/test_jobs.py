@@ -14,10 +14,11 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from jobs import runner, services
-from jobs.lane import FLUSH_SECONDS, get_lane
+from jobs import services
 from jobs.llm import limits
 from jobs.models import Batch, Job, ProviderSlot, TokenUsage
+from jobs.worker import runner
+from jobs.worker.lane import FLUSH_SECONDS, get_lane
 from tests.conftest import wait_until
 from tests.llm.conftest import API_KEY
 

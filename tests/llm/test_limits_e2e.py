@@ -19,7 +19,10 @@ pytestmark = pytest.mark.processes
 
 def test_two_worker_processes_never_have_more_calls_in_flight_than_the_limit(processes):
     simulator = start_daphne(
-        processes, "jobs.llm.simulated:asgi_app", CONVEYOR_SIM_LATENCY_MS="1000", CONVEYOR_SIMULATOR_CONTROLS="1"
+        processes,
+        "config.simulator.simulated:asgi_app",
+        CONVEYOR_SIM_LATENCY_MS="1000",
+        CONVEYOR_SIMULATOR_CONTROLS="1",
     )
     providers = [{"name": "sim", "base_url": f"{simulator}/simulated/v1", "max_concurrency": 2, "simulated": True}]
     items = [

@@ -146,7 +146,7 @@ def test_the_bare_asgi_app_answers_like_the_django_views(daphne):
     try:
         bare = start_daphne(
             procs,
-            "jobs.llm.simulated:asgi_app",
+            "config.simulator.simulated:asgi_app",
             DATABASE_URL=NO_DATABASE,
             CONVEYOR_SIM_TTFT_MS="20",
             CONVEYOR_SIM_TPS="2000",
@@ -171,7 +171,7 @@ def _in_process(method: str, path: str, **headers: str) -> httpx.Response:
     """One request to the bare ASGI app, in this process (settings as overridden)."""
     import asyncio
 
-    from jobs.llm import simulated
+    from config.simulator import simulated
 
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=simulated.asgi_app)

@@ -9,7 +9,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from jobs.apikeys import create_api_key
+from jobs.engine.apikeys import create_api_key
 from jobs.models import Batch, Job, State, TokenUsage
 from jobs.services import submit_batch
 from tests.api.conftest import ApiClient, assert_problem
@@ -37,7 +37,7 @@ def spend(batch: Batch, prompt: int, completion: int) -> None:
 
 def park(job: Job) -> None:
     """Move a job to waiting on its batch's budget as a worker would."""
-    from jobs.states import transition
+    from jobs.engine.states import transition
 
     transition(job.id, target=State.RUNNING)
     transition(

@@ -22,7 +22,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 from dashboard.routing import http_urlpatterns as sse_patterns
 from jobs.api.app import api
-from jobs.apikeys import create_api_key, revoke_api_key
+from jobs.engine.apikeys import create_api_key, revoke_api_key
 from jobs.models import Job, State, WebhookEndpoint
 from tests.api.conftest import make_dead
 from tests.dashboard.conftest import SSEClient, running_hub, session_cookie
@@ -196,7 +196,7 @@ def _objects(owner: str) -> dict[str, str]:
 def _private_webhooks(settings):
     """Endpoints on a loopback address (nothing is delivered: no worker runs),
     forgotten by this process after each test as they are rolled back."""
-    from jobs import webhooks
+    from jobs.webhooks import endpoints as webhooks
 
     settings.CONVEYOR_WEBHOOKS = {**settings.CONVEYOR_WEBHOOKS, "ALLOW_PRIVATE": True}
     webhooks.forget_subscriptions()

@@ -1,4 +1,4 @@
-"""config/form_parsing.py: Daphne's requests leave form bodies to Django."""
+"""config/server/form_parsing.py: Daphne's requests leave form bodies to Django."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from daphne.http_protocol import WebRequest
 from twisted.internet.address import IPv4Address
 
-from config import form_parsing
+from config.server import form_parsing
 
 
 def make_request() -> WebRequest:

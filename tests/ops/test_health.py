@@ -88,7 +88,7 @@ def test_readyz_fails_while_a_migration_is_unapplied(client, heartbeat, settings
 
 
 def test_a_real_cluster_heartbeat_names_its_queue():
-    """The Stat a cluster saves carries its queue (jobs/cluster.py)."""
+    """The Stat a cluster saves carries its queue (jobs/djangoq/cluster.py)."""
     from types import SimpleNamespace
 
     from django_q.status import Stat

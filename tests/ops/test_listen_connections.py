@@ -8,7 +8,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 
-from jobs.broker import PostgresBroker
+from jobs.djangoq.broker import PostgresBroker
 from tests.conftest import wait_until
 from tests.dashboard.conftest import running_hub, wait_for
 

@@ -15,9 +15,9 @@ from django.db import connections
 from pydantic import Field
 
 from config.logs import ContextFilter, JsonFormatter, PlainFormatter, job_log_context, job_log_contextvars
-from jobs import runner
+from jobs.engine.registry import Payload, handler
 from jobs.models import Job
-from jobs.registry import Payload, handler
+from jobs.worker import runner
 from tests.conftest import ROOT, process_env, wait_until
 
 HANDLER_LOG = logging.getLogger("tests.ops.handler")
@@ -145,7 +145,7 @@ def test_concurrent_tasks_keep_their_own_job_fields(make_job, handler_lines):
 
 @pytest.mark.django_db(transaction=True)
 def test_every_line_an_async_job_logs_in_the_lane_carries_its_fields(make_job, handler_lines):
-    from jobs.lane import get_lane
+    from jobs.worker.lane import get_lane
 
     jobs = [make_job("ops.log_async", {"name": name}) for name in ("a", "b")]
     try:

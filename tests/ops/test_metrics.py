@@ -12,8 +12,8 @@ from django.db import connection
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import runner
 from jobs.models import Job
+from jobs.worker import runner
 from tests.conftest import ROOT, process_env
 
 pytestmark = pytest.mark.django_db
@@ -107,8 +107,8 @@ def test_counters_count_submissions_finishes_and_attempts_by_kind_queue_and_outc
 
 
 def test_counters_are_not_lowered_by_purging_or_by_a_dead_job_being_retried(client, make_job):
-    from jobs.deadletter import retry_job
-    from jobs.retention import purge_finished
+    from jobs.engine.deadletter import retry_job
+    from jobs.engine.retention import purge_finished
 
     job = make_job("demo.fail", {"mode": "permanent"})
     deliver(job)

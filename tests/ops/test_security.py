@@ -17,7 +17,7 @@ from django.contrib.auth.models import User
 from django.test import Client, override_settings
 from django.utils import timezone
 
-from jobs import apikeys
+from jobs.engine import apikeys
 from jobs.models import ApiKey
 from tests.conftest import ROOT
 

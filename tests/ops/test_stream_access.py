@@ -54,7 +54,7 @@ def _key(name: str, scopes: list[str]):
 
 
 def test_a_revoked_keys_open_stream_ends_within_five_seconds_and_others_go_on(processes):
-    from jobs.apikeys import display_prefix
+    from jobs.engine.apikeys import display_prefix
     from jobs.services import submit_job
 
     revoked = _key("to revoke", ["read"])

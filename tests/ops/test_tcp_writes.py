@@ -1,4 +1,4 @@
-"""Daphne's TCP transport with config/tcp_writes.py: writes go out at once,
+"""Daphne's TCP transport with config/server/tcp_writes.py: writes go out at once,
 and fall back to Twisted's buffer in order when the socket cannot take them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from twisted.internet import protocol, tcp
 from twisted.internet.testing import MemoryReactor
 
-from config import tcp_writes
+from config.server import tcp_writes
 
 
 @pytest.fixture

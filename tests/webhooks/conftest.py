@@ -14,9 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook
 
-from jobs import runner, webhooks
+from jobs.engine.states import transition
 from jobs.models import Job, State, WebhookDelivery
-from jobs.states import transition
+from jobs.webhooks import endpoints as webhooks
+from jobs.worker import runner
 from tests.api.conftest import api, make_key  # noqa: F401 - fixtures
 from tests.api.test_tenancy import alice, bob  # noqa: F401 - fixtures (keys with submit,read)
 from tests.dashboard.conftest import operator, operator_client, reader, reader_client  # noqa: F401 - fixtures
@@ -140,7 +141,7 @@ def allow_private(settings) -> None:
 def operator_owner() -> str:
     """The owner string of a new API key with `operate`: its endpoints hear
     about every owner's jobs (test jobs are mostly submitted with owner "")."""
-    from jobs.apikeys import create_api_key
+    from jobs.engine.apikeys import create_api_key
 
     return create_api_key("operator", scopes=["operate"]).api_key.owner
 

@@ -8,8 +8,10 @@ import ipaddress
 import pytest
 from django.contrib.auth.models import Permission, User
 
-from jobs import services, ssrf, webhooks
+from jobs import services
+from jobs.engine import ssrf
 from jobs.models import Job, SigningSecret, State, WebhookDelivery, WebhookEndpoint
+from jobs.webhooks import endpoints as webhooks
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 URL = "https://hooks.example.com/in"

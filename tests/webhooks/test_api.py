@@ -12,8 +12,10 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from standardwebhooks import Webhook
 
-from jobs import services, ssrf, webhooks
+from jobs import services
+from jobs.engine import ssrf
 from jobs.models import Job, State, WebhookDelivery, WebhookEndpoint
+from jobs.webhooks import endpoints as webhooks
 from tests.api.conftest import BASE, ApiClient, assert_problem
 from tests.webhooks.conftest import deliveries_of, finish
 

@@ -10,8 +10,10 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from jobs import services, ssrf, webhooks
+from jobs import services
+from jobs.engine import ssrf
 from jobs.models import Job, State, WebhookDelivery, WebhookEndpoint
+from jobs.webhooks import endpoints as webhooks
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 URL = "https://hooks.example.com/in"

@@ -1,4 +1,4 @@
-"""The hook in jobs.states.transition: messages are created with the state
+"""The hook in jobs.engine.states.transition: messages are created with the state
 change that causes them, once, and cost nothing when there are none."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import time
 import pytest
 from django.db import connection, transaction
 
-from jobs import services, webhooks
+from jobs import services
+from jobs.engine.states import transition
 from jobs.models import Job, State, WebhookDelivery
-from jobs.states import transition
+from jobs.webhooks import endpoints as webhooks
 from tests.api.conftest import ApiClient
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 

@@ -11,8 +11,8 @@ import pytest
 from django.utils import timezone
 
 from jobs import services
-from jobs.handlers.webhooks import SCHEDULE
 from jobs.models import Job, State, WebhookAttempt
+from jobs.webhooks.handler import SCHEDULE
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner, run_delivery
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from jobs import webhooks
 from jobs.models import WebhookDelivery, WebhookEndpoint
+from jobs.webhooks import endpoints as webhooks
 
 
 def test_a_secret_is_whsec_and_the_base64_of_32_random_bytes():

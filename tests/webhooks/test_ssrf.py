@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from jobs import ssrf
+from jobs.engine import ssrf
 from jobs.errors import InvalidJob
 from jobs.models import Job, State
 from tests.api.conftest import ApiClient, assert_problem

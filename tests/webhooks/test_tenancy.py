@@ -10,9 +10,10 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from jobs import services, webhooks
-from jobs.apikeys import create_api_key, revoke_api_key
+from jobs import services
+from jobs.engine.apikeys import create_api_key, revoke_api_key
 from jobs.models import Batch, Job, State, WebhookDelivery
+from jobs.webhooks import endpoints as webhooks
 from tests.api.conftest import ApiClient
 from tests.webhooks.conftest import finish, run_delivery
 
@@ -146,7 +147,7 @@ def _listed_about(listed: list[dict]) -> set[tuple[str, str]]:
 
 
 def _owner_of(client: ApiClient) -> str:
-    from jobs.apikeys import verify_api_key
+    from jobs.engine.apikeys import verify_api_key
 
     return verify_api_key(client.headers["Authorization"].removeprefix("Bearer ")).owner
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from jobs import services
-from jobs.apikeys import display_prefix
+from jobs.engine.apikeys import display_prefix
 
 
 class Command(BaseCommand):

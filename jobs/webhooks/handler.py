@@ -1,7 +1,7 @@
 """`webhook.deliver`: send one webhook message (a `WebhookDelivery`) once.
 
 Each attempt signs the stored body anew (a fresh `webhook-timestamp`, the same
-`webhook-id`), POSTs it through `jobs.ssrf`, and records the answer, latency
+`webhook-id`), POSTs it through `jobs.engine.ssrf`, and records the answer, latency
 and first KiB of the response. Then:
 
 - 2xx: delivered; the job succeeds.
@@ -19,7 +19,7 @@ and first KiB of the response. Then:
   delay later (a receiver cannot park a message for a week). The attempt
   still counts: a receiver that always throttles ends in the dead-letter
   queue like one that always fails.
-- a URL that may not be reached (see jobs.ssrf): PermanentError, dead at once.
+- a URL that may not be reached (see jobs.engine.ssrf): PermanentError, dead at once.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import ssrf, webhooks
+from jobs.engine import ssrf
+from jobs.engine.registry import Payload, handler
 from jobs.errors import PermanentError, RetryableError
 from jobs.llm.client import parse_retry_after
-from jobs.registry import Payload, handler
+from jobs.webhooks import endpoints as webhooks
 
 SCHEDULE = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 10 * 3600)
 # The answers whose Retry-After header sets the next attempt.

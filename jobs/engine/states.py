@@ -19,8 +19,10 @@ from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 
-from jobs import broker, events, sql, webhooks
+from jobs.db import events, sql
+from jobs.djangoq import broker
 from jobs.models import Job, State
+from jobs.webhooks import endpoints as webhooks
 
 Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
 OK, DEAD, CXL, DIS = State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED
@@ -107,7 +109,7 @@ def transition(
     if not source:
         return None
 
-    # A finished job's webhook messages commit with its change (jobs.webhooks).
+    # A finished job's webhook messages commit with its change (jobs.webhooks.endpoints).
     # Outside a transaction the job moves in one statement, as always, if its
     # row asks for no message; if it does (or another actor won), it moves
     # inside a transaction instead.

@@ -20,8 +20,8 @@ from django.db.models import Sum
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from jobs import states
-from jobs.batches import InvalidBatch, get_batch
+from jobs.engine import states
+from jobs.engine.batches import InvalidBatch, get_batch
 from jobs.models import Batch, Job, State, TokenUsage
 
 BUDGET_ERROR_TYPE = "TokenBudgetExhausted"  # the error type of a job waiting on its batch's budget

@@ -37,7 +37,7 @@ class Handler:
 
     @functools.cached_property
     def is_async(self) -> bool:
-        """`async def` handlers run in the worker process's asyncio lane (jobs/lane.py)."""
+        """`async def` handlers run in the worker process's asyncio lane (jobs/worker/lane.py)."""
         return inspect.iscoroutinefunction(self.func)
 
     def parse(self, payload: Any) -> BaseModel:

@@ -24,9 +24,9 @@ owner is an operator is read when the job finishes, so a key that loses
 `operate` (or is revoked) stops its endpoints hearing about others at once.
 
 How it is delivered. Each message to each URL is a `WebhookDelivery` row and a
-`webhook.deliver` job on the "webhooks" queue (jobs/handlers/webhooks.py),
+`webhook.deliver` job on the "webhooks" queue (jobs/webhooks/handler.py),
 created in the same transaction as the state change that causes it (see
-`job_finished`, called by `jobs.states.transition`), so a finished job always
+`job_finished`, called by `jobs.engine.states.transition`), so a finished job always
 gets its messages and gets each once. Delivery jobs never cause messages.
 """
 
@@ -53,7 +53,8 @@ from django.db.models import CharField, F, Q, QuerySet, Value, Window
 from django.db.models.functions import Cast, Concat, RowNumber
 from django.utils import timezone
 
-from jobs import ssrf, states
+from jobs.engine import ssrf, states
+from jobs.engine.submission import submit_job
 from jobs.errors import ConveyorError, InvalidState
 from jobs.models import (
     ACTIVE_STATES,
@@ -67,7 +68,6 @@ from jobs.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from jobs.submission import submit_job
 
 BATCH_COMPLETED = "batch.completed"
 EVENT_TYPES = ("job.succeeded", "job.dead", "job.cancelled", BATCH_COMPLETED)
@@ -345,7 +345,7 @@ def quiet_condition(target: State) -> states.Sql | None:
     """SQL that holds for a job row needing no message when it enters `target`,
     or None when any row may (an endpoint subscribes to `job.<target>`).
 
-    `jobs.states.transition` moves a job on this condition in one statement,
+    `jobs.engine.states.transition` moves a job on this condition in one statement,
     outside any transaction; a row it does not hold for is moved again inside
     one, with `job_finished`. It reads the batch's callback_url in the same
     statement (a primary-key lookup, only for jobs of a batch).
@@ -366,7 +366,7 @@ def quiet_condition(target: State) -> states.Sql | None:
 def job_finished(job: Job) -> None:
     """Create the messages `job` entering its state causes: `job.<state>` to its
     callback_url and subscribed endpoints, and `batch.completed` when it was
-    its batch's last active job. Called by `jobs.states.transition` with the
+    its batch's last active job. Called by `jobs.engine.states.transition` with the
     updated row, inside the transaction of the change.
 
     Costs no query when nothing is to be sent (the subscriptions and batch

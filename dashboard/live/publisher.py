@@ -15,7 +15,8 @@ from typing import Any
 from django.db import connection, transaction
 
 from dashboard.queries import clusters_online, dead_total
-from jobs import events, services
+from jobs import services
+from jobs.db import events
 
 log = logging.getLogger(__name__)
 

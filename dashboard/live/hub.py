@@ -3,7 +3,7 @@ stream that this Daphne process serves.
 
 1. One autocommit psycopg connection LISTENs on `conveyor_events` (never
    Django's request connection: it must stay open and idle in LISTEN).
-2. A notification carries only ids (see jobs/events.py). Each batch of
+2. A notification carries only ids (see jobs/db/events.py). Each batch of
    notifications is read back with one query, the event joined with its job,
    so the database work per event does not depend on how many people watch.
 3. Each update is offered to every subscription whose filter wants it,
@@ -20,7 +20,7 @@ stream that this Daphne process serves.
    are drawn before commit, so they do not commit in order: the catch-up
    starts a margin below the last id seen and skips ids already delivered.
 6. While the hub runs it also publishes the queue statistics (see
-   dashboard/publisher.py): at most once a second across all processes.
+   dashboard/live/publisher.py): at most once a second across all processes.
 7. Every `ACCESS_CHECK_SECONDS` it checks the credentials of its open
    streams, all in one batch (`api_auth.invalid_credentials`, at most three
    queries), and ends the streams of a revoked key, a logged-out session or
@@ -45,9 +45,9 @@ from django.conf import settings
 from django.utils import timezone
 from psycopg.conninfo import make_conninfo
 
-from jobs import durability
-from jobs.broker import listen_params
-from jobs.events import CHANNEL
+from jobs.db import durability
+from jobs.db.events import CHANNEL
+from jobs.djangoq.broker import listen_params
 from jobs.models import Job, JobEvent
 
 log = logging.getLogger(__name__)
@@ -459,7 +459,7 @@ class EventHub:
     # --- queue statistics ----------------------------------------------------
 
     async def _publish_stats(self) -> None:
-        from dashboard.publisher import publish_queue_stats
+        from dashboard.live.publisher import publish_queue_stats
 
         publish = sync_to_async(publish_queue_stats)
         while True:
@@ -501,7 +501,7 @@ class EventHub:
 
 async def _durable(conn: psycopg.AsyncConnection) -> None:
     """Wait until what was just read cannot be rolled back by a crash
-    (workers commit asynchronously: jobs/durability.py)."""
+    (workers commit asynchronously: jobs/db/durability.py)."""
     lsn, flushed = await (await conn.execute(durability.WAL_NOW)).fetchone()
 
     async def check(lsn: str) -> bool:

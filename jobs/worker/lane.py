@@ -45,8 +45,9 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 
 from config.logs import job_log_contextvars
-from jobs import broker, events, sql
-from jobs.durability import handler_writes, relax_commit_durability
+from jobs.db import events, sql
+from jobs.db.durability import handler_writes, relax_commit_durability
+from jobs.djangoq import broker
 from jobs.errors import Cancelled, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class Lane:
         return await self.loop.run_in_executor(self.db, lambda: _in_db_thread(func, *args, **kwargs))
 
     async def _run_job(self, job, handler, ctx: AsyncContext) -> None:
-        from jobs import runner
+        from jobs.worker import runner
 
         try:
             try:

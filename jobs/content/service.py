@@ -26,12 +26,12 @@ from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.http import content_disposition_header
 from django.utils.text import slugify
 
-from jobs.batches import MAX_ERRORS, MAX_JOBS, BatchSubmitted, InvalidBatch, submit_batch
-from jobs.deadletter import retry_job, retry_jobs
+from jobs.engine.batches import MAX_ERRORS, MAX_JOBS, BatchSubmitted, InvalidBatch, submit_batch
+from jobs.engine.deadletter import retry_job, retry_jobs
 from jobs.errors import ConveyorError, JobNotFound
+from jobs.llm.prompts import Pieces, PromptTooLong, TemplateError, check_length, parse_template, render_prompt
 from jobs.llm.providers import UnknownProvider, get_provider
 from jobs.models import FINISHED_STATES, Batch, Job, Page, State
-from jobs.prompts import Pieces, PromptTooLong, TemplateError, check_length, parse_template, render_prompt
 
 KIND = "content.page"
 KEYWORD = "keyword"

@@ -1,6 +1,6 @@
 """Operator actions on finished and failing jobs: cancel, retry, discard.
 
-Each is a transition through `jobs.states`, so two operators acting on one job
+Each is a transition through `jobs.engine.states`, so two operators acting on one job
 at once act once.
 """
 
@@ -12,10 +12,11 @@ from uuid import UUID
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 
-from jobs import broker, events
+from jobs.db import events
+from jobs.djangoq import broker
+from jobs.engine.states import Sql, transition
 from jobs.errors import InvalidState, JobNotFound
 from jobs.models import Job, State
-from jobs.states import Sql, transition
 
 RETRYABLE = frozenset({State.DEAD, State.CANCELLED})
 

@@ -1,5 +1,5 @@
 """LLM job kinds: `llm.generate` and `content.page`. Both are `async def`, so
-they run in the worker process's asyncio lane (jobs/lane.py): one worker
+they run in the worker process's asyncio lane (jobs/worker/lane.py): one worker
 process keeps many provider calls in flight."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from django.utils.text import slugify
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from jobs.prompts import PromptTooLong, TemplateError, check_length, parse_template, render_prompt
-from jobs.registry import Payload, handler
+from jobs.engine.registry import Payload, handler
+from jobs.llm.prompts import PromptTooLong, TemplateError, check_length, parse_template, render_prompt
 
 LLM_QUEUE = "llm"
 

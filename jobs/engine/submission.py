@@ -20,10 +20,12 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
-from jobs import broker, events, sql, ssrf
+from jobs.db import events, sql
+from jobs.djangoq import broker
+from jobs.engine import ssrf
+from jobs.engine.registry import payload_errors, submittable_handler
 from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge
 from jobs.models import Batch, Job, State
-from jobs.registry import payload_errors, submittable_handler
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 MAX_BACKOFF = 7 * 24 * 3600.0
@@ -286,7 +288,7 @@ def insert_jobs(jobs: list[tuple[str, ReadyJob]]) -> dict[uuid.UUID, Job]:
 @functools.cache
 def _insert_many() -> str:
     # The jobs go as one JSON document; a record of the model's defaults
-    # fills what the document leaves out (as jobs.batches does).
+    # fills what the document leaves out (as jobs.engine.batches does).
     columns = sql.job_columns()[0]
     return (
         "WITH j AS (INSERT INTO jobs_job"

@@ -1,9 +1,9 @@
 """The simulated provider alone under Daphne, as the benchmarks run it:
-`daphne config.simulator_asgi:application`.
+`daphne config.simulator.asgi:application`.
 
-It is `jobs.llm.simulated.asgi_app` (no Django middleware, no database) with
+It is `config.simulator.simulated.asgi_app` (no Django middleware, no database) with
 the TCP write path `config/asgi.py` installs for the whole app
-(`config/tcp_writes.py`), so a standalone simulator streams as cheaply as the
+(`config/server/tcp_writes.py`), so a standalone simulator streams as cheaply as the
 one `make run` serves. A benchmark's 400 streams at once made the unpatched
 one a bottleneck of its own.
 
@@ -14,8 +14,8 @@ options in the model name (`simulated@latency_ms=1000`) always work.
 
 from __future__ import annotations
 
-from config import tcp_writes
-from jobs.llm.simulated import asgi_app as application
+from config.server import tcp_writes
+from config.simulator.simulated import asgi_app as application
 
 tcp_writes.install()
 

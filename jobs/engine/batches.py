@@ -24,7 +24,9 @@ from django.db.backends.utils import CursorWrapper
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from jobs import broker, events, submission
+from jobs.db import events
+from jobs.djangoq import broker
+from jobs.engine import submission
 from jobs.errors import ConveyorError, IdempotencyKeyReused, InvalidJob
 from jobs.models import ACTIVE_STATES, Batch, BatchIdempotencyKey, Job, State
 
@@ -113,12 +115,12 @@ def submit_batch(
        The idempotency row goes in before the bulk work, so a concurrent
        duplicate waits on its unique index and fails before doing any.
 
-    `token_budget`: the tokens the batch's LLM calls may use (jobs.usage).
+    `token_budget`: the tokens the batch's LLM calls may use (jobs.llm.usage).
 
     Raises InvalidBatch, or BatchIdempotencyKeyReused when the key was used
     for a different batch.
     """
-    from jobs import usage  # jobs.usage builds on this module
+    from jobs.llm import usage  # jobs.llm.usage builds on this module
 
     name = name.strip() if isinstance(name, str) else ""
     errors = []

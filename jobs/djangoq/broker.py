@@ -33,8 +33,8 @@ from django.utils import timezone
 from django_q.brokers import Broker
 from django_q.conf import Conf
 
-from jobs import sql
-from jobs.durability import relax_commit_durability
+from jobs.db import sql
+from jobs.db.durability import relax_commit_durability
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ _NEXT_DUE = "SELECT extract(epoch FROM min(lock) - now()) FROM django_q_ormq WHE
 
 
 def _run_job():
-    from jobs.runner import run_job
+    from jobs.worker.runner import run_job
 
     return run_job
 
@@ -163,7 +163,7 @@ def listen_params(application_name: str) -> dict[str, str]:
 
 
 def task_package(job_id: UUID | str, timeout: int) -> str:
-    """The signed Django-Q2 task that runs `jobs.runner.run_job(job_id)`."""
+    """The signed Django-Q2 task that runs `jobs.worker.runner.run_job(job_id)`."""
     return _sign(
         {
             "id": uuid4().hex,

@@ -9,11 +9,15 @@ SCHEDULES = [
     # redelivered (for instance after the broker queue was purged).
     {
         "name": "conveyor.rescue_expired",
-        "func": "jobs.runner.rescue_expired",
+        "func": "jobs.worker.runner.rescue_expired",
         "schedule_type": Schedule.MINUTES,
         "minutes": 1,
     },
-    {"name": "conveyor.purge_finished", "func": "jobs.retention.purge_finished", "schedule_type": Schedule.DAILY},
+    {
+        "name": "conveyor.purge_finished",
+        "func": "jobs.engine.retention.purge_finished",
+        "schedule_type": Schedule.DAILY,
+    },
 ]
 
 

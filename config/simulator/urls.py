@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from jobs.llm import simulated
+from config.simulator import simulated
 
 app_name = "simulated"
 

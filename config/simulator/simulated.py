@@ -180,7 +180,7 @@ def controls_enabled() -> bool:
     """Whether the `X-Sim-*` headers and `/load` work. They let any caller make
     the provider fail or hang, so: CONVEYOR_SIMULATOR_CONTROLS when set, else
     only with DEBUG on while the simulator is a configured provider. The bare
-    app without Django (`config/simulator_asgi.py`, benchmarks) has no DEBUG:
+    app without Django (`config/simulator/asgi.py`, benchmarks) has no DEBUG:
     there they are off unless the variable turns them on."""
     if not settings.configured:
         return env_bool("CONVEYOR_SIMULATOR_CONTROLS", False)

@@ -21,7 +21,7 @@ from datetime import timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from jobs import sql
+from jobs.db import sql
 from jobs.errors import ConveyorError
 from jobs.models import ApiKey
 
