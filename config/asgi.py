@@ -12,8 +12,7 @@ import django  # noqa: E402
 django.setup(set_prefix=False)
 
 from config.middleware import DjangoProtections, ProxyHeaders  # noqa: E402
-from config.server import form_parsing, tcp_writes  # noqa: E402
-from config.server.handler import ThreadPoolASGIHandler  # noqa: E402
+from config.server import form_parsing, handler, tcp_writes  # noqa: E402
 
 # Daphne's connections send at once instead of on the reactor's next turn
 # (the SSE streams' many small writes; see config/server/tcp_writes.py).
@@ -21,7 +20,7 @@ tcp_writes.install()
 # Twisted does not parse the forms Daphne never reads (config/server/form_parsing.py).
 form_parsing.install()
 
-django_asgi_app = ThreadPoolASGIHandler()
+django_asgi_app = handler.application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

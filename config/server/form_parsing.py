@@ -11,20 +11,32 @@ was even answered 400 before Django saw it.
 
 `install()` builds Daphne's requests with `parsePOSTFormSubmission=False`,
 Twisted's own switch for this.
+
+Written for daphne 4.2.3 (`WebRequest.__init__(self, *args, **kwargs)` passing
+them on to Twisted's `Request`) with Twisted 26.10.0 (`parsePOSTFormSubmission`,
+kept as `_parsePOSTFormSubmission`); on other versions Twisted parses forms as
+before (config/server/patching.py).
 """
 
 from __future__ import annotations
 
 from daphne.http_protocol import WebRequest
 
-_installed = False
+from config.server.patching import guarded
+
+NAME = "daphne-form-parsing"
+PACKAGE = "daphne"
+VERSIONS = ("4.2.3",)
+ALSO = {"Twisted": ("26.10.0",)}
 
 
-def install() -> None:
-    """Patch `daphne.http_protocol.WebRequest` (idempotent)."""
-    global _installed
-    if _installed:
-        return
+def install() -> bool:
+    """Patch `daphne.http_protocol.WebRequest` on the versions it was written
+    for (idempotent); True when installed."""
+    return guarded(NAME, package=PACKAGE, versions=VERSIONS, also=ALSO, install=lambda: _install())
+
+
+def _install() -> None:
     original = WebRequest.__init__
 
     def __init__(self, *args, **kwargs) -> None:
@@ -32,4 +44,3 @@ def install() -> None:
         original(self, *args, **kwargs)
 
     WebRequest.__init__ = __init__
-    _installed = True

@@ -9,6 +9,10 @@ runs a request's whole chain in ONE hop to a fixed pool of threads; each
 thread keeps its database connection between requests (or borrows one from
 the pool when CONVEYOR_DB_POOL is on). The event loop only reads the body and
 writes the response, as for Channels' SSE consumers beside it.
+
+It overrides internals of Django 5.2.19's `ASGIHandler` (`load_middleware`,
+`__call__`, `get_response_async`, `handle`); `application()` builds it on that
+version and Django's own `ASGIHandler` on any other (config/server/patching.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.db import close_old_connections, connections
+
+from config.server.patching import guarded
+
+NAME = "django-asgi-handler"
+PACKAGE = "Django"
+VERSIONS = ("5.2.19",)
+
+
+def application() -> ASGIHandler:
+    """Django's HTTP application: this handler on the Django it was written
+    for, Django's own ASGIHandler on any other."""
+    if guarded(NAME, package=PACKAGE, versions=VERSIONS, install=lambda: None):
+        return ThreadPoolASGIHandler()
+    return ASGIHandler()
 
 
 class ThreadPoolASGIHandler(ASGIHandler):

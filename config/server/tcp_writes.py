@@ -13,6 +13,10 @@ kernel did not take (a slow reader, a full socket buffer) and whenever bytes
 are already buffered, so the order of writes is kept. Errors are left to the
 buffered path too: the reactor reports them as before, never from inside
 `write()`. TLS connections (`self.TLS`) are untouched.
+
+Written for Twisted 26.10.0 (`tcp.Server`'s `write`/`writeSequence`, and the
+`dataBuffer`/`offset`/`_tempDataLen` of `abstract.FileDescriptor`); on any
+other version Twisted's own write path stays (config/server/patching.py).
 """
 
 from __future__ import annotations
@@ -21,16 +25,22 @@ from collections.abc import Iterable
 
 from twisted.internet import abstract, tcp
 
-_installed = False
+from config.server.patching import guarded
+
+NAME = "twisted-tcp-writes"
+PACKAGE = "Twisted"
+VERSIONS = ("26.10.0",)
 
 
-def install() -> None:
-    """Patch `twisted.internet.tcp.Server` (idempotent)."""
-    global _installed
-    if not _installed:
-        tcp.Server.write = _write
-        tcp.Server.writeSequence = _write_sequence
-        _installed = True
+def install() -> bool:
+    """Patch `twisted.internet.tcp.Server` on the versions it was written for
+    (idempotent); True when installed."""
+    return guarded(NAME, package=PACKAGE, versions=VERSIONS, install=lambda: _install())
+
+
+def _install() -> None:
+    tcp.Server.write = _write
+    tcp.Server.writeSequence = _write_sequence
 
 
 def _write(self: tcp.Server, data: bytes) -> None:

@@ -7,6 +7,8 @@ slots) are a handful of fixed texts, run thousands of times per connection,
 and planning the claim's five CTEs costs Postgres more than running them.
 `cursor()` binds parameters server-side and prepares each text once per
 connection (psycopg keeps the names, at most `prepared_max` per connection).
+The cursor class overrides a Django internal, so it lives with the other
+patches in config/server/prepared_cursor.py.
 
 It is a Django cursor in every other way: errors become Django's, the
 connection's transaction applies, and queries are logged when Django logs
@@ -25,51 +27,26 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections
-from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
+from django.db.backends.utils import CursorWrapper
+
+from config.server import prepared_cursor
 
 if TYPE_CHECKING:
     from django.db.models import Model
 
     from jobs.models import Job
 
-# psycopg prepares nothing while the threshold is None (Django's default, for
-# poolers); a threshold no query reaches prepares only what asks to be.
-_ONLY_WHEN_ASKED = 2**31 - 1
-
-
-class _Prepared(CursorWrapper):
-    def _execute(self, sql, params, *ignored_wrapper_args):
-        self.db.validate_no_broken_transaction()
-        with self.db.wrap_database_errors:
-            return self.cursor.execute(sql, params, prepare=True)
-
-
-class _PreparedDebug(CursorDebugWrapper, _Prepared):
-    def execute(self, sql, params=None):
-        # Logged as written: Django's last_executed_query() reads the text a
-        # client-side cursor composed, and a prepared statement has none.
-        with self.debug_sql(sql, params):
-            return super(CursorDebugWrapper, self).execute(sql, params)
-
 
 def cursor() -> CursorWrapper:
     """A cursor of the current thread's Django connection whose statements
     are prepared (use as `with sql.cursor() as cursor:`)."""
     db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per attribute
-    if not (settings.CONVEYOR["PREPARED_STATEMENTS"] and db.vendor == "postgresql"):
-        return db.cursor()
-    from django.db.backends.postgresql.base import ServerBindingCursor
-
-    db.close_if_health_check_failed()
-    db.ensure_connection()
-    with db.wrap_database_errors:
-        db.validate_thread_sharing()
-        raw = db.connection
-        if raw.prepare_threshold is None:
-            raw.prepare_threshold = _ONLY_WHEN_ASKED
-        server = ServerBindingCursor(raw)
-    wrapper = _PreparedDebug if db.queries_logged else _Prepared
-    return wrapper(server, db)
+    if settings.CONVEYOR["PREPARED_STATEMENTS"] and db.vendor == "postgresql":
+        # None on a Django the patch was not written for: Django's cursor then.
+        wrapper = prepared_cursor.prepared(db)
+        if wrapper is not None:
+            return wrapper
+    return db.cursor()
 
 
 def fetchone(statement: str, params: list[Any] | tuple[Any, ...]) -> tuple | None:

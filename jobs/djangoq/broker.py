@@ -32,7 +32,9 @@ from django.db import DatabaseError, connection
 from django.utils import timezone
 from django_q.brokers import Broker
 from django_q.conf import Conf
+from django_q.signing import SignedPackage
 
+from config.server.patching import guarded
 from jobs.db import sql
 from jobs.db.durability import relax_commit_durability
 
@@ -186,11 +188,23 @@ def _sign(task: dict) -> str:
     default `compress: False`), in a quarter of the time: Django's signer
     derives its HMAC key from the secret on every call and goes through a
     dozen helpers, which made signing a third of a 10,000-job batch's CPU.
-    tests/jobs/test_broker.py holds it equal to Django-Q2's output."""
+    tests/jobs/test_broker.py holds it equal to Django-Q2's output.
+    Written for Django-Q2 1.11.1's format and Django 5.2.19's signer; on other
+    versions Django-Q2 signs (config/server/patching.py)."""
+    if not guarded(SIGNING_PATCH, package="django-q2", versions=("1.11.1",), also=_SIGNING_ALSO, install=_nothing):
+        return SignedPackage.dumps(task)
     value = base64.urlsafe_b64encode(pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)).rstrip(b"=")
     value += b":" + b62_encode(int(time.time())).encode()
     signature = base64.urlsafe_b64encode(hmac.new(_signing_key(), value, hashlib.sha256).digest()).rstrip(b"=")
     return (value + b":" + signature).decode()
+
+
+SIGNING_PATCH = "django-q2-signed-task"
+_SIGNING_ALSO = {"Django": ("5.2.19",)}
+
+
+def _nothing() -> None:
+    pass
 
 
 @cache

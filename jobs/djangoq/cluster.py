@@ -24,6 +24,12 @@ every STOP_CHECK_SECONDS while it waits; once the database does not answer a
 new connection within PROBE_TIMEOUT_SECONDS, nothing can finish cleanly any
 more (no outcome can be recorded) and it kills its processes and exits: their
 jobs' leases expire and they run again elsewhere.
+
+All of this patches Django-Q2 1.11.1 internals: `Sentinel.spawn_cluster`,
+`Cluster.sig_handler`, `Stat.__init__(self, sentinel)`, and `Queue.get` with
+multiprocessing's `_rlock`/`_recv_bytes`/`_sem`/`_closed` and Django-Q2's
+`size` counter. On any other version none of it is installed (one warning;
+config/server/patching.py) and the cluster runs as Django-Q2 ships it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from multiprocessing.reduction import ForkingPickler
 
 import psutil
 
+from config.server.patching import guarded
+from jobs.djangoq import delivery
+
 log = logging.getLogger(__name__)
 
 CHECK_EVERY_SECONDS = 0.5
@@ -43,7 +52,20 @@ STOP_CHECK_SECONDS = 1
 PROBE_TIMEOUT_SECONDS = 3
 
 
-def install() -> None:
+NAME = "django-q2-cluster"
+PACKAGE = "django-q2"
+VERSIONS = ("1.11.1",)
+
+
+def install() -> bool:
+    """Harden Django-Q2's cluster on the version this was written for
+    (idempotent; True when installed), and guard the runner's settling of its
+    own broker rows (jobs/djangoq/delivery.py)."""
+    delivery.install()
+    return guarded(NAME, package=PACKAGE, versions=VERSIONS, install=lambda: _install())
+
+
+def _install() -> None:
     from django_q.cluster import Cluster, Sentinel, get_mp_context
     from django_q.queues import Queue as TaskQueue
     from django_q.status import Stat
