@@ -20,6 +20,8 @@ before (config/server/patching.py).
 
 from __future__ import annotations
 
+import functools
+
 from daphne.http_protocol import WebRequest
 
 from config.server.patching import guarded
@@ -38,7 +40,11 @@ def install() -> bool:
 
 def _install() -> None:
     original = WebRequest.__init__
+    if hasattr(original, "__wrapped__"):
+        return  # already ours
 
+    # wraps: the original stays reachable (inspect.unwrap) for the shape test.
+    @functools.wraps(original)
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
         original(self, *args, **kwargs)

@@ -34,6 +34,7 @@ config/server/patching.py) and the cluster runs as Django-Q2 ships it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -75,6 +76,7 @@ def _install() -> None:
     original = Sentinel.spawn_cluster
     original_stat = Stat.__init__
 
+    @functools.wraps(original_stat)
     def stat_init(self, sentinel) -> None:
         original_stat(self, sentinel)
         # The queue the cluster serves, which Django-Q2's heartbeat leaves out:
@@ -83,6 +85,7 @@ def _install() -> None:
 
     Stat.__init__ = stat_init
 
+    @functools.wraps(original)
     def spawn_cluster(self, *args, **kwargs):
         # Before the workers fork: they inherit it.
         self.task_queue._conveyor_holder = get_mp_context().Value("i", 0, lock=False)
@@ -93,6 +96,7 @@ def _install() -> None:
     Sentinel.spawn_cluster = spawn_cluster
     original_sig_handler = Cluster.sig_handler
 
+    @functools.wraps(original_sig_handler)
     def sig_handler(self, signum, frame) -> None:
         # Started before Django-Q2's handler blocks joining the sentinel.
         if not getattr(self, "_conveyor_stop_watch", None):
@@ -108,6 +112,8 @@ def _install() -> None:
 
 
 def _recording_get(original_get):
+    # wraps: the original stays reachable (inspect.unwrap) for the shape test.
+    @functools.wraps(original_get)
     def get(self, block=True, timeout=None):
         """Django-Q2's worker loop `get()`, recording who holds the read lock."""
         holder = getattr(self, "_conveyor_holder", None)
