@@ -94,3 +94,51 @@ def test_a_retry_runs_when_its_backoff_ends_without_polling_the_jobs_table(proce
     lateness = (second.started_at - due.run_after).total_seconds()
     assert 0 <= lateness < 1.0, f"attempt 2 started {lateness:.3f} s after it was due"
     assert first.outcome == "failed"
+
+
+def _reading_the_task_queue(pid: int) -> bool:
+    """The process's main thread is blocked reading a pipe: the idle worker that
+    holds the task queue's read lock (the others wait on the lock itself)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as wchan:
+            return "pipe_read" in wchan.read()
+    except OSError:
+        return False
+
+
+def test_a_worker_killed_while_holding_the_task_queue_s_read_lock_does_not_stall_the_cluster(processes, make_job):
+    """jobs/djangoq/cluster.py: the sentinel releases the read lock of a worker
+    SIGKILLed while it waited for a task; without that, every other worker (and
+    the one reincarnated) would wait on the lock forever."""
+    import psutil
+    from django_q.status import Stat
+
+    cluster = processes.qcluster()
+
+    def idle_workers() -> list[int]:
+        for stat in Stat.get_all():
+            if stat.pid == cluster.pid and stat.status == "Idle" and len(stat.workers) == 2:
+                return stat.workers
+        return []
+
+    workers = wait_until(idle_workers, timeout=60, interval=0.5, message="the cluster's two idle workers")
+    children = {child.pid for child in psutil.Process(cluster.pid).children(recursive=True)}
+    assert set(workers) <= children
+    holder = wait_until(
+        lambda: [pid for pid in workers if _reading_the_task_queue(pid)],
+        timeout=30,
+        message="the worker waiting for a task with the read lock",
+    )
+    assert len(holder) == 1
+    os.kill(holder[0], signal.SIGKILL)
+    wait_until(
+        lambda: not psutil.pid_exists(holder[0]) or psutil.Process(holder[0]).status() == psutil.STATUS_ZOMBIE,
+        timeout=10,
+        message="the worker to die",
+    )
+
+    job = make_job("demo.noop")
+
+    wait_until(lambda: Job.objects.get(id=job.id).state == "succeeded", timeout=60, interval=0.5, message="the job")
+    assert cluster.poll() is None
+    assert f"task queue read lock held by dead worker {holder[0]}" in processes.log_of(cluster)
