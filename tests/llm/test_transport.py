@@ -146,3 +146,20 @@ def test_the_socket_options_httpcore_passes_are_applied():
             await stream.aclose()
 
     run(scenario)
+
+
+def test_the_transport_streams_on_the_asyncio_backend_through_public_apis_only():
+    from jobs.llm.transport import AsyncioStream
+
+    async def scenario(client, server):
+        async with client.stream("GET", "/size/1048576") as response:
+            # httpcore's public extension names the stream its backend made.
+            assert isinstance(response.extensions["network_stream"], AsyncioStream)
+            chunks = [chunk async for chunk in response.aiter_raw()]
+        assert len(chunks) > 1 and sum(map(len, chunks)) == 1048576
+
+    run(scenario)
+    transport = Transport(ssl_context=None, limits=httpx.Limits(max_connections=1))
+    assert isinstance(transport, httpx.AsyncBaseTransport)
+    assert not isinstance(transport, httpx.AsyncHTTPTransport)  # nothing of httpx's internals replaced
+    assert not hasattr(transport, "_pool")
