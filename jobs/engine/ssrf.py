@@ -37,6 +37,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 
+from jobs.engine.pooled_transport import PooledTransport
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 CONNECT_TIMEOUT = 5.0
@@ -202,15 +204,16 @@ def _parse(url: str):
 # --- the guarded connection layer ----------------------------------------
 
 
-class _GuardedTransport(httpx.HTTPTransport):
+class _GuardedTransport(PooledTransport):
     def __init__(self, deadline: float) -> None:
-        super().__init__(trust_env=False)
-        # httpx builds its pool without a way to pass a network backend: build
-        # our own (one connection: a transport serves one request).
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=1,
-            network_backend=_GuardedBackend(deadline),
+        # httpx builds its own pool without a way to pass a network backend:
+        # a transport on our own (one connection: a transport serves one request).
+        super().__init__(
+            httpcore.ConnectionPool(
+                ssl_context=httpx.create_ssl_context(trust_env=False),
+                max_connections=1,
+                network_backend=_GuardedBackend(deadline),
+            )
         )
 
 

@@ -14,7 +14,8 @@ writes wait for the transport to drain. Timeouts are the ones httpcore passes
 (connect, read, write), raised as httpcore's exceptions, which httpx maps to its
 own as usual.
 
-`Transport` is `httpx.AsyncHTTPTransport` with its connection pool built on it.
+`Transport` is an httpx transport on an httpcore connection pool built on it
+(jobs/engine/pooled_transport.py: public APIs only, nothing of httpx's replaced).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import typing
 
 import httpcore
 import httpx
+
+from jobs.engine.pooled_transport import AsyncPooledTransport
 
 HIGH_WATER = 256 * 1024
 
@@ -196,16 +199,17 @@ async def _connect(connecting: typing.Awaitable, where: str, timeout: float | No
         raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
 
 
-class Transport(httpx.AsyncHTTPTransport):
-    """`httpx.AsyncHTTPTransport` whose connection pool runs on `AsyncioBackend`.
+class Transport(AsyncPooledTransport):
+    """An httpx transport whose connection pool runs on `AsyncioBackend`.
     `ssl_context` None: plain-http only (an https URL would get httpcore's default)."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None, limits: httpx.Limits) -> None:
-        super().__init__(verify=False, limits=limits)  # its pool is replaced below
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=AsyncioBackend(),
+        super().__init__(
+            httpcore.AsyncConnectionPool(
+                ssl_context=ssl_context,
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                network_backend=AsyncioBackend(),
+            )
         )
