@@ -9,7 +9,6 @@ import inspect
 import logging
 import multiprocessing.queues
 import socket
-from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -23,25 +22,14 @@ from django_q.signals import pre_execute
 from django_q.signing import SignedPackage
 from django_q.status import Stat
 from twisted.internet import abstract, protocol, tcp
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactor
 from twisted.web import http
 
 from config.server import form_parsing, handler, patching, prepared_cursor, tcp_writes
 from jobs.djangoq import broker, cluster, delivery
+from tests.ops.test_form_parsing import make_request
 
 TASK = {"id": "abc", "name": "job:x", "func": "math.floor", "args": ("x",), "kwargs": {}, "timeout": 30}
-
-
-def _web_request() -> WebRequest:
-    address = IPv4Address("TCP", "127.0.0.1", 8000)
-    channel = SimpleNamespace(
-        factory=SimpleNamespace(server=SimpleNamespace(protocol_connected=lambda request: None)),
-        getPeer=lambda: address,
-        getHost=lambda: address,
-        transport=None,
-    )
-    return WebRequest(channel, False)
 
 
 def _prepared_in_use() -> bool:
@@ -55,7 +43,7 @@ def _prepared_in_use() -> bool:
 # install is idempotent on the classes it patches.
 PATCHES = {
     tcp_writes.NAME: (tcp_writes.install, lambda: tcp.Server.write is tcp_writes._write),
-    form_parsing.NAME: (form_parsing.install, lambda: _web_request()._parsePOSTFormSubmission is False),
+    form_parsing.NAME: (form_parsing.install, lambda: make_request()._parsePOSTFormSubmission is False),
     handler.NAME: (
         lambda: isinstance(handler.application(), handler.ThreadPoolASGIHandler),
         lambda: isinstance(handler.application(), handler.ThreadPoolASGIHandler),
@@ -141,7 +129,7 @@ def test_daphne_requests_parse_forms_as_twisted_does_on_another_version(other_ve
 
     assert form_parsing.install() is False
 
-    assert _web_request()._parsePOSTFormSubmission is True
+    assert make_request()._parsePOSTFormSubmission is True
     assert len(other_versions(form_parsing.NAME)) == 1
 
 
@@ -227,7 +215,7 @@ def test_shape_of_twisted_s_tcp_write_path():
         theirs.close()
 
 
-def test_shape_of_daphne_s_web_request():
+def test_shape_of_daphne_smake_request():
     original = inspect.unwrap(WebRequest.__init__)
     kinds = [p.kind for p in inspect.signature(original).parameters.values()]
     assert kinds[1:] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
