@@ -10,7 +10,7 @@ deliveries and its cluster's other workers (or other hosts) get them.
 Everything that makes a job safe stays the same:
 - the claim, the attempt row and every finishing transition are the runner's.
   A delivery that hands a job over also claims, in one statement, more ready
-  jobs of async kinds for the lane's free places (`runner._fill_lane`), so a
+  jobs of async kinds for the lane's free places (`claims.fill_lane`), so a
   backlog fills the lane at once rather than one Django-Q2 delivery at a time;
 - leases are renewed for all in-flight jobs in one UPDATE per interval; a job
   whose renewal matches nothing (cancelled, or rescued after a stall) has its
@@ -49,6 +49,8 @@ from jobs.db import events, sql
 from jobs.db.durability import handler_writes, relax_commit_durability
 from jobs.djangoq import broker
 from jobs.errors import Cancelled, LeaseLost
+from jobs.worker.execute import storable
+from jobs.worker.finish import finish_cancelled, finish_failed, finish_succeeded
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class Lane:
     def submit(self, job, handler, worker: str, *, watchdog_id: int | None = None, reserved: bool = False) -> None:
         """Run a claimed job in the lane; blocks while the lane is full (unless
         its place was `reserve`d). `watchdog_id`: the broker row the claim armed
-        (see runner._lane_watchdog)."""
+        (see claims._lane_watchdog)."""
         waiting = None
         if not reserved and not self.slots.acquire(blocking=False):
             # The job is claimed already: its lease is renewed with the lane's
@@ -191,28 +193,26 @@ class Lane:
         return await self.loop.run_in_executor(self.db, lambda: _in_db_thread(func, *args, **kwargs))
 
     async def _run_job(self, job, handler, ctx: AsyncContext) -> None:
-        from jobs.worker import runner
-
         try:
             try:
                 payload = handler.parse(job.payload)
-                result = runner._storable(await handler.func(ctx, payload))
+                result = storable(await handler.func(ctx, payload))
             except asyncio.CancelledError:
                 if ctx.cancel_reason == "cancelled":
-                    await self._finish(runner._finish_cancelled, job, ctx.worker)
+                    await self._finish(finish_cancelled, job, ctx.worker)
                 else:
                     log.warning("job %s: lease lost in the lane (%s)", job.id, ctx.cancel_reason)
                 return
             except Cancelled:
-                await self._finish(runner._finish_cancelled, job, ctx.worker)
+                await self._finish(finish_cancelled, job, ctx.worker)
                 return
             except LeaseLost:
                 log.warning("job %s: lease lost in the lane", job.id)
                 return
             except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
-                await self._finish(runner._finish_failed, job, ctx.worker, exc, output=ctx.output)
+                await self._finish(finish_failed, job, ctx.worker, exc, output=ctx.output)
                 return
-            await self._finish(runner._finish_succeeded, job, ctx.worker, result, output=ctx.output)
+            await self._finish(finish_succeeded, job, ctx.worker, result, output=ctx.output)
         finally:
             self.tasks.pop(job.id, None)
             self.pending.pop(job.id, None)
