@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import threading
 
-from jobs.db import events, sql
 from jobs.db.durability import engine_statements
 from jobs.errors import Cancelled, LeaseLost
 from jobs.models import Job
+from jobs.worker.heartbeat import Progress, record_progress
 
 
 class Context:
@@ -26,29 +25,10 @@ class Context:
         """Record progress (0-100) and a message; raises Cancelled if an
         operator cancelled the job, LeaseLost if it was taken from this worker."""
         percent = max(0, min(100, int(percent)))
-        message = message[:500]
-        # One statement: the progress, its event (unless a cancel is pending)
-        # and the notification.
-        with engine_statements(), sql.cursor() as cursor:
-            cursor.execute(
-                "WITH j AS (UPDATE jobs_job SET progress_percent = %s, progress_message = %s, updated_at = now()"
-                " WHERE id = %s AND state = 'running' AND lease_owner = %s RETURNING id, queue, cancel_requested_at)"
-                + events.ctes(when="cancel_requested_at IS NULL")
-                + " SELECT j.cancel_requested_at, (SELECT count(*) FROM n) FROM j",
-                [
-                    percent,
-                    message,
-                    str(self.job_id),
-                    self.worker,
-                    "job.progress",
-                    json.dumps({"percent": percent, "message": message}),
-                    "job.progress",
-                ],
-            )
-            row = cursor.fetchone()
-        if row is None:
+        answer = record_progress({self.job_id: Progress(percent, message[:500], self.worker)})
+        if self.job_id not in answer:
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
-        if row[0] is not None:
+        if answer[self.job_id]:
             raise Cancelled("cancelled by an operator")
 
     def check_cancelled(self) -> None:

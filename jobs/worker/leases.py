@@ -9,15 +9,13 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
-from django.db.models.functions import Now
 
-from jobs.models import Job, State
+from jobs.worker.heartbeat import renew_leases
 
 if TYPE_CHECKING:
     from jobs.worker.chain import Batch
@@ -126,9 +124,7 @@ class Leases:
         interval = lease_seconds() / 3
         self._connected = True
         try:
-            renewed = Job.objects.filter(id=job_id, state=State.RUNNING, lease_owner=worker).update(
-                lease_expires_at=Now() + timedelta(seconds=lease_seconds())
-            )
+            renewed = not renew_leases({job_id: worker}, lease_seconds())
         except DatabaseError as exc:
             # Postgres restarting: the lease still ends when it did, so try
             # again soon on a new connection, not a whole beat later. If the
