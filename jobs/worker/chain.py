@@ -19,10 +19,10 @@ from django_q.exceptions import TimeoutException
 from jobs.db import events, sql
 from jobs.db.durability import relax_commit_durability
 from jobs.djangoq import broker
+from jobs.engine import hooks
 from jobs.engine.registry import get_handler, sync_kinds
 from jobs.engine.states import Sql, close_attempt, transition
 from jobs.models import Attempt, Job, State
-from jobs.webhooks import endpoints as webhooks
 from jobs.worker.claims import VISIBLE_AGAIN, claim_ready
 from jobs.worker.execute import execute, record
 from jobs.worker.finish import ended
@@ -93,7 +93,7 @@ class _Chain:
         self.deadline = started + self.seconds
         self.kinds = sync_kinds()
         self.key = broker.cluster_for_queue(delivered.queue)
-        self.quiet = webhooks.quiet_condition(State.SUCCEEDED) is not None
+        self.quiet = hooks.quiet_condition(State.SUCCEEDED) is not None
         # Pending jobs hold leases nobody renews: they must start well within one.
         self.patience = min(self.seconds, lease_seconds() / 3)
 

@@ -14,10 +14,10 @@ from django_q.conf import Conf
 
 from jobs.db import events, sql
 from jobs.djangoq import broker
+from jobs.engine import hooks
 from jobs.engine.registry import async_kinds, get_handler
 from jobs.engine.states import ALLOWED, OPEN_ATTEMPT, Sql, state_literals, transition
 from jobs.models import Job, State
-from jobs.webhooks import endpoints as webhooks
 from jobs.worker.leases import lease_seconds
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def claim_ready(
 def _quiet_successes(done: list[Ran], worker: str) -> tuple[str, list[Any]]:
     """CTEs (v, f, fa, fd, fe, fn) that record the successes of `done` as
     `finish_succeeded` does, and delete their broker rows, for the jobs still
-    this worker's that need no webhook message (`webhooks.quiet_condition`).
+    this worker's that need no webhook message (`hooks.quiet_condition`).
 
     Their times are those the worker measured, counted from the claim's
     `started_at`: a batch's successes are written together, after its last
@@ -189,7 +189,7 @@ def _quiet_successes(done: list[Ran], worker: str) -> tuple[str, list[Any]]:
     offsets start when the claim's answer arrived, a little after Postgres
     took the claim's now(), so the times are that little early, all by the
     same amount: their order and run times are as measured."""
-    quiet = webhooks.quiet_condition(State.SUCCEEDED)
+    quiet = hooks.quiet_condition(State.SUCCEEDED)
     db = connections[DEFAULT_DB_ALIAS]
     field = Job._meta.get_field("result")
     statement = (
