@@ -14,18 +14,18 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError
+from django_q.conf import Conf
 from django_q.exceptions import TimeoutException
 
-from jobs.db import events, sql
+from jobs.db import sql
 from jobs.db.durability import relax_commit_durability
 from jobs.djangoq import broker
 from jobs.engine import hooks
 from jobs.engine.registry import get_handler, sync_kinds
-from jobs.engine.states import Sql, close_attempt, transition
-from jobs.models import Attempt, Job, State
+from jobs.engine.states import QuietSuccess, Sql, release_unstarted
+from jobs.models import Job, State
 from jobs.worker.claims import VISIBLE_AGAIN, claim_ready
 from jobs.worker.execute import execute, record
-from jobs.worker.finish import ended
 from jobs.worker.leases import lease_seconds, sync_leases
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,9 @@ class _Chain:
                     self.worker,
                     claim,
                     self.kinds or [""],
-                    rearm=VISIBLE_AGAIN,
+                    rearm=Sql(VISIBLE_AGAIN, Conf.RETRY),
                     max_timeout=left,
-                    finish=done or None,
+                    succeeded=[QuietSuccess(i.job.id, i.value, i.began, i.took, i.row) for i in done],
                 )
             except DatabaseError as exc:  # nothing claimed: the rows are delivered as usual
                 log.warning("could not claim the next jobs (%s)", exc)
@@ -231,43 +231,11 @@ class Batch:
             _release(rest, self.worker)
 
 
-_RELEASE = (
-    "WITH r AS (UPDATE jobs_job SET state = 'queued', updated_at = now(), attempts = attempts - 1,"
-    " lease_owner = '', lease_expires_at = NULL, started_at = NULL WHERE id = ANY(%s::uuid[])"
-    " AND state = 'running' AND lease_owner = %s AND cancel_requested_at IS NULL RETURNING id, queue, state, attempts),"
-    " ra AS (DELETE FROM jobs_attempt USING r WHERE jobs_attempt.job_id = r.id AND jobs_attempt.finished_at IS NULL),"
-    " rb AS (UPDATE django_q_ormq SET lock = now() FROM r"
-    " WHERE django_q_ormq.id = ANY(%s::bigint[]) AND django_q_ormq.job_id = r.id RETURNING django_q_ormq.key),"
-    f" rn AS (SELECT pg_notify('{broker.CHANNEL}', key) FROM (SELECT DISTINCT key FROM rb) AS k)"
-    + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts, 'reason', 'released')", source="r")
-    + " SELECT (SELECT array_agg(id) FROM r), (SELECT count(*) FROM n), (SELECT count(*) FROM rn)"
-)
-
-
 def _release(jobs: list[tuple[Job, int]], worker: str) -> None:
-    """Give back claimed jobs this worker has not started: each is `queued`
-    again as if it had never been claimed (its attempt count as before, its
-    open attempt row gone), with a `job.queued` event, and its broker row is
-    visible again, with a wake-up for the queue's clusters. A job an operator
-    asked to stop meanwhile is cancelled instead: it never started."""
+    """Give back claimed jobs this worker has not started (`states.release_unstarted`)."""
     try:
         relax_commit_durability()
-        ids = [job.id for job, _ in jobs]
-        released = set(
-            sql.fetchone(_RELEASE, [ids, worker, [row for _, row in jobs], "job.queued", "job.queued"])[0] or ()
-        )
-        for job, row in jobs:
-            if job.id not in released:
-                transition(
-                    job.id,
-                    target=State.CANCELLED,
-                    where=Sql("lease_owner = %s AND cancel_requested_at IS NOT NULL", worker),
-                    ack=row,
-                    attempt=close_attempt(
-                        Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled before it started"
-                    ),
-                    **ended(),
-                )
+        release_unstarted([(job.id, row) for job, row in jobs], worker)
     except DatabaseError as exc:
         # They stay claimed under leases nobody renews: rescued once those expire.
         log.warning("could not give back %d unstarted jobs (%s)", len(jobs), exc)
