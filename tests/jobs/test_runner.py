@@ -495,7 +495,7 @@ def test_a_delivery_with_a_malformed_id_does_nothing():
 @pytest.mark.parametrize("result", [{"when": timezone.now()}, {"ratio": float("nan")}])
 def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_stranding_the_job(make_job, monkeypatch, result):
     # NOTE: fails (engine bug): the result is only serialized by the final
-    # UPDATE in _finish_succeeded, outside the handler's try block, so run_job
+    # UPDATE in finish_succeeded, outside the handler's try block, so run_job
     # raises, the job stays `running` with an open attempt until its lease
     # expires, and it is then retried as "WorkerLost" (re-running the handler).
     # Fix in the report.
