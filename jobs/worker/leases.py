@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 from uuid import UUID
 
 from django.conf import settings
@@ -17,10 +17,15 @@ from django.db import DatabaseError, close_old_connections, connection
 
 from jobs.worker.heartbeat import renew_leases
 
-if TYPE_CHECKING:
-    from jobs.worker.chain import Batch
-
 log = logging.getLogger(__name__)
+
+
+class WatchedBatch(Protocol):
+    """What the thread watches of a chain's batch (jobs/worker/chain.py)."""
+
+    due: float
+
+    def release_rest(self) -> None: ...
 
 
 def worker_id() -> str:
@@ -60,7 +65,7 @@ class Leases:
         self._thread: threading.Thread | None = None
         self._connected = False  # the thread has used its connection since it last closed it
         self._sleeping_until = 0.0
-        self._batch: Batch | None = None
+        self._batch: WatchedBatch | None = None
 
     def hold(self, job_id: UUID, worker: str, lost: threading.Event) -> None:
         with self._lock:
@@ -68,12 +73,12 @@ class Leases:
             self._held[job_id] = (worker, lost, due)
             self._wake_by(due)
 
-    def watch(self, batch: Batch) -> None:
+    def watch(self, batch: WatchedBatch) -> None:
         with self._lock:
             self._batch = batch
             self._wake_by(batch.due)
 
-    def unwatch(self, batch: Batch) -> None:
+    def unwatch(self, batch: WatchedBatch) -> None:
         with self._lock:
             if self._batch is batch:
                 self._batch = None
