@@ -13,6 +13,12 @@ so a delivery only means "look at this job":
 3. Run the handler while the process's lease thread renews the lease.
 4. Finish with one transition (succeeded, retrying, dead or cancelled) that
    only matches while this worker still holds the lease.
+
+The steps live in their own modules: claims.py (1, and claims of many ready
+jobs), execute.py and context.py (3), leases.py and heartbeat.py (the lease
+and progress a running job writes), finish.py (4, and the rescue of 2),
+chain.py (the jobs a sync delivery runs after its own), lane.py (async jobs).
+Every change of state is jobs/engine/states.py's.
 """
 
 from __future__ import annotations
