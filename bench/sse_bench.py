@@ -88,12 +88,12 @@ def prepare_jobs(count: int, *, queue: str = QUEUE, worker: str = "bench-sse-wor
     event ids each job has so far (its job.created and job.started)."""
     from jobs.models import JobEvent
     from jobs.services import submit_job
-    from jobs.worker.runner import _claim
+    from jobs.worker.claims import claim
 
     job_ids = []
     for _ in range(count):
         job = submit_job("demo.noop", {}, queue=queue).job
-        if _claim(str(job.id), worker) is None:
+        if claim(str(job.id), worker) is None:
             raise RuntimeError(f"could not claim job {job.id}")
         job_ids.append(str(job.id))
     logged: dict[str, list[int]] = {job_id: [] for job_id in job_ids}
@@ -112,7 +112,7 @@ def produce(
 
     from jobs.db.durability import relax_commit_durability
     from jobs.models import Job, JobEvent
-    from jobs.worker.runner import Context
+    from jobs.worker.context import Context
 
     relax_commit_durability()  # as the workers commit
     contexts = [Context(job, worker) for job in Job.objects.filter(id__in=job_ids)]

@@ -220,14 +220,14 @@ CONVEYOR = {
     # Async (I/O-bound) jobs one worker process runs at once (jobs/worker/lane.py).
     "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 100, minimum=1),
     # At most this many more ready async jobs a delivery claims for its lane's
-    # free places, in one statement (jobs/worker/runner.py `_fill_lane`); 0: none.
+    # free places, in one statement (jobs/worker/claims.py `fill_lane`); 0: none.
     "LANE_FILL": env_int("CONVEYOR_LANE_FILL", 32, minimum=0),
     # After its job, a Django-Q2 delivery runs more ready jobs of sync kinds
-    # for up to this many seconds (jobs/worker/runner.py `_run_chain`); 0: none.
+    # for up to this many seconds (jobs/worker/chain.py `run_chain`); 0: none.
     "CHAIN_SECONDS": env_float("CONVEYOR_CHAIN_SECONDS", 0.5, minimum=0),
     # At most this many ready jobs a chain claims in one statement, while its
     # jobs run fast enough that a claim's jobs are all done within about 20 ms
-    # (jobs/worker/runner.py `_Chain`); 1: one at a time.
+    # (jobs/worker/chain.py `_Chain`); 1: one at a time.
     "CHAIN_BATCH": env_int("CONVEYOR_CHAIN_BATCH", 32, minimum=1),
     # POST /api/v1/jobs with an API key is answered ahead of Django's request
     # cycle (jobs/api/intake.py); off, every request goes through Django's view.

@@ -49,6 +49,14 @@ def cursor() -> CursorWrapper:
     return db.cursor()
 
 
+@functools.cache
+def literals(values: tuple[str, ...]) -> str:
+    """`values` as SQL string literals, comma-separated. Literals rather than
+    an array parameter: psycopg builds a list dumper per array parameter and
+    execution. (standard_conforming_strings is on.)"""
+    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
+
+
 def fetchone(statement: str, params: list[Any] | tuple[Any, ...]) -> tuple | None:
     with cursor() as c:
         c.execute(statement, params)

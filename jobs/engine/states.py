@@ -14,14 +14,16 @@ outside a transaction and costs one round trip on the workers' hot path.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 
 from jobs.db import events, sql
 from jobs.djangoq import broker
-from jobs.models import Job, State
+from jobs.engine import hooks
+from jobs.models import Attempt, Job, State
 from jobs.webhooks import endpoints as webhooks
 
 Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
@@ -205,3 +207,185 @@ def resume_waiting(*, batch_id: UUID | str, error_type: str, reason: str) -> int
         for job_id, queue, timeout, priority in woken:
             broker.enqueue(job_id, queue=queue, timeout=timeout, priority=priority)
     return len(woken)
+
+
+# --- batched transitions of the worker ---------------------------------------
+#
+# The worker's chain and lane claim, finish and give back many jobs in one
+# statement each. They are the same changes as `transition`'s, written for
+# many rows (and with the broker rows they go with), and live here so that a
+# job's state changes nowhere else.
+
+
+class QuietSuccess(NamedTuple):
+    """A job that succeeded, to be recorded in a batch: `began` and `took`
+    are the seconds from its claim's answer to its handler's start and end;
+    `row`, its broker row."""
+
+    job_id: UUID
+    result: Any
+    began: float
+    took: float
+    row: int
+
+
+def claim_ready(
+    key: str,
+    worker: str,
+    limit: int,
+    kinds: Sequence[str],
+    *,
+    lease_seconds: float,
+    rearm: Sql,
+    max_timeout: int | None = None,
+    succeeded: Sequence[QuietSuccess] = (),
+) -> tuple[list[tuple], set[UUID]]:
+    """Many claims (ready -> running, as `transition` makes one) in one
+    statement: up to `limit` ready jobs of `kinds` through their visible broker
+    rows of `key`, in the broker's order (priority, then FIFO), for `worker`
+    with a lease of `lease_seconds`. Returns the rows of `job_columns()` plus
+    the id of each job's broker row, whose lock is set to `rearm` (SQL over the
+    claimed row `j`).
+
+    `succeeded`: in the same statement, move these jobs running -> succeeded
+    (`_quiet_successes`); the ids of those it moved come back second."""
+    columns = sql.job_columns()[0]
+    names = columns.split(", ")
+    qualified = ", ".join(f"jobs_job.{column}" for column in names)
+    ready = state_literals(ALLOWED[State.RUNNING])
+    parts, params = ["WITH "], []
+    if succeeded:
+        finishing, finish_params = _quiet_successes(succeeded, worker)
+        parts.append(finishing + ", ")
+        params += finish_params
+    params += [key, worker, lease_seconds]
+    within = ""
+    if max_timeout is not None:
+        within = " AND jobs_job.timeout <= %s"
+        params.append(max_timeout)
+    params += rearm.params
+    # The limit is part of the text (one prepared statement per limit): bound
+    # as a parameter, the generic plan expects 100 rows and joins them back to
+    # jobs_job and django_q_ormq by sequential scans, so Postgres planned a
+    # custom plan each time instead, which took longer than the claim itself.
+    parts.append(
+        "picked AS (SELECT id AS row_id, job_id, lock AS ready_at FROM django_q_ormq"
+        " WHERE key = %s AND lock <= now() AND job_id IS NOT NULL"
+        f" ORDER BY priority DESC, lock, id LIMIT {int(limit)} FOR UPDATE SKIP LOCKED),"
+        " j AS (UPDATE jobs_job SET state = 'running', updated_at = now(), attempts = attempts + 1,"
+        " lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), started_at = now(),"
+        " cancel_requested_at = NULL FROM picked WHERE jobs_job.id = picked.job_id"
+        f" AND jobs_job.state IN ({ready}) AND (jobs_job.run_after IS NULL OR jobs_job.run_after <= now())"
+        f" AND jobs_job.kind IN ({sql.literals(tuple(kinds))}){within}"
+        f" RETURNING {qualified}, picked.ready_at, picked.row_id),"
+        f" a AS ({OPEN_ATTEMPT.expression}),"
+        f" w AS (UPDATE django_q_ormq SET lock = {rearm.expression} FROM j WHERE django_q_ormq.id = j.row_id)"
+        + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)")
+    )
+    params += ["job.started", "job.started"]
+    claimed = ", ".join(f"j.{column}" for column in names)
+    order = " ORDER BY j.priority DESC, j.ready_at, j.row_id"
+    if not succeeded:
+        parts.append(f" SELECT {claimed}, j.row_id FROM j, (SELECT count(*) FROM n) AS notified{order}")
+    else:
+        # One row even when nothing was claimed: it says which jobs finished.
+        parts.append(
+            f" SELECT {claimed}, j.row_id, finished.ids FROM (SELECT array_agg(id) AS ids FROM f) AS finished"
+            " LEFT JOIN j ON true, (SELECT count(*) FROM n) AS notified, (SELECT count(*) FROM fn) AS f_notified"
+            + order
+        )
+    with sql.cursor() as cursor:
+        cursor.execute("".join(parts), params)
+        rows = cursor.fetchall()
+    if not succeeded:
+        return rows, set()
+    return [row[:-1] for row in rows if row[-2] is not None], set(rows[0][-1] or ()) if rows else set()
+
+
+def _quiet_successes(done: Sequence[QuietSuccess], worker: str) -> tuple[str, list[Any]]:
+    """CTEs (v, f, fa, fd, fe, fn) that move the jobs of `done` running ->
+    succeeded as `transition` does (the worker's `finish_succeeded`), and
+    delete their broker rows, for the jobs still this worker's that no finish
+    hook needs to hear of (`hooks.quiet_condition`).
+
+    Their times are those the worker measured, counted from the claim's
+    `started_at`: a batch's successes are written together, after its last
+    job, and one statement's now() would give them all the same end. The
+    offsets start when the claim's answer arrived, a little after Postgres
+    took the claim's now(), so the times are that little early, all by the
+    same amount: their order and run times are as measured."""
+    # None (a hook may need any row) records none here: the worker then
+    # records each through `transition`.
+    quiet = hooks.quiet_condition(State.SUCCEEDED) or Sql("false")
+    db = connections[DEFAULT_DB_ALIAS]
+    field = Job._meta.get_field("result")
+    statement = (
+        "v AS (SELECT * FROM unnest(%s::uuid[], %s::jsonb[], %s::float8[], %s::float8[], %s::bigint[])"
+        " AS v(id, result, began, took, row_id)),"
+        " f AS (UPDATE jobs_job SET state = 'succeeded', updated_at = now(), result = v.result, progress_percent = 100,"
+        # Never past now() (a clock that jumped), the measured run time kept.
+        " started_at = greatest(jobs_job.started_at, least(jobs_job.started_at + make_interval(secs => v.took), now())"
+        " - make_interval(secs => v.took - v.began)),"
+        " finished_at = least(jobs_job.started_at + make_interval(secs => v.took), now()),"
+        " lease_owner = '', lease_expires_at = NULL, error_type = '', error_message = '', error_traceback = ''"
+        " FROM v WHERE jobs_job.id = v.id AND jobs_job.state = 'running' AND jobs_job.lease_owner = %s"
+        f" AND ({quiet.expression}) RETURNING jobs_job.id, jobs_job.queue, jobs_job.state, jobs_job.attempts,"
+        " jobs_job.started_at, jobs_job.finished_at, v.row_id),"
+        " fa AS (UPDATE jobs_attempt SET started_at = f.started_at, finished_at = f.finished_at,"
+        " outcome = 'succeeded', error_type = '', error_message = '', traceback = ''"
+        " FROM f WHERE jobs_attempt.job_id = f.id AND jobs_attempt.finished_at IS NULL),"
+        " fd AS (DELETE FROM django_q_ormq USING f WHERE django_q_ormq.id = f.row_id)"
+        + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)", source="f", prefix="f")
+    )
+    params = [
+        [item.job_id for item in done],
+        [field.get_db_prep_save(item.result, db) for item in done],
+        [item.began for item in done],
+        [item.took for item in done],
+        [item.row for item in done],
+        worker,
+        *quiet.params,
+        "job.succeeded",
+        "job.succeeded",
+    ]
+    return statement, params
+
+
+# Not a transition of ALLOWED: a claim given back before its job started,
+# undone as if it had never been made.
+_RELEASE = (
+    "WITH r AS (UPDATE jobs_job SET state = 'queued', updated_at = now(), attempts = attempts - 1,"
+    " lease_owner = '', lease_expires_at = NULL, started_at = NULL WHERE id = ANY(%s::uuid[])"
+    " AND state = 'running' AND lease_owner = %s AND cancel_requested_at IS NULL RETURNING id, queue, state, attempts),"
+    " ra AS (DELETE FROM jobs_attempt USING r WHERE jobs_attempt.job_id = r.id AND jobs_attempt.finished_at IS NULL),"
+    " rb AS (UPDATE django_q_ormq SET lock = now() FROM r"
+    " WHERE django_q_ormq.id = ANY(%s::bigint[]) AND django_q_ormq.job_id = r.id RETURNING django_q_ormq.key),"
+    f" rn AS (SELECT pg_notify('{broker.CHANNEL}', key) FROM (SELECT DISTINCT key FROM rb) AS k)"
+    + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts, 'reason', 'released')", source="r")
+    + " SELECT (SELECT array_agg(id) FROM r), (SELECT count(*) FROM n), (SELECT count(*) FROM rn)"
+)
+
+
+def release_unstarted(jobs: Sequence[tuple[UUID, int]], worker: str) -> None:
+    """Give back claimed jobs (job id, broker row) `worker` has not started:
+    each is `queued` again as if it had never been claimed (its attempt count
+    as before, its open attempt row gone), with a `job.queued` event, and its
+    broker row is visible again, with a wake-up for the queue's clusters. A
+    job an operator asked to stop meanwhile is cancelled instead: it never
+    started."""
+    ids = [job_id for job_id, _ in jobs]
+    released = set(sql.fetchone(_RELEASE, [ids, worker, [row for _, row in jobs], "job.queued", "job.queued"])[0] or ())
+    for job_id, row in jobs:
+        if job_id not in released:
+            transition(
+                job_id,
+                target=State.CANCELLED,
+                where=Sql("lease_owner = %s AND cancel_requested_at IS NOT NULL", worker),
+                ack=row,
+                attempt=close_attempt(
+                    Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled before it started"
+                ),
+                finished_at=Sql("now()"),
+                lease_owner="",
+                lease_expires_at=None,
+            )

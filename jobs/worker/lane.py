@@ -10,7 +10,7 @@ deliveries and its cluster's other workers (or other hosts) get them.
 Everything that makes a job safe stays the same:
 - the claim, the attempt row and every finishing transition are the runner's.
   A delivery that hands a job over also claims, in one statement, more ready
-  jobs of async kinds for the lane's free places (`runner._fill_lane`), so a
+  jobs of async kinds for the lane's free places (`claims.fill_lane`), so a
   backlog fills the lane at once rather than one Django-Q2 delivery at a time;
 - leases are renewed for all in-flight jobs in one UPDATE per interval; a job
   whose renewal matches nothing (cancelled, or rescued after a stall) has its
@@ -34,7 +34,6 @@ Database work runs on one executor thread with its own Django connection
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +41,15 @@ from multiprocessing import util as mp_util
 from uuid import UUID
 
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError
 
 from config.logs import job_log_contextvars
-from jobs.db import events, sql
 from jobs.db.durability import handler_writes, relax_commit_durability
 from jobs.djangoq import broker
 from jobs.errors import Cancelled, LeaseLost
+from jobs.worker.execute import storable
+from jobs.worker.finish import finish_cancelled, finish_failed, finish_succeeded
+from jobs.worker.heartbeat import Progress, record_progress, renew_leases
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Lane:
     def submit(self, job, handler, worker: str, *, watchdog_id: int | None = None, reserved: bool = False) -> None:
         """Run a claimed job in the lane; blocks while the lane is full (unless
         its place was `reserve`d). `watchdog_id`: the broker row the claim armed
-        (see runner._lane_watchdog)."""
+        (see claims._lane_watchdog)."""
         waiting = None
         if not reserved and not self.slots.acquire(blocking=False):
             # The job is claimed already: its lease is renewed with the lane's
@@ -191,28 +192,26 @@ class Lane:
         return await self.loop.run_in_executor(self.db, lambda: _in_db_thread(func, *args, **kwargs))
 
     async def _run_job(self, job, handler, ctx: AsyncContext) -> None:
-        from jobs.worker import runner
-
         try:
             try:
                 payload = handler.parse(job.payload)
-                result = runner._storable(await handler.func(ctx, payload))
+                result = storable(await handler.func(ctx, payload))
             except asyncio.CancelledError:
                 if ctx.cancel_reason == "cancelled":
-                    await self._finish(runner._finish_cancelled, job, ctx.worker)
+                    await self._finish(finish_cancelled, job, ctx.worker)
                 else:
                     log.warning("job %s: lease lost in the lane (%s)", job.id, ctx.cancel_reason)
                 return
             except Cancelled:
-                await self._finish(runner._finish_cancelled, job, ctx.worker)
+                await self._finish(finish_cancelled, job, ctx.worker)
                 return
             except LeaseLost:
                 log.warning("job %s: lease lost in the lane", job.id)
                 return
             except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
-                await self._finish(runner._finish_failed, job, ctx.worker, exc, output=ctx.output)
+                await self._finish(finish_failed, job, ctx.worker, exc, output=ctx.output)
                 return
-            await self._finish(runner._finish_succeeded, job, ctx.worker, result, output=ctx.output)
+            await self._finish(finish_succeeded, job, ctx.worker, result, output=ctx.output)
         finally:
             self.tasks.pop(job.id, None)
             self.pending.pop(job.id, None)
@@ -256,7 +255,7 @@ class Lane:
                     waiting = dict(self.waiting)
                     owned = {job_id: entry.worker for job_id, entry in waiting.items()}
                     owned.update((job_id, ctx.worker) for job_id, (_, ctx) in self.tasks.items())
-                    lost = await self._db(_renew_leases, owned, lease)
+                    lost = await self._db(renew_leases, owned, lease)
                     self._cancel(lost, "lease lost")
                     for job_id in lost:
                         if job_id in waiting:  # not to be started (if it started meanwhile, it was cancelled above)
@@ -302,39 +301,7 @@ def _handlers(func, *args, **kwargs):
 def _flush_progress(batch: dict[UUID, tuple[int, str, AsyncContext]]) -> list[UUID]:
     """Write the latest progress of each job (and its attempt's output so far)
     in one statement; return the jobs whose cancellation was requested."""
-    rows = [
-        {"id": str(job_id), "percent": percent, "message": message, "worker": ctx.worker, "output": ctx.output}
-        for job_id, (percent, message, ctx) in batch.items()
-    ]
-    with sql.cursor() as cursor:
-        cursor.execute(
-            "WITH p AS (SELECT * FROM jsonb_to_recordset(%s::jsonb)"
-            " AS x(id uuid, percent int, message text, worker text, output text)),"
-            " o AS (UPDATE jobs_attempt a SET output = p.output FROM p"
-            "  WHERE a.job_id = p.id AND a.finished_at IS NULL AND p.output <> ''),"
-            " j AS (UPDATE jobs_job SET progress_percent = p.percent, progress_message = p.message, updated_at = now()"
-            "  FROM p WHERE jobs_job.id = p.id AND jobs_job.state = 'running' AND jobs_job.lease_owner = p.worker"
-            "  RETURNING jobs_job.id, jobs_job.queue, jobs_job.cancel_requested_at, p.percent, p.message)"
-            + events.ctes(
-                data_sql="jsonb_build_object('percent', j.percent, 'message', j.message)",
-                when="cancel_requested_at IS NULL",
-            )
-            # Referencing n makes its pg_notify calls run.
-            + " SELECT j.id, j.cancel_requested_at IS NOT NULL FROM j, (SELECT count(*) FROM n) AS notified",
-            [json.dumps(rows), "job.progress", "job.progress"],
-        )
-        return [job_id for job_id, cancel_requested in cursor.fetchall() if cancel_requested]
-
-
-def _renew_leases(owned: dict[UUID, str], lease: int) -> list[UUID]:
-    """Renew every in-flight job's lease in one UPDATE; return those not renewed."""
-    ids = [str(job_id) for job_id in owned]
-    workers = list(set(owned.values()))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE jobs_job SET lease_expires_at = now() + make_interval(secs => %s)"
-            " WHERE id = ANY(%s::uuid[]) AND state = 'running' AND lease_owner = ANY(%s) RETURNING id",
-            [lease, ids, workers],
-        )
-        renewed = {row[0] for row in cursor.fetchall()}
-    return [job_id for job_id in owned if job_id not in renewed]
+    reports = {
+        job_id: Progress(percent, message, ctx.worker, ctx.output) for job_id, (percent, message, ctx) in batch.items()
+    }
+    return [job_id for job_id, cancel_requested in record_progress(reports).items() if cancel_requested]

@@ -22,7 +22,7 @@ from django.db import connection
 from jobs.errors import InvalidState
 from jobs.models import Attempt, Job, JobEvent, State
 from jobs.services import cancel_job, retry_job
-from jobs.worker import runner
+from jobs.worker import finish, runner
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -154,7 +154,7 @@ def test_the_rescue_sweep_never_takes_a_job_from_a_slow_worker_that_renews_its_l
         try:
             while worker.is_alive():
                 rescues.append(runner.rescue_expired() or None)
-                rescues.append(runner.rescue_job(job.id) or None)
+                rescues.append(finish.rescue_job(job.id) or None)
                 runner.run_job(str(job.id))  # a duplicate delivery: the watchdog
                 sweeps += 1
                 time.sleep(0.05)

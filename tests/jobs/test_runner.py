@@ -18,7 +18,7 @@ from django_q.models import OrmQ
 from jobs import services
 from jobs.engine import registry
 from jobs.models import Attempt, Job, JobEvent, State, WebhookDelivery
-from jobs.worker import runner
+from jobs.worker import chain, claims, finish, leases, runner
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -178,7 +178,7 @@ def test_a_renewal_that_failed_with_a_database_error_is_not_counted_as_one(make_
 
     def watchdog() -> None:  # what a watchdog delivery does once the lease has run out
         while not stop.is_set():
-            runner.rescue_job(job.id)
+            finish.rescue_job(job.id)
             stop.wait(0.05)
 
     watcher, watcher_errors = in_thread(watchdog)
@@ -495,7 +495,7 @@ def test_a_delivery_with_a_malformed_id_does_nothing():
 @pytest.mark.parametrize("result", [{"when": timezone.now()}, {"ratio": float("nan")}])
 def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_stranding_the_job(make_job, monkeypatch, result):
     # NOTE: fails (engine bug): the result is only serialized by the final
-    # UPDATE in _finish_succeeded, outside the handler's try block, so run_job
+    # UPDATE in finish_succeeded, outside the handler's try block, so run_job
     # raises, the job stays `running` with an open attempt until its lease
     # expires, and it is then retried as "WorkerLost" (re-running the handler).
     # Fix in the report.
@@ -633,7 +633,7 @@ def test_a_lane_delivery_claims_ready_async_jobs_for_its_free_places(make_job, m
         job.refresh_from_db()
         assert job.state == State.RUNNING
         assert job.attempts == 1
-        assert job.lease_owner == runner._worker_id()
+        assert job.lease_owner == leases.worker_id()
         assert [(a.number, a.outcome) for a in attempts_of(job)] == [(1, "")]
         assert event_types(job) == ["job.created", "job.started"]
         # The job's own broker row is now its watchdog, as a delivery's is.
@@ -752,9 +752,9 @@ def test_a_chained_job_runs_under_its_own_timeout(make_job):
     first.refresh_from_db()
     slow.refresh_from_db()
     assert first.state == State.SUCCEEDED
-    assert (slow.state, slow.lease_owner) == (State.RUNNING, runner._worker_id())
+    assert (slow.state, slow.lease_owner) == (State.RUNNING, leases.worker_id())
     assert [(a.number, a.outcome) for a in attempts_of(slow)] == [(1, "")]
-    runner._leases.release(slow.id)
+    leases.sync_leases.release(slow.id)
 
 
 def test_a_chained_failure_is_retried_as_after_any_delivery(make_job):
@@ -787,7 +787,7 @@ def test_a_chained_success_that_asks_for_a_webhook_gets_its_message(make_job):
 
 def test_a_job_running_elsewhere_is_not_chained(make_job):
     first, taken = make_job("demo.noop"), make_job("demo.noop")
-    runner._claim(str(taken.id), "elsewhere:1")  # another worker holds it; its row is still visible
+    claims.claim(str(taken.id), "elsewhere:1")  # another worker holds it; its row is still visible
 
     deliver_as_django_q2(first)
 
@@ -812,7 +812,7 @@ def started_groups(jobs: list[Job]) -> list[int]:
 @pytest.fixture
 def roomy_batches(monkeypatch):
     """Batches sized by the settings alone, whatever the jobs took."""
-    monkeypatch.setattr(runner, "_BATCH_WINDOW", 3600.0)
+    monkeypatch.setattr(chain, "_BATCH_WINDOW", 3600.0)
 
 
 def test_a_chain_of_fast_jobs_claims_them_in_batches_that_double(make_job, roomy_batches):
@@ -950,7 +950,7 @@ def test_the_successes_before_a_chained_timeout_are_recorded(make_job, roomy_bat
     assert started_groups([first, quick, slow]) == [1, 2]
     assert Job.objects.get(id=quick.id).state == State.SUCCEEDED
     assert Job.objects.get(id=slow.id).state == State.RUNNING
-    runner._leases.release(slow.id)
+    leases.sync_leases.release(slow.id)
 
 
 def test_a_stored_payload_its_schema_refuses_dead_letters_the_job_on_its_first_attempt(make_job):

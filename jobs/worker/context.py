@@ -1,0 +1,41 @@
+"""The `Context` a sync handler gets besides its payload."""
+
+from __future__ import annotations
+
+import threading
+
+from jobs.db.durability import engine_statements
+from jobs.errors import Cancelled, LeaseLost
+from jobs.models import Job
+from jobs.worker.heartbeat import Progress, record_progress
+
+
+class Context:
+    """What a handler gets besides its payload: progress, cancellation, attempt."""
+
+    def __init__(self, job: Job, worker: str) -> None:
+        self.job_id = job.id
+        self.kind = job.kind
+        self.queue = job.queue
+        self.attempt = job.attempts
+        self.worker = worker
+        self.lease_lost = threading.Event()
+
+    def report_progress(self, percent: int, message: str = "") -> None:
+        """Record progress (0-100) and a message; raises Cancelled if an
+        operator cancelled the job, LeaseLost if it was taken from this worker."""
+        percent = max(0, min(100, int(percent)))
+        answer = record_progress({self.job_id: Progress(percent, message[:500], self.worker)})
+        if self.job_id not in answer:
+            raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
+        if answer[self.job_id]:
+            raise Cancelled("cancelled by an operator")
+
+    def check_cancelled(self) -> None:
+        """Raise Cancelled when an operator asked this job to stop."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
+        with engine_statements():
+            requested = Job.objects.filter(id=self.job_id).values_list("cancel_requested_at", flat=True).first()
+        if requested is not None:
+            raise Cancelled("cancelled by an operator")
