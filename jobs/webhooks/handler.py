@@ -33,9 +33,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from jobs.engine import ssrf
+from jobs.engine.http import parse_retry_after
 from jobs.engine.registry import Payload, handler
 from jobs.errors import PermanentError, RetryableError
-from jobs.llm.client import parse_retry_after
 from jobs.webhooks import endpoints, messages
 from jobs.webhooks.signing import signed_headers
 
