@@ -29,6 +29,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Every benchmark in bench/, Conveyor against the stock alternative in the same run.
 bench: setup

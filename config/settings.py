@@ -297,7 +297,7 @@ CONVEYOR_SIMULATOR_CONTROLS = (
     env_bool("CONVEYOR_SIMULATOR_CONTROLS", False) if (env_str("CONVEYOR_SIMULATOR_CONTROLS") or "").strip() else None
 )
 
-# --- Webhooks (jobs/webhooks/endpoints.py, jobs/engine/ssrf.py) --------------------------------
+# --- Webhooks (jobs/webhooks/, jobs/engine/ssrf.py) ---------------------------------------------
 
 
 def _env_scale(name: str, default: float) -> float:

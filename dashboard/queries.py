@@ -5,7 +5,6 @@ Reads only; every change goes through `jobs.services`.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -16,9 +15,9 @@ from django.db.models import Count, F, Max, Q, Sum, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
+# The pages read these here; they live in dashboard.live, which imports nothing of the dashboard.
+from dashboard.live.publisher import clusters_online, dead_total  # noqa: F401
 from jobs.models import FINISHED_STATES, Attempt, Batch, Job, JobEvent, State
-
-log = logging.getLogger(__name__)
 
 JOBS_PER_PAGE = 50
 DEAD_JOBS_PER_GROUP = 20
@@ -194,12 +193,6 @@ def dead_letter_groups(*, per_group: int = DEAD_JOBS_PER_GROUP) -> list[DeadGrou
     ]
 
 
-def dead_total(queues: list[dict] | None = None) -> int:
-    if queues is not None:
-        return sum(q["dead"] for q in queues)
-    return Job.objects.filter(state=State.DEAD).count()
-
-
 # --- batches -------------------------------------------------------------------
 
 
@@ -269,31 +262,3 @@ def one_batch_progress(batch_id: uuid.UUID) -> BatchProgress | None:
 
 
 # --- workers -------------------------------------------------------------------
-
-
-def clusters_online() -> list[dict[str, Any]]:
-    """The Django-Q2 clusters that reported in the last few seconds (their
-    stats live in the database cache, so every process sees every cluster)."""
-    from django_q.status import Stat
-
-    try:
-        stats = Stat.get_all()
-    except Exception:  # noqa: BLE001 - a broken cache must not break the dashboard
-        log.exception("reading Django-Q2 cluster stats failed")
-        return []
-    now = timezone.now()
-    clusters = []
-    for stat in stats:
-        tob = getattr(stat, "tob", None)
-        clusters.append(
-            {
-                "id": str(stat.cluster_id),
-                "host": stat.host,
-                "pid": stat.pid,
-                "status": str(stat.status),
-                "workers": len(stat.workers or []),
-                "uptime_seconds": round((now - tob).total_seconds()) if tob else None,
-            }
-        )
-    clusters.sort(key=lambda c: (c["host"], c["pid"]))
-    return clusters

@@ -7,9 +7,17 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from jobs import handlers  # noqa: F401 - handlers registers the built-in kinds
-        from jobs.djangoq import cluster
+        from jobs.djangoq import broker, cluster
         from jobs.djangoq.schedules import ensure_schedules
+        from jobs.engine import hooks
+        from jobs.handlers import demo  # noqa: F401 - importing a handler module registers its kinds
+        from jobs.llm import handler as llm_handler  # noqa: F401
+        from jobs.webhooks import handler as webhooks_handler  # noqa: F401
+        from jobs.webhooks.messages import FINISH_HOOK
+        from jobs.worker.runner import run_job
 
+        # The engine hears of no feature: webhooks learn of finished jobs through this hook.
+        hooks.register(FINISH_HOOK)
+        broker.task_function = run_job
         post_migrate.connect(ensure_schedules, sender=self)
         cluster.install()

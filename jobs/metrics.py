@@ -237,8 +237,8 @@ _DELIVERY_OUTCOMES = {"succeeded": "delivered", "dead": "failed", "cancelled": "
 
 def _webhook_families(counts: Iterable[_Count]) -> Iterator[Metric]:
     """Webhook messages, counted through the jobs that deliver them
-    (jobs/webhooks/endpoints.py: one `webhook.deliver` job per message and URL)."""
-    from jobs.webhooks.endpoints import DELIVER_KIND
+    (jobs/webhooks/messages.py: one `webhook.deliver` job per message and URL)."""
+    from jobs.webhooks.messages import DELIVER_KIND
 
     deliveries = CounterMetricFamily(
         "conveyor_webhook_deliveries",

@@ -259,7 +259,7 @@ class Page(models.Model):
         return self.slug
 
 
-# --- Webhooks (jobs/webhooks/endpoints.py) ---------------------------------------------
+# --- Webhooks (jobs/webhooks/) --------------------------------------------------------
 
 
 class WebhookEndpoint(models.Model):

@@ -141,14 +141,10 @@ def page_jobs(
 # --- Webhooks: endpoints, signing secrets, deliveries ------------------------
 
 from jobs.webhooks.endpoints import (  # noqa: E402
-    EVENT_TYPES as WEBHOOK_EVENT_TYPES,
-)
-from jobs.webhooks.endpoints import (  # noqa: E402
     CreatedEndpoint,
     DeliveryNotFound,
     EndpointNotFound,
     InvalidEndpoint,
-    RotatedSecret,
     batch_deliveries,
     create_endpoint,
     delete_endpoint,
@@ -163,9 +159,11 @@ from jobs.webhooks.endpoints import (  # noqa: E402
     recent_deliveries,
     redeliver,
     rotate_endpoint_secret,
-    rotate_signing_secret,
-    signing_secret,
 )
+from jobs.webhooks.messages import (  # noqa: E402
+    EVENT_TYPES as WEBHOOK_EVENT_TYPES,
+)
+from jobs.webhooks.signing import RotatedSecret, rotate_signing_secret, signing_secret  # noqa: E402
 
 __all__ += [
     "WEBHOOK_EVENT_TYPES",

@@ -22,7 +22,7 @@ stream that this Daphne process serves.
 6. While the hub runs it also publishes the queue statistics (see
    dashboard/live/publisher.py): at most once a second across all processes.
 7. Every `ACCESS_CHECK_SECONDS` it checks the credentials of its open
-   streams, all in one batch (`api_auth.invalid_credentials`, at most three
+   streams, all in one batch (`credentials.invalid_credentials`, at most three
    queries), and ends the streams of a revoked key, a logged-out session or
    a deactivated user: no query per event or per viewer.
 """
@@ -144,7 +144,7 @@ class Subscription:
     ) -> None:
         self.wants = wants
         self.job_id = job_id  # not None: wants nothing but this job's events
-        self.credential = credential  # what the hub re-checks (api_auth.Credential)
+        self.credential = credential  # what the hub re-checks (credentials.Credential)
         self.maxsize = maxsize
         self.pending: deque[Update] = deque()
         self.dropped = False
@@ -306,7 +306,7 @@ class EventHub:
         committed after this returns can be missed); raises HubUnavailable.
 
         With `job_id`, `wants` is only ever asked about that job's events.
-        With `credential` (an `api_auth.Credential`), the subscription is
+        With `credential` (a `credentials.Credential`), the subscription is
         revoked once that credential is no longer valid (step 6).
         """
         self.start()
@@ -476,7 +476,7 @@ class EventHub:
     # --- credentials of open streams ------------------------------------------
 
     async def _check_access(self) -> None:
-        from dashboard.api_auth import invalid_credentials
+        from dashboard.live.credentials import invalid_credentials
 
         check = database_sync_to_async(invalid_credentials)
         while True:

@@ -13,10 +13,11 @@ import logging
 from typing import Any
 
 from django.db import connection, transaction
+from django.utils import timezone
 
-from dashboard.queries import clusters_online, dead_total
 from jobs import services
 from jobs.db import events
+from jobs.models import Job, State
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +81,37 @@ def _same(previous: dict, current: dict) -> bool:
         return {**data, "clusters": clusters}
 
     return stable(previous) == stable(current)
+
+
+def clusters_online() -> list[dict[str, Any]]:
+    """The Django-Q2 clusters that reported in the last few seconds (their
+    stats live in the database cache, so every process sees every cluster)."""
+    from django_q.status import Stat
+
+    try:
+        stats = Stat.get_all()
+    except Exception:  # noqa: BLE001 - a broken cache must not break the dashboard
+        log.exception("reading Django-Q2 cluster stats failed")
+        return []
+    now = timezone.now()
+    clusters = []
+    for stat in stats:
+        tob = getattr(stat, "tob", None)
+        clusters.append(
+            {
+                "id": str(stat.cluster_id),
+                "host": stat.host,
+                "pid": stat.pid,
+                "status": str(stat.status),
+                "workers": len(stat.workers or []),
+                "uptime_seconds": round((now - tob).total_seconds()) if tob else None,
+            }
+        )
+    clusters.sort(key=lambda c: (c["host"], c["pid"]))
+    return clusters
+
+
+def dead_total(queues: list[dict] | None = None) -> int:
+    if queues is not None:
+        return sum(q["dead"] for q in queues)
+    return Job.objects.filter(state=State.DEAD).count()

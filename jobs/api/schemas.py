@@ -17,6 +17,14 @@ from ninja import Field, Schema
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, model_validator
 
 from jobs.engine.batches import MAX_JOBS
+from jobs.engine.representation import (  # noqa: F401 - the API's names for the representation's schemas
+    AttemptOut,
+    BatchOut,
+    ErrorOut,
+    JobOut,
+    Progress,
+    TokensOut,
+)
 from jobs.engine.submission import MAX_BACKOFF, QUEUE_NAME
 from jobs.models import State
 
@@ -82,53 +90,6 @@ class JobIn(BaseModel):
             "backoff_max": self.backoff_max,
             "callback_url": self.callback_url,
         }
-
-
-class Progress(Schema):
-    percent: int
-    message: str
-
-
-class ErrorOut(Schema):
-    type: str
-    message: str
-
-
-class AttemptOut(Schema):
-    number: int
-    outcome: str = Field(description="succeeded, failed, lost, cancelled, or running.")
-    started_at: datetime
-    finished_at: datetime | None
-    error: ErrorOut | None
-
-
-class TokensOut(Schema):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class JobOut(Schema):
-    id: UUID
-    kind: str
-    queue: str
-    state: State
-    priority: int
-    payload: dict[str, Any]
-    attempts: int
-    max_attempts: int
-    progress: Progress
-    result: Any = Field(description="What the handler returned (any JSON), once it succeeded.")
-    error: ErrorOut | None
-    idempotency_key: str | None
-    callback_url: str | None
-    batch: UUID | None
-    run_after: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    attempt_history: list[AttemptOut]
-    usage: TokensOut = Field(description="Tokens of every provider call the job made, failed attempts included.")
 
 
 class JobPage(Schema):
@@ -242,21 +203,6 @@ class BatchCsvForm(BaseModel):
     priority: int = Field(0, ge=-1000, le=1000)
     max_attempts: int | None = Field(None, ge=1, le=50)
     callback_url: str = Field("", max_length=2000)
-
-
-class BatchOut(Schema):
-    id: UUID
-    name: str
-    total: int
-    counts: dict[str, int] = Field(description="Jobs by state; every state is present.")
-    done: bool = Field(description="Every job has finished.")
-    callback_url: str | None
-    created_at: datetime
-    finished_at: datetime | None
-    tokens_used: int = Field(description="Prompt and completion tokens of the batch's provider calls.")
-    usage: TokensOut
-    token_budget: int | None
-    budget_exhausted: bool = Field(description="The budget is used up: the batch's remaining jobs wait.")
 
 
 class BatchPatch(BaseModel):

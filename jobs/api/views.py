@@ -37,7 +37,7 @@ from jobs.api.schemas import (
     QueueStatsOut,
     UsageOut,
 )
-from jobs.models import Attempt, Batch, Job
+from jobs.engine.representation import batch_out, job_out, tokens_out
 
 router = Router()
 
@@ -263,9 +263,9 @@ def usage(request: HttpRequest):
     used = services.owner_usage(request.auth.owner)
     return {
         "owner": used.owner,
-        **_tokens(used.total),
+        **tokens_out(used.total),
         "requests": used.total.requests,
-        "days": [{"day": day, "requests": u.requests, **_tokens(u)} for day, u in used.days],
+        "days": [{"day": day, "requests": u.requests, **tokens_out(u)} for day, u in used.days],
     }
 
 
@@ -279,74 +279,6 @@ def problem_type(request: HttpRequest, code: str):
         raise Problem("not-found", f"No problem type {code!r}.")
     status, title, description = PROBLEMS[code]
     return {"type": TYPE_BASE + code, "title": title, "status": status, "description": description}
-
-
-# --- rendering -----------------------------------------------------------
-
-
-def job_out(job: Job, *, attempts: list[Attempt] | None = None) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "kind": job.kind,
-        "queue": job.queue,
-        "state": job.state,
-        "priority": job.priority,
-        "payload": job.payload,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "progress": {"percent": job.progress_percent, "message": job.progress_message},
-        "result": job.result,
-        "error": _error(job.error_type, job.error_message),
-        "idempotency_key": job.idempotency_key,
-        "callback_url": job.callback_url or None,
-        "batch": job.batch_id,
-        "run_after": job.run_after,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "attempt_history": [_attempt_out(a) for a in (job.attempt_set.all() if attempts is None else attempts)],
-        "usage": _tokens(job),
-    }
-
-
-def batch_out(batch: Batch, progress: services.BatchProgress | None = None) -> dict[str, Any]:
-    progress = progress or services.batch_progress([batch])[batch.id]
-    return {
-        "id": batch.id,
-        "name": batch.name,
-        "total": batch.total,
-        "counts": progress.counts,
-        "done": progress.done,
-        "callback_url": batch.callback_url or None,
-        "created_at": batch.created_at,
-        "finished_at": progress.finished_at,
-        "tokens_used": batch.tokens_used,
-        "usage": _tokens(batch),
-        "token_budget": batch.token_budget,
-        "budget_exhausted": batch.token_budget is not None and batch.tokens_used >= batch.token_budget,
-    }
-
-
-def _tokens(used) -> dict[str, int]:
-    return {
-        "prompt_tokens": used.prompt_tokens,
-        "completion_tokens": used.completion_tokens,
-        "total_tokens": used.prompt_tokens + used.completion_tokens,
-    }
-
-
-def _attempt_out(attempt: Attempt) -> dict[str, Any]:
-    return {
-        "number": attempt.number,
-        "outcome": attempt.outcome or "running",
-        "started_at": attempt.started_at,
-        "finished_at": attempt.finished_at,
-        "error": _error(attempt.error_type, attempt.error_message),
-    }
-
-
-def _error(error_type: str, message: str) -> dict[str, str] | None:
-    return {"type": error_type, "message": message} if error_type or message else None
 
 
 # --- parsing helpers -----------------------------------------------------

@@ -5,7 +5,7 @@ Endpoints belong to whoever registered them (an API key, or a dashboard
 user): each caller lists and changes only its own; an operator (a key with
 `operate`, a session) reads any, as it reads any job. An endpoint hears about
 its owner's jobs and batches only, or about all when its owner is an operator
-(jobs/webhooks/endpoints.py), and deliveries are listed by the same rule.
+(jobs/webhooks/messages.py), and deliveries are listed by the same rule.
 
 Reading needs the `read` scope; registering, deleting, rotating and the signing secret need `submit`;
 redelivering needs `operate`, as the other operator actions do.

@@ -37,6 +37,15 @@ if TYPE_CHECKING:
     from jobs.models import Job
 
 
+class Sql:
+    """A SET value or condition written as SQL (e.g. `Sql("attempts + 1")`)
+    rather than a parameter."""
+
+    def __init__(self, expression: str, *params: Any) -> None:
+        self.expression = expression
+        self.params = list(params)
+
+
 def cursor() -> CursorWrapper:
     """A cursor of the current thread's Django connection whose statements
     are prepared (use as `with sql.cursor() as cursor:`)."""

@@ -22,6 +22,7 @@ import logging
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from functools import cache
 from uuid import UUID, uuid4
@@ -76,10 +77,16 @@ SELECT id, payload FROM claimed ORDER BY priority DESC, ready_at, id
 _NEXT_DUE = "SELECT extract(epoch FROM min(lock) - now()) FROM django_q_ormq WHERE key = %s AND lock > now()"
 
 
-def _run_job():
-    from jobs.worker.runner import run_job
+# What every broker row runs, `jobs.worker.runner.run_job`, set by
+# `JobsConfig.ready()`: the broker sits below the worker, so it is told rather
+# than importing it. Pickled by reference, as before.
+task_function: Callable[[str], None] | None = None
 
-    return run_job
+
+def _run_job() -> Callable[[str], None]:
+    if task_function is None:
+        raise RuntimeError("the broker has no task function: JobsConfig.ready() sets it")
+    return task_function
 
 
 def cluster_for_queue(queue: str) -> str:

@@ -31,6 +31,7 @@ from jobs.errors import ConveyorError, IdempotencyKeyReused, InvalidJob
 from jobs.models import ACTIVE_STATES, Batch, BatchIdempotencyKey, Job, State
 
 MAX_JOBS = 10_000
+MAX_BUDGET = 10**15  # tokens (jobs.llm.usage)
 # A batch with thousands of bad rows is usually one mistake repeated: the
 # first errors say what it is, all of them would only make a huge response.
 MAX_ERRORS = 100
@@ -44,6 +45,17 @@ class InvalidBatch(InvalidJob):
     """The batch is refused; each error names its row (`jobs[3].payload.seconds`)."""
 
     code = "invalid-batch"
+
+
+def check_budget(value: object, *, field: str = "token_budget") -> int | None:
+    """The budget as given, or InvalidBatch: None (no limit) or a whole number of tokens ≥ 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
+        raise InvalidBatch(
+            [{"field": field, "message": f"must be a whole number of tokens from 1 to {MAX_BUDGET}, or null"}]
+        )
+    return value
 
 
 class BatchNotFound(ConveyorError):
@@ -120,8 +132,6 @@ def submit_batch(
     Raises InvalidBatch, or BatchIdempotencyKeyReused when the key was used
     for a different batch.
     """
-    from jobs.llm import usage  # jobs.llm.usage builds on this module
-
     name = name.strip() if isinstance(name, str) else ""
     errors = []
     if not 1 <= len(name) <= 200:
@@ -133,7 +143,7 @@ def submit_batch(
     if not 1 <= len(jobs) <= MAX_JOBS:
         errors.append({"field": "jobs", "message": f"must hold 1 to {MAX_JOBS} jobs; it holds {len(jobs)}"})
     try:
-        usage.check_budget(token_budget)
+        check_budget(token_budget)
     except InvalidBatch as exc:
         errors += exc.errors
     if errors:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from jobs.db.sql import Sql
+
 if TYPE_CHECKING:
-    from jobs.engine.states import Sql
     from jobs.models import Job, State
 
 
@@ -48,8 +49,6 @@ def finish_states() -> frozenset:
 def quiet_condition(target: State) -> Sql | None:
     """The conjunction of every interested hook's quiet condition; None when
     one of them has none (any row may need it)."""
-    from jobs.engine.states import Sql
-
     conditions = []
     for hook in _hooks:
         if target in hook.event_states:

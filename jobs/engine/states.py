@@ -21,10 +21,10 @@ from uuid import UUID
 from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 
 from jobs.db import events, sql
+from jobs.db.sql import Sql
 from jobs.djangoq import broker
 from jobs.engine import hooks
 from jobs.models import Attempt, Job, State
-from jobs.webhooks import endpoints as webhooks
 
 Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
 OK, DEAD, CXL, DIS = State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED
@@ -42,15 +42,6 @@ ALLOWED: dict[State, frozenset[State]] = {
     Q: frozenset({DEAD, CXL}),
     DIS: frozenset({DEAD}),
 }
-
-
-class Sql:
-    """A SET value or condition written as SQL (e.g. `Sql("attempts + 1")`)
-    rather than a parameter."""
-
-    def __init__(self, expression: str, *params: Any) -> None:
-        self.expression = expression
-        self.params = list(params)
 
 
 # What a transition does to the attempt rows, in the same statement. `j` is
@@ -111,12 +102,12 @@ def transition(
     if not source:
         return None
 
-    # A finished job's webhook messages commit with its change (jobs.webhooks.endpoints).
-    # Outside a transaction the job moves in one statement, as always, if its
-    # row asks for no message; if it does (or another actor won), it moves
-    # inside a transaction instead.
+    # What a finish hook does (webhook messages, jobs.webhooks.messages) commits
+    # with the change. Outside a transaction the job moves in one statement, as
+    # always, if no hook needs to hear of its row; if one does (or another actor
+    # won), it moves inside a transaction instead.
     quiet = None
-    if target in webhooks.EVENT_STATES and not connection.in_atomic_block:
+    if target in hooks.finish_states() and not connection.in_atomic_block:
 
         def in_transaction() -> Job | None:
             with transaction.atomic():
@@ -132,7 +123,7 @@ def transition(
                     **fields,
                 )
 
-        quiet = webhooks.quiet_condition(target)
+        quiet = hooks.quiet_condition(target)
         if quiet is None:
             return in_transaction()
 
@@ -184,8 +175,8 @@ def transition(
             job.watchdog_id = row[-1]
     if quiet is not None:
         return job or in_transaction()
-    if job is not None and target in webhooks.EVENT_STATES:
-        webhooks.job_finished(job)
+    if job is not None and target in hooks.finish_states():
+        hooks.job_finished(job)
     return job
 
 

@@ -1,5 +1,3 @@
-"""Built-in job kinds; importing this package registers them."""
-
-from jobs.handlers import demo  # noqa: F401
-from jobs.llm import handler as llm  # noqa: F401
-from jobs.webhooks import handler as webhooks  # noqa: F401
+"""Built-in job kinds of no feature of their own (demo.py). `JobsConfig.ready()`
+imports them, and the feature handlers (jobs.llm.handler,
+jobs.webhooks.handler), so that they register."""

@@ -25,11 +25,11 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
+from jobs.engine.http import parse_retry_after
 from jobs.errors import PermanentError, RetryableError
 from jobs.llm.providers import Provider
 from jobs.llm.transport import Transport
@@ -443,34 +443,6 @@ def _error_message(body: Any) -> str | None:
         if body.get(key):
             return str(body[key])
     return None
-
-
-def parse_retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from `retry-after-ms`, or `Retry-After` (seconds or an HTTP date)."""
-    milliseconds = _seconds(headers.get("retry-after-ms"))
-    if milliseconds is not None:
-        return milliseconds / 1000
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    seconds = _seconds(raw)
-    if seconds is not None:
-        return seconds
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _seconds(raw: str | None) -> float | None:
-    try:
-        value = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, value) if math.isfinite(value) else None
 
 
 def _timeout_message(provider: Provider, exc: httpx.TimeoutException) -> str:

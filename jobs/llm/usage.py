@@ -21,11 +21,10 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from jobs.engine import states
-from jobs.engine.batches import InvalidBatch, get_batch
+from jobs.engine.batches import check_budget, get_batch
 from jobs.models import Batch, Job, State, TokenUsage
 
 BUDGET_ERROR_TYPE = "TokenBudgetExhausted"  # the error type of a job waiting on its batch's budget
-MAX_BUDGET = 10**15
 
 
 @dataclass(frozen=True)
@@ -44,17 +43,6 @@ class OwnerUsage:
     owner: str
     total: Usage
     days: list[tuple[date, Usage]]  # newest first
-
-
-def check_budget(value: object, *, field: str = "token_budget") -> int | None:
-    """The budget as given, or InvalidBatch: None (no limit) or a whole number of tokens ≥ 1."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
-        raise InvalidBatch(
-            [{"field": field, "message": f"must be a whole number of tokens from 1 to {MAX_BUDGET}, or null"}]
-        )
-    return value
 
 
 def set_batch_budget(batch_id: UUID | str, token_budget: int | None, *, actor: str = "") -> Batch:

@@ -33,10 +33,11 @@ from django.conf import settings
 from django.utils import timezone
 
 from jobs.engine import ssrf
+from jobs.engine.http import parse_retry_after
 from jobs.engine.registry import Payload, handler
 from jobs.errors import PermanentError, RetryableError
-from jobs.llm.client import parse_retry_after
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import endpoints, messages
+from jobs.webhooks.signing import signed_headers
 
 SCHEDULE = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 10 * 3600)
 # The answers whose Retry-After header sets the next attempt.
@@ -73,16 +74,16 @@ def next_delay(attempt: int, response: ssrf.Response) -> float:
 
 
 @handler(
-    webhooks.DELIVER_KIND,
+    messages.DELIVER_KIND,
     schema=DeliverPayload,
-    queue=webhooks.QUEUE,
+    queue=messages.QUEUE,
     max_attempts=len(SCHEDULE) + 1,
     timeout=60,
     internal=True,
 )
 def deliver(ctx, payload: DeliverPayload) -> dict:
     """Sends one signed webhook message (Standard Webhooks)."""
-    delivery = webhooks.delivery_for_sending(payload.delivery)
+    delivery = endpoints.delivery_for_sending(payload.delivery)
     if delivery is None:
         return {"skipped": "the delivery no longer exists (its endpoint was deleted)"}
     if delivery.endpoint is not None and delivery.endpoint.disabled_at is not None:
@@ -92,7 +93,7 @@ def deliver(ctx, payload: DeliverPayload) -> dict:
     started = time.monotonic()
 
     def record(**answer) -> None:
-        webhooks.record_attempt(
+        endpoints.record_attempt(
             delivery,
             deliver_job_id=ctx.job_id,
             number=ctx.attempt,
@@ -102,7 +103,7 @@ def deliver(ctx, payload: DeliverPayload) -> dict:
         )
 
     try:
-        response = ssrf.post(delivery.url, content=delivery.body.encode(), headers=webhooks.signed_headers(delivery))
+        response = ssrf.post(delivery.url, content=delivery.body.encode(), headers=signed_headers(delivery))
     except ssrf.UnsafeURL as exc:
         record(error=f"refused: {exc}")
         raise DeliveryRefused(f"refused: {exc}") from None
@@ -116,9 +117,9 @@ def deliver(ctx, payload: DeliverPayload) -> dict:
     record(status_code=response.status_code, response_body=response.body)
     result = {"delivery": str(delivery.id), "message_id": delivery.message_id, "status_code": response.status_code}
     if 200 <= response.status_code < 300:
-        webhooks.mark_delivered(delivery)
+        endpoints.mark_delivered(delivery)
         return result
     if response.status_code == 410:
-        webhooks.endpoint_gone(delivery)
+        endpoints.endpoint_gone(delivery)
         return {**result, "gone": True, "endpoint_disabled": delivery.endpoint_id is not None}
     raise DeliveryFailed(f"the receiver answered {response.status_code}", retry_after=next_delay(ctx.attempt, response))

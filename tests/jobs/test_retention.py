@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from jobs.engine.retention import purge_finished
 from jobs.models import Job, State, WebhookDelivery
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import messages
 
 pytestmark = pytest.mark.django_db
 
@@ -28,13 +28,13 @@ def aged(job: Job, state: State, days: float) -> Job:
 def message_for(job: Job) -> WebhookDelivery:
     """A `job.<state>` message to a callback URL, with its `webhook.deliver` job, as `job_finished` makes it."""
     delivery = WebhookDelivery.objects.create(
-        message_id=webhooks.new_message_id(),
+        message_id=messages.new_message_id(),
         event_type=f"job.{job.state}",
         body="{}",
         url="https://receiver.example/hook",
         job=job,
     )
-    webhooks._start_delivery(delivery)
+    messages.start_delivery(delivery)
     return delivery
 
 

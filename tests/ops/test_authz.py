@@ -196,12 +196,12 @@ def _objects(owner: str) -> dict[str, str]:
 def _private_webhooks(settings):
     """Endpoints on a loopback address (nothing is delivered: no worker runs),
     forgotten by this process after each test as they are rolled back."""
-    from jobs.webhooks import endpoints as webhooks
+    from jobs.webhooks import messages
 
     settings.CONVEYOR_WEBHOOKS = {**settings.CONVEYOR_WEBHOOKS, "ALLOW_PRIVATE": True}
-    webhooks.forget_subscriptions()
+    messages.forget_subscriptions()
     yield
-    webhooks.forget_subscriptions()
+    messages.forget_subscriptions()
 
 
 def _fill(path: str, values: dict[str, str]) -> str:

@@ -16,7 +16,7 @@ from standardwebhooks import Webhook
 
 from jobs.engine.states import transition
 from jobs.models import Job, State, WebhookDelivery
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import messages
 from jobs.worker import runner
 from tests.api.conftest import api, make_key  # noqa: F401 - fixtures
 from tests.api.test_tenancy import alice, bob  # noqa: F401 - fixtures (keys with submit,read)
@@ -120,9 +120,9 @@ class Receiver:
 def _fresh_subscriptions() -> Iterator[None]:
     """Each test's endpoints are rolled back with it: so is what this process
     remembers of them."""
-    webhooks.forget_subscriptions()
+    messages.forget_subscriptions()
     yield
-    webhooks.forget_subscriptions()
+    messages.forget_subscriptions()
 
 
 @pytest.fixture

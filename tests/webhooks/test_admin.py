@@ -11,7 +11,7 @@ from django.contrib.auth.models import Permission, User
 from jobs import services
 from jobs.engine import ssrf
 from jobs.models import Job, SigningSecret, State, WebhookDelivery, WebhookEndpoint
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import endpoints
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 URL = "https://hooks.example.com/in"
@@ -35,7 +35,7 @@ def _endpoint(**overrides) -> WebhookEndpoint:
 
 def _delivered(make_job) -> WebhookDelivery:
     (delivery,) = deliveries_of(finish(make_job()))
-    webhooks.record_attempt(
+    endpoints.record_attempt(
         delivery,
         deliver_job_id=delivery.deliver_job_id,
         number=1,

@@ -15,7 +15,7 @@ from standardwebhooks import Webhook
 from jobs import services
 from jobs.engine import ssrf
 from jobs.models import Job, State, WebhookDelivery, WebhookEndpoint
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import endpoints, signing
 from tests.api.conftest import BASE, ApiClient, assert_problem
 from tests.webhooks.conftest import deliveries_of, finish
 
@@ -97,7 +97,7 @@ def test_rotating_keeps_the_old_secret_signing_for_the_overlap(api):
 
     endpoint = WebhookEndpoint.objects.get(id=created["id"])
     delivery = WebhookDelivery(message_id="msg_x", body="{}", endpoint=endpoint)
-    headers = webhooks.signed_headers(delivery)
+    headers = signing.signed_headers(delivery)
     Webhook(created["secret"]).verify("{}", headers)
     Webhook(rotated["secret"]).verify("{}", headers)
     assert api.get(f"/webhooks/{created['id']}").json()["rotated_at"] is not None
@@ -149,7 +149,7 @@ def _finished_job_with_a_callback(api: ApiClient) -> Job:
 def test_a_jobs_deliveries_are_listed_with_their_attempts(api):
     job = _finished_job_with_a_callback(api)
     (delivery,) = deliveries_of(job)
-    webhooks.record_attempt(
+    endpoints.record_attempt(
         delivery,
         deliver_job_id=delivery.deliver_job_id,
         number=1,

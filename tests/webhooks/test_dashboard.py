@@ -13,7 +13,7 @@ from django.utils import timezone
 from jobs import services
 from jobs.engine import ssrf
 from jobs.models import Job, State, WebhookDelivery, WebhookEndpoint
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import endpoints
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 URL = "https://hooks.example.com/in"
@@ -34,7 +34,7 @@ def _endpoint(*event_types: str, url: str = URL) -> WebhookEndpoint:
 
 def _answered(delivery: WebhookDelivery, status_code: int = 503, body: bytes = b"try later") -> WebhookDelivery:
     """Record one HTTP attempt of the delivery and end its job, as the handler would after giving up."""
-    webhooks.record_attempt(
+    endpoints.record_attempt(
         delivery,
         deliver_job_id=delivery.deliver_job_id,
         number=1,

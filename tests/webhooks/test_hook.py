@@ -13,7 +13,7 @@ from django.db import connection, transaction
 from jobs import services
 from jobs.engine.states import transition
 from jobs.models import Job, State, WebhookDelivery
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import endpoints, messages
 from tests.api.conftest import ApiClient
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
@@ -24,7 +24,7 @@ PUBLIC = "https://hooks.example.com/in"
 def endpoint(db, monkeypatch):
     """`endpoint(*event_types)`: a registered endpoint at a public URL."""
     monkeypatch.setattr(
-        webhooks.ssrf, "resolve", lambda host, port: [webhooks.ssrf.ipaddress.ip_address("93.184.215.14")]
+        endpoints.ssrf, "resolve", lambda host, port: [endpoints.ssrf.ipaddress.ip_address("93.184.215.14")]
     )
 
     def make(*event_types: str, owner: str | None = None, url: str = PUBLIC):
@@ -38,7 +38,7 @@ def endpoint(db, monkeypatch):
 def test_a_job_that_asks_for_no_message_finishes_in_one_statement(make_job, django_assert_num_queries):
     job = make_job()
     transition(job.id, target=State.RUNNING)
-    webhooks.subscribed_event_types()  # warm the per-second cache
+    messages.subscribed_event_types()  # warm the per-second cache
     assert not connection.in_atomic_block
     with django_assert_num_queries(1):
         assert transition(job.id, target=State.SUCCEEDED) is not None
@@ -50,7 +50,7 @@ def test_a_batch_job_whose_batch_has_no_callback_finishes_in_one_statement(db, d
     batch = services.submit_batch("b", [{"kind": "demo.noop", "payload": {}}]).batch
     job = batch.jobs.get()
     transition(job.id, target=State.RUNNING)
-    webhooks.subscribed_event_types()
+    messages.subscribed_event_types()
     with django_assert_num_queries(1):
         assert transition(job.id, target=State.SUCCEEDED) is not None
 

@@ -13,7 +13,7 @@ from django.test import Client
 from jobs import services
 from jobs.engine.apikeys import create_api_key, revoke_api_key
 from jobs.models import Batch, Job, State, WebhookDelivery
-from jobs.webhooks import endpoints as webhooks
+from jobs.webhooks import messages
 from tests.api.conftest import ApiClient
 from tests.webhooks.conftest import finish, run_delivery
 
@@ -116,11 +116,11 @@ def test_a_keys_endpoint_deliveries_list_only_its_own_jobs(alice, bob, receiver,
     bobs_job, bobs_batch = _finished_job_and_batch(bob)
     # As if sent before the rule held: a message about bob's job and one about his batch.
     for event_type, data, about in [
-        ("job.succeeded", webhooks._job_data(bobs_job), {"job": bobs_job}),
-        ("batch.completed", webhooks._batch_data(bobs_batch), {"batch": bobs_batch}),
+        ("job.succeeded", messages._job_data(bobs_job), {"job": bobs_job}),
+        ("batch.completed", messages._batch_data(bobs_batch), {"batch": bobs_batch}),
     ]:
         endpoints = [services.get_endpoint(endpoint)]
-        webhooks._enqueue(event_type, data, callback_url="", owner=bobs_job.owner, endpoints=endpoints, **about)
+        messages._enqueue(event_type, data, callback_url="", owner=bobs_job.owner, endpoints=endpoints, **about)
     listed = alice.get(f"/webhooks/{endpoint}/deliveries").json()
     assert _listed_about(listed) == _mine(*alices)
 
