@@ -96,7 +96,7 @@ def test_cancel_racing_the_finish_of_a_job_leaves_exactly_one_winner(make_job):
         assert types.count("job.cancel_requested") <= 1, context
         outcomes[job.state] += 1
     assert sum(outcomes.values()) == len(delays)
-    assert outcomes[State.CANCELLED] >= 1, outcomes  # (an unloaded run: 10 cancelled, 2 succeeded)
+    assert outcomes[State.CANCELLED] >= 1, outcomes  # a cancel before the last progress check wins
 
 
 def test_a_dead_job_two_operators_retry_runs_once_however_often_it_is_delivered(make_job):
