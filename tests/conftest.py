@@ -29,13 +29,9 @@ def wait_until(
     """Poll `predicate` until it returns something truthy; fail after `timeout`
     seconds. A callable `message` is asked at the failure (to describe the state)."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            _time_out(timeout, message, predicate)
+    while not (value := _poll(predicate, deadline, timeout, message)):
         time.sleep(interval)
+    return value
 
 
 async def wait_until_async(
@@ -46,20 +42,19 @@ async def wait_until_async(
     message: str | Callable[[], str] = "",
 ) -> object:
     """`wait_until` for a test on an event loop: polls without blocking the loop."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            _time_out(timeout, message, predicate)
+    deadline = time.monotonic() + timeout
+    while not (value := _poll(predicate, deadline, timeout, message)):
         await asyncio.sleep(interval)
+    return value
 
 
-def _time_out(timeout: float, message: str | Callable[[], str], predicate: Callable[[], object]) -> None:
-    described = message() if callable(message) else message
-    pytest.fail(f"timed out after {timeout} s waiting for {described or predicate}")
+def _poll(predicate: Callable[[], object], deadline: float, timeout: float, message: str | Callable[[], str]) -> object:
+    """`predicate()`; fails the test if that is falsy past `deadline`."""
+    value = predicate()
+    if not value and time.monotonic() > deadline:
+        described = message() if callable(message) else message
+        pytest.fail(f"timed out after {timeout} s waiting for {described or predicate}")
+    return value
 
 
 def release_lane_connection(*, timeout: float = 30) -> None:
