@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -18,16 +19,65 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.1, message: str = "") -> object:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+def wait_until(
+    predicate: Callable[[], object],
+    *,
+    timeout: float,
+    interval: float = 0.1,
+    message: str | Callable[[], str] = "",
+) -> object:
+    """Poll `predicate` until it returns something truthy; fail after `timeout`
+    seconds. A callable `message` is asked at the failure (to describe the state)."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {message or predicate}")
+    while not (value := _poll(predicate, deadline, timeout, message)):
         time.sleep(interval)
+    return value
+
+
+async def wait_until_async(
+    predicate: Callable[[], object],
+    *,
+    timeout: float,
+    interval: float = 0.02,
+    message: str | Callable[[], str] = "",
+) -> object:
+    """`wait_until` for a test on an event loop: polls without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not (value := _poll(predicate, deadline, timeout, message)):
+        await asyncio.sleep(interval)
+    return value
+
+
+def _poll(predicate: Callable[[], object], deadline: float, timeout: float, message: str | Callable[[], str]) -> object:
+    """`predicate()`; fails the test if that is falsy past `deadline`."""
+    value = predicate()
+    if not value and time.monotonic() > deadline:
+        described = message() if callable(message) else message
+        pytest.fail(f"timed out after {timeout} s waiting for {described or predicate}")
+    return value
+
+
+def release_lane_connection(*, timeout: float = 30) -> None:
+    """Wait until this process's asyncio lane is idle, then close the connection
+    its database thread keeps (it would hold the test database open)."""
+    from django.db import connections
+
+    from jobs.worker.lane import get_lane
+
+    lane = get_lane()
+
+    async def idle() -> bool:
+        return not (lane.tasks or lane.waiting or lane.disarm or lane.pending)
+
+    # Asked on the lane's own loop, between two of its steps: whatever the
+    # housekeeping took from these is then already queued on the database
+    # thread, ahead of the close below.
+    wait_until(
+        lambda: asyncio.run_coroutine_threadsafe(idle(), lane.loop).result(10),
+        timeout=timeout,
+        message="the lane to go idle",
+    )
+    lane.db.submit(connections.close_all).result(10)
 
 
 @pytest.fixture

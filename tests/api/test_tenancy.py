@@ -4,7 +4,6 @@ batch is "not found", exactly like one that does not exist."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
@@ -15,6 +14,7 @@ from django.contrib.auth.models import User
 from jobs.engine.apikeys import create_api_key
 from jobs.models import Page
 from tests.api.conftest import ApiClient, assert_problem, make_dead
+from tests.conftest import wait_until_async
 
 NOOP = {"kind": "demo.noop", "payload": {}}
 
@@ -139,7 +139,7 @@ async def test_the_event_stream_of_a_key_carries_only_its_own_jobs():
     def stream(path: str, key: str) -> SSEClient:
         return SSEClient(path, headers=[(b"authorization", f"Bearer {key}".encode())])
 
-    async with running_hub():
+    async with running_hub() as hub:
         hidden = await stream(f"/api/v1/events?job={bobs_old}", alice_key).open()
         assert hidden.status == 404
         await hidden.body()
@@ -148,7 +148,8 @@ async def test_the_event_stream_of_a_key_carries_only_its_own_jobs():
         everyone = await stream("/api/v1/events", ops_key).open()
         try:
             assert alices.status == everyone.status == 200
-            await asyncio.sleep(0.2)  # both subscribed
+            # Headers come after subscribing (dashboard/consumers.py); asserted, not assumed.
+            await wait_until_async(lambda: len(hub.subscriptions) == 2, timeout=10, message="both streams to subscribe")
             bobs = await sync_to_async(_submit_as)(bob_owner)
             mine = await sync_to_async(_submit_as)(alice_owner)
             seen_by_ops = await everyone.events(2, names={"job.created"})

@@ -10,6 +10,8 @@ import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 
+from tests.conftest import wait_until_async
+
 
 @pytest.fixture
 def anyio_backend():
@@ -191,8 +193,4 @@ async def running_hub(**options):
 
 
 async def wait_for(predicate, *, timeout: float = 5.0, message: str = "") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {message or predicate}")
-        await asyncio.sleep(0.02)
+    await wait_until_async(predicate, timeout=timeout, message=message)

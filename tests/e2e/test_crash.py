@@ -28,6 +28,7 @@ from tests.e2e.test_faults import (
     report,
     start_daphne,
     start_postgres,
+    wait_for_the_log,
 )
 
 pytestmark = pytest.mark.processes
@@ -106,8 +107,8 @@ def test_sse_clients_end_with_exactly_the_event_log_after_a_postgres_crash(proce
     readers = {name: ResumingReader(f"http://127.0.0.1:{port}", submitted["key"]) for name in ("staying", "returning")}
     for reader in readers.values():
         reader.start()
+    # Connected: subscribed to a listening hub (headers come after subscribing).
     wait_until(lambda: all(r.connections for r in readers.values()), timeout=30, message="the clients to connect")
-    time.sleep(0.5)
     before = _query(url, "SELECT coalesce(max(id), 0) FROM jobs_jobevent")[0][0]
     listener = Listener(url)
     listener.start()
@@ -124,7 +125,7 @@ def test_sse_clients_end_with_exactly_the_event_log_after_a_postgres_crash(proce
         heard = {name: len(reader.events) for name, reader in readers.items()}
         crash(pgdata)
         listener.join(timeout=30)
-        time.sleep(1)
+        time.sleep(1)  # an outage, not an instant restart: every client and worker sees it
         start_postgres(pgdata)
         readers["returning"].resume()
 
@@ -144,10 +145,7 @@ def test_sse_clients_end_with_exactly_the_event_log_after_a_postgres_crash(proce
         contents = {
             event_id: (type_, str(job_id), json.dumps(data, sort_keys=True)) for job_id, event_id, type_, data in rows
         }
-        for reader in readers.values():
-            deadline = time.monotonic() + 30
-            while reader.ids_by_job(ids) != logged and time.monotonic() < deadline:
-                time.sleep(0.2)
+        wait_for_the_log(readers, ids, logged)
     finally:
         for reader in readers.values():
             reader.stop.set()

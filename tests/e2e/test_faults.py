@@ -55,21 +55,24 @@ class ResumingReader(threading.Thread):
         self.heard_before: list[int] = []  # how many events had arrived before each connection
         self.stop = threading.Event()
         self._away = threading.Event()
+        self._back = threading.Event()
         self._response: httpx.Response | None = None
 
     def pause(self) -> None:
         self._away.set()
+        self._back.clear()
         response = self._response
         if response is not None:
             response.close()
 
     def resume(self) -> None:
         self._away.clear()
+        self._back.set()
 
     def run(self) -> None:
         while not self.stop.is_set():
             if self._away.is_set():
-                time.sleep(0.05)
+                self._back.wait(0.5)  # bounded, to see `stop` too
                 continue
             try:
                 self._read_once()
@@ -125,6 +128,20 @@ def logged_ids(rows) -> dict[str, list[int]]:
     for job_id, event_id in rows:
         logged.setdefault(str(job_id), []).append(event_id)
     return logged
+
+
+def wait_for_the_log(readers: dict[str, ResumingReader], ids: set[str], logged: dict[str, list[int]]) -> None:
+    """Wait until each client has received exactly the logged events of `ids`;
+    the failure says what each one missed or got twice."""
+    wait_until(
+        lambda: all(reader.ids_by_job(ids) == logged for reader in readers.values()),
+        timeout=30,
+        interval=0.2,
+        message=lambda: (
+            "every client to receive exactly the logged events: "
+            + repr({name: difference(reader.ids_by_job(ids), logged) for name, reader in readers.items()})
+        ),
+    )
 
 
 def difference(seen: dict[str, list[int]], logged: dict[str, list[int]]) -> dict[str, dict]:
@@ -195,8 +212,9 @@ def test_a_client_resumes_on_a_restarted_daphne_and_misses_no_event(processes, m
     daphne = start_daphne(processes, port)
     reader = ResumingReader(f"http://127.0.0.1:{port}", key)
     reader.start()
+    # A stream's headers come once its hub listens and it is subscribed
+    # (dashboard/consumers.py): a connected client misses nothing from here on.
     wait_until(lambda: reader.connections == 1, timeout=30, message="the SSE client to connect")
-    time.sleep(0.5)  # the hub listens once the first stream is open
 
     jobs = [make_job("demo.sleep", {"seconds": 1, "steps": 4}) for _ in range(16)]
     ids = {str(job.id) for job in jobs}
@@ -205,7 +223,13 @@ def test_a_client_resumes_on_a_restarted_daphne_and_misses_no_event(processes, m
         wait_until(lambda: len(reader.events) >= 10, timeout=60, message="the first events to stream")
         kill_group(daphne)
         heard_before_restart = len(reader.events)
-        time.sleep(1.5)  # events keep committing while no Daphne is up
+        logged_at_kill = JobEvent.objects.filter(job_id__in=ids).count()
+        wait_until(
+            lambda: JobEvent.objects.filter(job_id__in=ids).count() >= logged_at_kill + 5,
+            timeout=60,
+            interval=0.2,
+            message="events to commit while no Daphne is up",
+        )
         start_daphne(processes, port)  # the same address, as after a restart
 
         wait_until(
@@ -215,12 +239,7 @@ def test_a_client_resumes_on_a_restarted_daphne_and_misses_no_event(processes, m
             message="every job to succeed",
         )
         logged = logged_ids(JobEvent.objects.filter(job_id__in=ids).order_by("id").values_list("job_id", "id"))
-        wait_until(
-            lambda: reader.ids_by_job(ids) == logged or None,
-            timeout=30,
-            interval=0.2,
-            message="the client to receive every logged event",
-        )
+        wait_for_the_log({"client": reader}, ids, logged)
     finally:
         reader.stop.set()
 
@@ -317,8 +336,8 @@ def test_workers_and_sse_clients_recover_from_a_postgres_restart(processes, priv
     returning = ResumingReader(f"http://127.0.0.1:{port}", submitted["key"])
     for reader in (staying, returning):
         reader.start()
+    # Connected: subscribed to a listening hub (see the Daphne restart test).
     wait_until(lambda: staying.connections and returning.connections, timeout=30, message="both clients to connect")
-    time.sleep(0.5)
     # The jobs' creation events came before the clients: they follow the rest.
     before = _query(url, "SELECT coalesce(max(id), 0) FROM jobs_jobevent")[0][0]
     started = time.monotonic()
@@ -332,11 +351,19 @@ def test_workers_and_sse_clients_recover_from_a_postgres_restart(processes, priv
         wait_until(running_with_progress, timeout=60, interval=0.2, message="jobs to be running")
         returning.pause()
         heard_at_pause = len(returning.events)
+        last_before_stop = _query(url, "SELECT coalesce(max(id), 0) FROM jobs_jobevent")[0][0]
         # Fast shutdown ends every session: workers, LISTEN connections, pools.
         embedded_db.stop(pgdata)
-        time.sleep(2)
+        time.sleep(2)  # an outage, not an instant restart: every client and worker sees it
         start_postgres(pgdata)
-        time.sleep(1)
+        # The returning client comes back only after the workers committed
+        # again, so it has events to catch up on with Last-Event-ID.
+        wait_until(
+            lambda: _query(url, "SELECT count(*) FROM jobs_jobevent WHERE id > %s", [last_before_stop])[0][0] >= 3,
+            timeout=60,
+            interval=0.2,
+            message="events to commit after the restart",
+        )
         returning.resume()
 
         def all_finished() -> bool:
@@ -353,10 +380,7 @@ def test_workers_and_sse_clients_recover_from_a_postgres_restart(processes, priv
             [list(ids), before],
         )
         logged = logged_ids(rows)
-        for reader in (staying, returning):
-            deadline = time.monotonic() + 30
-            while reader.ids_by_job(ids) != logged and time.monotonic() < deadline:
-                time.sleep(0.2)
+        wait_for_the_log({"staying": staying, "returning": returning}, ids, logged)
     finally:
         for reader in (staying, returning):
             reader.stop.set()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import Counter
 
 import httpx
@@ -110,9 +109,10 @@ def test_two_clusters_and_two_daphnes_share_one_postgres(processes, make_job):
     readers = [EventReader(url, key) for url in daphnes]
     for reader in readers:
         reader.start()
+    # A stream's headers come once its hub listens and it is subscribed
+    # (dashboard/consumers.py): an opened stream misses nothing from here on.
     for reader in readers:
         assert reader.opened.wait(30) and reader.error is None, reader.error
-    time.sleep(0.5)  # both processes' hubs are listening once their streams are open
 
     # 2. Submit; the two clusters run them.
     jobs = [make_job("demo.sleep", {"seconds": 0.3, "steps": 1}) for _ in range(JOBS)]

@@ -292,7 +292,8 @@ def test_up_stops_on_exit_a_server_it_adopted_unless_another_process_uses_it(dat
     assert migrated.returncode == 0, migrated.stderr
     assert server_running(data_dir)
 
-    # While a shell holds it, `up` leaves it running on exit, and says why.
+    # While a shell holds it, `up` leaves it running on exit, and says why
+    # (the shell sleeps only to keep its connection open until it is killed).
     holder = subprocess.Popen(
         [
             sys.executable,

@@ -67,8 +67,7 @@ def test_a_claimed_row_is_invisible_until_its_visibility_timeout_then_redelivere
     assert labels(first) == ["a"]
     assert broker.dequeue() is None
     assert broker.queue_size() == 0 and broker.lock_size() == 1
-    time.sleep(1.1)
-    again = broker.dequeue()
+    again = wait_until(broker.dequeue, timeout=10, message="the row to be redelivered")
     assert [row[0] for row in again] == [row[0] for row in first]
 
 
@@ -77,7 +76,7 @@ def test_an_acknowledged_row_is_gone(fast):
     broker = PostgresBroker("q")
     (row,) = broker.dequeue()
     broker.acknowledge(row[0])
-    time.sleep(1.1)
+    time.sleep(1.1)  # past the 1 s visibility timeout, when an unacknowledged row comes back
     assert broker.dequeue() is None
     assert broker.queue_size() == 0 and broker.lock_size() == 0
 
@@ -144,12 +143,25 @@ def _dequeue_in_thread(broker: PostgresBroker, out: dict) -> threading.Thread:
     return thread
 
 
+def listening_pid(broker: PostgresBroker) -> int | None:
+    """The backend pid of the broker's LISTEN connection once its LISTEN has run."""
+    listener = broker._listener
+    if listener is None or listener.closed:
+        return None
+    pid = listener.info.backend_pid
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
+        row = cursor.fetchone()
+    return pid if row and row[0].startswith("LISTEN") else None
+
+
 def test_an_idle_broker_wakes_on_notify_instead_of_polling(fast, monkeypatch):
     monkeypatch.setattr(PostgresBroker, "FALLBACK_POLL", 30.0)
     broker = PostgresBroker("q")
     out: dict = {}
     thread = _dequeue_in_thread(broker, out)
-    time.sleep(0.5)  # the broker is asleep on LISTEN now
+    # Listening, and the wake-up that follows LISTEN consumed: the broker waits.
+    wait_until(lambda: listening_pid(broker) and not broker._wake.is_set(), timeout=10, message="LISTEN")
     enqueue("q", "wake")
     thread.join(timeout=10)
     assert labels(out["rows"]) == ["wake"]
@@ -160,20 +172,17 @@ def test_the_broker_listens_again_after_its_connection_is_cut(fast, monkeypatch)
     monkeypatch.setattr(PostgresBroker, "FALLBACK_POLL", 30.0)
     broker = PostgresBroker("q")
     broker._ensure_listener()
-    wait_until(lambda: broker._listener is not None and not broker._listener.closed, timeout=10, message="LISTEN")
-    pid = broker._listener.info.backend_pid
+    pid = wait_until(lambda: listening_pid(broker), timeout=10, message="LISTEN")
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
     # The first wait notices the dead connection; the next dequeue reconnects.
     assert broker.dequeue() is None
     out: dict = {}
     thread = _dequeue_in_thread(broker, out)
-    time.sleep(1.0)
+    wait_until(lambda: listening_pid(broker) not in (None, pid), timeout=15, message="LISTEN on a new connection")
     enqueue("q", "after-cut")
     thread.join(timeout=15)
     assert labels(out["rows"]) == ["after-cut"]
-    wait_until(lambda: broker._listener is not None and not broker._listener.closed, timeout=10, message="LISTEN")
-    assert broker._listener.info.backend_pid != pid
 
 
 def test_its_task_packages_are_what_django_q2_signs_and_reads():

@@ -20,7 +20,7 @@ from jobs.engine.registry import Payload
 from jobs.models import Job, JobEvent, State
 from jobs.worker import runner
 from jobs.worker.lane import _in_db_thread, get_lane
-from tests.conftest import wait_until
+from tests.conftest import release_lane_connection, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -102,11 +102,7 @@ def probes(monkeypatch):
     for kind, func in (("test.durability_sync", _sync_probe), ("test.durability_async", _async_probe)):
         monkeypatch.setitem(registry._registry, kind, registry.Handler(kind, func, Probe, "default", 1, 60, ""))
     yield
-    # The lane's database thread keeps its connection: give it back before the
-    # test database is flushed.
-    lane = get_lane()
-    wait_until(lambda: not (lane.tasks or lane.disarm or lane.pending), timeout=30, message="the lane to go idle")
-    lane.db.submit(lambda: connection.close()).result(timeout=10)
+    release_lane_connection()
 
 
 def _result(job: Job) -> dict:

@@ -206,7 +206,7 @@ def test_a_connection_cut_mid_stream_keeps_its_partial_text(provider):
             data = chunk.encode()
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # one chunk at a time, as a model streams
         writer.transport.abort()
 
     async def scenario():

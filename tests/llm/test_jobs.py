@@ -5,7 +5,6 @@ the requests-per-minute limit and the fallback provider."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -18,8 +17,7 @@ from jobs import services
 from jobs.llm import limits
 from jobs.models import Batch, Job, ProviderSlot, TokenUsage
 from jobs.worker import runner
-from jobs.worker.lane import FLUSH_SECONDS, get_lane
-from tests.conftest import wait_until
+from tests.conftest import release_lane_connection, wait_until
 from tests.llm.conftest import API_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -38,12 +36,7 @@ def configure(daphne: str, monkeypatch) -> Iterator[Callable[..., None]]:
 
     httpx.delete(f"{daphne}/simulated/v1/load")
     yield set_providers
-    # The lane's database thread keeps a connection to the test database: once its
-    # housekeeping is done, let it go.
-    lane = get_lane()
-    wait_until(lambda: not (lane.tasks or lane.disarm or lane.pending), timeout=30, message="the lane to go idle")
-    time.sleep(2 * FLUSH_SECONDS)
-    lane.db.submit(lambda: connection.close()).result(timeout=10)
+    release_lane_connection()
 
 
 @pytest.fixture

@@ -108,7 +108,7 @@ def test_the_requests_per_minute_bucket_spreads_calls_and_says_when_the_next_is_
     assert limits.in_use("limited") == 2
     for permit in granted[:2]:
         limits.release(permit)
-    time.sleep(refusal.wait + 0.05)
+    time.sleep(refusal.wait + 0.05)  # the wait the refusal named: the bucket has refilled
     assert isinstance(limits.acquire(p), limits.Permit)
 
 

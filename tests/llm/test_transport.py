@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from jobs.llm.transport import HIGH_WATER, Transport
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_async
 
 
 class Server:
@@ -39,7 +39,7 @@ class Server:
                 headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:] if line)}
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 if path == "/hang":
-                    await asyncio.sleep(3600)
+                    await asyncio.sleep(3600)  # never answers: the client's read timeout is the test
                 if path.startswith("/size/"):
                     payload = bytes(range(256)) * (int(path.rsplit("/", 1)[1]) // 256)
                 else:
@@ -104,7 +104,12 @@ def test_an_idle_connection_is_reused_and_one_the_server_closed_is_replaced():
             assert (await client.get("/size/256")).status_code == 200
         assert server.connections == 1
         server.close_idle()
-        await asyncio.sleep(0.1)  # the close reaches the client's idle connection
+        pool = client._transport._pool
+        await wait_until_async(
+            lambda: pool.connections and all(connection.has_expired() for connection in pool.connections),
+            timeout=10,
+            message="the client's idle connection to see the close",
+        )
         assert (await client.get("/size/512")).content == bytes(range(256)) * 2
         assert server.connections == 2
 

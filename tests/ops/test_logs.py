@@ -8,17 +8,15 @@ import json
 import logging
 import subprocess
 import sys
-import time
 
 import pytest
-from django.db import connections
 from pydantic import Field
 
 from config.logs import ContextFilter, JsonFormatter, PlainFormatter, job_log_context, job_log_contextvars
 from jobs.engine.registry import Payload, handler
 from jobs.models import Job
 from jobs.worker import runner
-from tests.conftest import ROOT, process_env, wait_until
+from tests.conftest import ROOT, process_env, release_lane_connection, wait_until
 
 HANDLER_LOG = logging.getLogger("tests.ops.handler")
 
@@ -38,7 +36,7 @@ def log_sync(ctx, payload: LogPayload) -> dict:
 async def log_async(ctx, payload: LogPayload) -> dict:
     """Logs a line before and after waiting (tests)."""
     HANDLER_LOG.warning("starting %s", payload.name)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # both jobs' tasks interleave on the loop meanwhile
     HANDLER_LOG.warning("finishing %s", payload.name)
     return {}
 
@@ -157,9 +155,7 @@ def test_every_line_an_async_job_logs_in_the_lane_carries_its_fields(make_job, h
             message="both async jobs to finish",
         )
     finally:
-        time.sleep(0.6)  # the lane's housekeeping settles
-        # The lane's database thread keeps a connection to the test database.
-        get_lane().db.submit(connections.close_all).result(10)
+        release_lane_connection()
     fields = {(line["message"], line["job_id"], line["kind"], line["attempt"], line["queue"]) for line in handler_lines}
     assert fields == {
         (f"{step} {name}", str(job.id), "ops.log_async", 1, "default")

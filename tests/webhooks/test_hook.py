@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 from django.db import connection, transaction
@@ -15,6 +14,7 @@ from jobs.engine.states import transition
 from jobs.models import Job, State, WebhookDelivery
 from jobs.webhooks import endpoints, messages
 from tests.api.conftest import ApiClient
+from tests.conftest import wait_until
 from tests.webhooks.conftest import deliveries_of, finish, operator_owner
 
 PUBLIC = "https://hooks.example.com/in"
@@ -175,14 +175,27 @@ def test_the_last_two_jobs_finishing_at_once_send_one_batch_completed(db):
     for job in (first, second):
         transition(job.id, target=State.RUNNING)
     first_checked = threading.Event()
+    second_done = threading.Event()
     errors: list[BaseException] = []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (second_pid,) = cursor.fetchone()
+
+    def second_waits_on_first_or_is_done() -> bool:
+        if second_done.is_set():
+            return True
+        with connection.cursor() as cursor:  # pg_blocking_pids reads the live lock table
+            cursor.execute("SELECT pg_backend_pid() = ANY(pg_blocking_pids(%s))", [second_pid])
+            return cursor.fetchone()[0]
 
     def finish_first() -> None:
         try:
             with transaction.atomic():
                 transition(first.id, target=State.SUCCEEDED)
                 first_checked.set()
-                time.sleep(0.5)  # commit late: the second job finishes meanwhile
+                # Commit late: once the second job's finish waits on this
+                # transaction's locks or, were nothing to order them, is done.
+                wait_until(second_waits_on_first_or_is_done, timeout=10, interval=0.02, message="the second finish")
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -192,6 +205,7 @@ def test_the_last_two_jobs_finishing_at_once_send_one_batch_completed(db):
     thread.start()
     assert first_checked.wait(10)
     transition(second.id, target=State.SUCCEEDED)
+    second_done.set()
     thread.join(10)
     assert not errors
     assert WebhookDelivery.objects.filter(batch=batch, event_type="batch.completed").count() == 1

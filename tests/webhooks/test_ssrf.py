@@ -155,8 +155,8 @@ def test_the_total_time_is_bounded_even_while_bytes_trickle_in(allow_private):
     def serve(conn: socket.socket) -> None:
         conn.recv(65536)
         conn.sendall(b"HTTP/1.1 200 OK\r\n")
-        for _ in range(100):  # one header byte every 0.1 s: no single read times out
-            time.sleep(0.1)
+        for _ in range(100):
+            time.sleep(0.1)  # one header byte every 0.1 s: no single read times out
             conn.sendall(b"X")
 
     started = time.monotonic()
@@ -166,6 +166,7 @@ def test_the_total_time_is_bounded_even_while_bytes_trickle_in(allow_private):
 
 
 def test_a_slow_resolver_counts_against_the_time_allowed(monkeypatch):
+    # A resolver that takes 3 s to answer.
     monkeypatch.setattr(ssrf, "resolve", lambda host, port: time.sleep(3) or [])
     started = time.monotonic()
     with pytest.raises(httpx.ConnectTimeout, match="resolving"):
