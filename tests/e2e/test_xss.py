@@ -114,10 +114,11 @@ def test_hostile_text_is_shown_escaped_on_every_page_fragment_and_live_update(
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     page.on("pageerror", lambda exc: errors.append(str(exc)))
 
-    def check(url: str, *, shows: str = XSS, headers: dict[str, str] | None = None) -> None:
+    def check(url: str, *, shows: str = XSS, headers: dict[str, str] | None = None, status: int | None = None) -> None:
         page.set_extra_http_headers(headers or {})
         response = page.goto(base + url)
-        assert response is not None and response.status < 400, (url, response and response.status)
+        assert response is not None, url
+        assert response.status == status if status else response.status < 400, (url, response.status)
         page.wait_for_load_state("load")
         page.wait_for_timeout(150)  # an onerror handler fires after the image fails
         assert page.evaluate("window.__xss") is None, url
@@ -156,7 +157,9 @@ def test_hostile_text_is_shown_escaped_on_every_page_fragment_and_live_update(
         visited.append(url + " (fragment)")
     page.set_extra_http_headers({})
     # A reflected one: an unknown kind is named in the message of the submit page.
-    check("/submit/?kind=%3Cscript%3Ewindow.__xss%3D1%3C%2Fscript%3E", shows="<script>window.__xss=1</script>")
+    check(
+        "/submit/?kind=%3Cscript%3Ewindow.__xss%3D1%3C%2Fscript%3E", shows="<script>window.__xss=1</script>", status=422
+    )
     visited.append("/submit/?kind=…")
 
     # Live: the running job's page gets a hostile progress message, then the
