@@ -22,7 +22,6 @@ from jobs.models import ACTIVE_STATES, Attempt, State, WebhookAttempt, WebhookDe
 from jobs.webhooks.messages import (
     EVENT_TYPES,
     forget_subscriptions,
-    quiet_condition,  # noqa: F401 - jobs.worker.runner reads it here until it uses jobs.engine.hooks
     start_delivery,
 )
 from jobs.webhooks.signing import DEFAULT_OVERLAP, RotatedSecret, new_secret, rotate
