@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -221,3 +223,36 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     users = embedded_db.stop_unless_used(pgdata)
     if users:
         print(f"\nembedded Postgres on {pgdata} left running: in use by pid {', '.join(map(str, users))}")
+
+
+# --- fake cluster heartbeats (the metrics, health and dashboard tests) ---
+def save_heartbeat(queue: str | None, *, workers: int = 2, age_seconds: float = 0, status: str = "Idle") -> None:
+    """Store a Django-Q2 cluster heartbeat as a cluster serving `queue` would."""
+    from django.utils import timezone
+    from django_q.brokers import get_broker
+    from django_q.signing import SignedPackage
+    from django_q.status import Stat, Status
+
+    beat = Status(pid=4321, cluster_id=uuid.uuid4())
+    beat.status = status
+    beat.workers = list(range(1000, 1000 + workers))
+    beat.timestamp = timezone.now() - timedelta(seconds=age_seconds)
+    if queue is not None:
+        beat.queue = queue
+    # 60 s rather than Django-Q2's 3: the test may be slow, the beat must not expire.
+    get_broker().set_stat(Stat.get_key(beat.cluster_id), SignedPackage.dumps(beat, True), 60)
+
+
+@pytest.fixture
+def heartbeat(db):
+    """`heartbeat("default", workers=2)`; clears every stored heartbeat first and after."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield save_heartbeat
+    cache.clear()
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"

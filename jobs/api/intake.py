@@ -18,7 +18,7 @@ common case itself and hands everything else to Django, unchanged:
    dozens of requests.
 3. Back on the loop: render the job as the view does (`views.job_out`,
    `JobOut`, django-ninja's renderer) with the headers Django's middleware
-   would add (tests/api/test_intake.py holds the two answers equal).
+   would add (tests/jobs/api/test_intake.py holds the two answers equal).
 
 Anything else — no or a bad key, a missing scope, a session caller, a body
 that does not parse or validate, an Idempotency-Key already used (a replay or
@@ -300,7 +300,7 @@ def job_json(job) -> bytes:
     """The body `POST /jobs` answers with, as django-ninja renders `JobOut`
     from `views.job_out`. What `job_out` builds is already what `JobOut` holds,
     so it is not validated again (django-ninja's validation of it took three
-    times as long as the rest); tests/api/test_intake.py holds the two equal."""
+    times as long as the rest); tests/jobs/api/test_intake.py holds the two equal."""
     from jobs.api.views import job_out
 
     return json.dumps(job_out(job, attempts=[]), cls=NinjaJSONEncoder).encode()

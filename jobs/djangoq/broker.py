@@ -195,7 +195,7 @@ def _sign(task: dict) -> str:
     default `compress: False`), in a quarter of the time: Django's signer
     derives its HMAC key from the secret on every call and goes through a
     dozen helpers, which made signing a third of a 10,000-job batch's CPU.
-    tests/jobs/test_broker.py holds it equal to Django-Q2's output.
+    tests/jobs/djangoq/test_broker.py holds it equal to Django-Q2's output.
     Written for Django-Q2 1.11.1's format and Django 5.2.19's signer; on other
     versions Django-Q2 signs (config/server/patching.py)."""
     if not guarded(SIGNING_PATCH, package="django-q2", versions=("1.11.1",), also=_SIGNING_ALSO, install=_nothing):

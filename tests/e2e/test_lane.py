@@ -129,7 +129,7 @@ def test_a_waiting_job_that_another_worker_took_is_not_started(processes, make_j
 
 
 def test_an_async_outcome_the_database_refused_is_written_again(processes, make_job):
-    from tests.jobs.test_runner import RefusedUpdates
+    from tests.jobs.worker.test_runner import RefusedUpdates
 
     job = make_job("demo.async_sleep", {"seconds": 0.5, "steps": 1})
     refused = RefusedUpdates()

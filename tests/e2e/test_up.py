@@ -348,7 +348,7 @@ def test_a_test_run_stops_the_embedded_server_it_started(data_dir):
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests/jobs/test_commands.py::test_submit_prints_the_new_jobs_id",
+            "tests/jobs/management/test_commands.py::test_submit_prints_the_new_jobs_id",
         ],
         cwd=ROOT,
         env=env,

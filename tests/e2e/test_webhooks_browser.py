@@ -11,7 +11,7 @@ from jobs.models import WebhookDelivery
 from tests.conftest import wait_until
 from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
 from tests.e2e.test_sse_two_daphnes import start_daphne
-from tests.webhooks.conftest import Receiver
+from tests.jobs.webhooks.conftest import Receiver
 
 pytestmark = pytest.mark.processes
 
