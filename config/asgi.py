@@ -69,6 +69,5 @@ if settings.CONVEYOR_BEHIND_PROXY:
 
 # Everything loaded so far lives as long as the process: keep it out of the
 # cyclic garbage collector's full passes, which otherwise walk all of Django
-# and stalled requests for tens of milliseconds (the slowest 1 % of API
-# submissions took 200 ms instead of 80).
+# and stalled requests (it showed in the API's tail latency).
 gc.freeze()

@@ -3,8 +3,8 @@
 Twisted's `Request.requestReceived` parses the body of every POST whose
 Content-Type is a form (`application/x-www-form-urlencoded`, or
 `multipart/form-data` through the `email` package, whole), and to decide that
-it parses every POST's Content-Type header with `email` too: about a tenth of
-Daphne's CPU per API submission. Daphne never reads what this produces
+it parses every POST's Content-Type header with `email` too, a visible share
+of Daphne's CPU per API submission. Daphne never reads what this produces
 (`request.args`): it hands the raw body to the ASGI application, and Django
 parses forms itself. A multipart body Twisted cannot parse (which Django can)
 was even answered 400 before Django saw it.

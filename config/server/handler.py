@@ -3,7 +3,7 @@
 Django's stock ASGI handler adapts every synchronous middleware and view on
 its own: about sixteen hops per request between the event loop and a thread
 created for that request. Under load the hops queue behind one another on the
-GIL and a 1 ms request takes tens of milliseconds. Conveyor's views are all
+GIL and a short request waits far longer than it runs. Conveyor's views are all
 synchronous, so this handler loads the middleware in synchronous mode and
 runs a request's whole chain in ONE hop to a fixed pool of threads; each
 thread keeps its database connection between requests (or borrows one from

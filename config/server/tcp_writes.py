@@ -5,7 +5,7 @@ reactor to watch the socket for writability and send on the next turn of the
 loop, then stop watching (twisted/twisted#5303). Under Daphne's asyncio
 reactor that is two `epoll_ctl` calls, an extra loop turn and a dozen Python
 frames per write. An SSE process writes thousands of small chunks a second
-(each event to each stream), and this dance was a third of its CPU.
+(each event to each stream), and this dance dominated its CPU.
 
 `install()` makes `tcp.Server.write` try `send()` first, as asyncio's own
 transports do, and fall back to Twisted's buffered path for whatever the

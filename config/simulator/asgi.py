@@ -4,8 +4,8 @@
 It is `config.simulator.simulated.asgi_app` (no Django middleware, no database) with
 the TCP write path `config/asgi.py` installs for the whole app
 (`config/server/tcp_writes.py`), so a standalone simulator streams as cheaply as the
-one `make run` serves. A benchmark's 400 streams at once made the unpatched
-one a bottleneck of its own.
+one `make run` serves: unpatched, it became a bottleneck of its own under the
+LLM benchmark.
 
 Django is not set up here, so its controls (the `X-Sim-*` failure-injection
 headers, `/simulated/v1/load`) are off unless `CONVEYOR_SIMULATOR_CONTROLS=1`;

@@ -135,8 +135,8 @@ class HubUnavailable(Exception):
 class Subscription:
     """A stream's bounded inbox. Its reader waits on a bare future rather than
     an `asyncio.Queue` inside `asyncio.wait` (a task, a wait set and a timer per
-    message): with a thousand streams that machinery was a tenth of Daphne's
-    time per message. The keep-alive timeout is one timer per subscription,
+    message): with many streams that machinery cost more than the message.
+    The keep-alive timeout is one timer per subscription,
     moved on lazily when it fires early, not a timer per wait."""
 
     def __init__(

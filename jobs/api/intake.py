@@ -1,10 +1,9 @@
 """POST /api/v1/jobs from API-key callers, without Django's request cycle.
 
-Under Daphne a submission through Django cost about 9 ms of CPU, nearly all of
-it the request cycle around one INSERT: a thread hop, the middleware chain, the
-key lookup, django-ninja's parsing and rendering, and those 8 threads taking
-turns on the GIL. One Daphne process then took about 100 submissions a
-second. The intake (mounted in config/asgi.py ahead of Django) answers the
+Under Daphne nearly all of a submission's CPU through Django is the request
+cycle around one INSERT: a thread hop, the middleware chain, the key lookup,
+django-ninja's parsing and rendering, and the handler's threads taking turns
+on the GIL (figures in bench/README.md). The intake (mounted in config/asgi.py ahead of Django) answers the
 common case itself and hands everything else to Django, unchanged:
 
 1. On the event loop: read the body and check what Django would (method,

@@ -1,8 +1,8 @@
 """What the API accepts and returns (they make the OpenAPI document).
 
 Inputs are plain pydantic models: django-ninja's Schema adds a getter for
-reading ORM objects, which only outputs need and which costs a third of the
-time of validating a 10,000-job batch. Input rules repeat the engine's (`jobs.engine.submission.prepare_job`) so that the
+reading ORM objects, which only outputs need and which is costly when a
+large batch is validated. Input rules repeat the engine's (`jobs.engine.submission.prepare_job`) so that the
 contract says them; the engine still checks everything, and has the last word
 on what depends on the kind (the payload) or on the clock (run_after).
 """

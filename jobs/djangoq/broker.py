@@ -192,9 +192,9 @@ def task_package(job_id: UUID | str, timeout: int) -> str:
 
 def _sign(task: dict) -> str:
     """What `SignedPackage.dumps(task)` returns (uncompressed, as Django-Q2's
-    default `compress: False`), in a quarter of the time: Django's signer
-    derives its HMAC key from the secret on every call and goes through a
-    dozen helpers, which made signing a third of a 10,000-job batch's CPU.
+    default `compress: False`), faster: Django's signer derives its HMAC key
+    from the secret on every call and goes through a dozen helpers, which
+    made signing the bulk of a large batch's CPU.
     tests/jobs/djangoq/test_broker.py holds it equal to Django-Q2's output.
     Written for Django-Q2 1.11.1's format and Django 5.2.19's signer; on other
     versions Django-Q2 signs (config/server/patching.py)."""

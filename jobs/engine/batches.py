@@ -298,7 +298,7 @@ def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> 
     defaults, so a field added to Job is written here too.
 
     Signing the broker tasks is the largest share of a batch's Python time
-    (broker.task_package, about 45 µs a job) and needs only the job ids, so a
+    (broker.task_package) and needs only the job ids, so a
     thread does it while the jobs statement runs: Postgres inserts and Python
     signs on two cores at once (the waiting query releases the GIL).
     """

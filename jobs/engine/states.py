@@ -139,7 +139,7 @@ def transition(
             sets.append(f"{field.column} = %s")
             params.append(field.get_db_prep_save(value, db))
     # The states as literals: psycopg builds a list dumper for every array
-    # parameter, a tenth of a worker's time per job.
+    # parameter, a visible cost on the workers' hot path.
     condition = f"id = %s AND state IN ({state_literals(source)})"
     params.append(str(job_id))
     if where is not None:

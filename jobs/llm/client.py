@@ -120,8 +120,8 @@ _TRANSIENT_4XX = {408, 409, 425}
 # --- shared connections -----------------------------------------------------
 
 # httpcore's pool does work quadratic in its connection count on every request
-# (encode/httpcore#1035): one client holding 400 connections spends more CPU on
-# bookkeeping than on HTTP. A provider's connections are therefore spread over
+# (encode/httpcore#1035): one client holding hundreds of connections spends
+# more CPU on bookkeeping than on HTTP. A provider's connections are therefore spread over
 # clients of at most this many, each call going to the least busy one.
 _CONNECTIONS_PER_CLIENT = 16
 
@@ -134,7 +134,7 @@ class _Pool:
         size = math.ceil(provider.max_concurrency / count)
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=30)
         # A plain-http provider (the simulated one, a local vLLM or Ollama) never
-        # speaks TLS: it skips loading the CA bundle, a fifth of a second of CPU.
+        # speaks TLS: it skips loading the CA bundle, which is slow.
         ssl_context = _ssl_context() if provider.base_url.startswith("https://") else None
         self.clients = [
             httpx.AsyncClient(
@@ -168,7 +168,7 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Provider, _Poo
 
 @functools.cache
 def _ssl_context() -> ssl.SSLContext:
-    # Loading the CA bundle takes tens of milliseconds: once per process, not per client.
+    # Loading the CA bundle is slow: once per process, not per client.
     return httpx.create_ssl_context()
 
 

@@ -3,8 +3,8 @@
 httpx reaches the network through httpcore, and httpcore under asyncio goes
 through anyio. anyio's socket stream stops reading between two reads and starts
 again at the next (`pause_reading`/`resume_reading`: two `epoll_ctl` calls and a
-selector update per chunk), and wraps every read in a cancel scope. With 400
-streams in one process that was a fifth of the lane's CPU.
+selector update per chunk), and wraps every read in a cancel scope: with
+hundreds of streams in one process that was a large share of the lane's CPU.
 
 `AsyncioBackend` is an httpcore network backend (httpcore's public extension
 point) on a plain `asyncio.Protocol`: the transport keeps reading, data waits in

@@ -50,7 +50,7 @@ class Leases:
     of the process (with its own database connection), each every third of a
     lease from its start, and sets a job's `lost` event when its renewal
     matches nothing. One thread for the process's life rather than one per
-    job: starting and joining a thread cost a noop job a seventh of its time.
+    job: starting and joining a thread would cost a short job more than its work.
 
     It also watches the chain's current batch (`watch`): if the batch still has
     unstarted jobs when it is due, the thread gives them back, so a job that
