@@ -55,6 +55,20 @@ def test_it_relaxes_each_threads_connection_once():
     assert after.captured_queries == []
 
 
+def test_a_new_connection_is_relaxed_even_when_it_has_a_closed_ones_address(db):
+    from jobs.db import durability
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO DEFAULT")
+    # CPython may give a new connection the address (id) of a freed one: what
+    # was remembered of the old one must not pass for the new one.
+    durability._relaxed[threading.get_ident()] = id(connection.connection)
+
+    relax_commit_durability()
+
+    assert _setting() == "off"
+
+
 # --- handlers' own writes keep the server's durability ------------------------
 #
 # The engine relaxes the worker's connection, and a handler runs on that same
