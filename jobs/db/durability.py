@@ -32,24 +32,25 @@ from collections.abc import Awaitable, Callable, Iterator
 from django.db import connection
 from psycopg.pq import TransactionStatus
 
-# thread -> id of the raw connection already relaxed. Django's connections are
-# per thread, and a worker has several (its main thread, the lane's database
+# thread -> the raw connection already relaxed. Django's connections are per
+# thread, and a worker has several (its main thread, the lane's database
 # thread): one slot per thread, so they don't evict each other and re-send the
-# SET on every call.
-_relaxed: dict[int, int] = {}
+# SET on every call. The object itself, not its id: a new connection may get
+# a closed one's address.
+_relaxed: dict[int, object] = {}
 _local = threading.local()
 
 
 def relax_commit_durability() -> None:
     """Turn off the commit flush wait for this thread's Django connection."""
     connection.ensure_connection()
-    raw = id(connection.connection)
+    raw = connection.connection
     thread = threading.get_ident()
-    if _relaxed.get(thread) == raw:
+    if _relaxed.get(thread) is raw:
         return
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit TO off")
-    _relaxed[thread] = raw  # a reconnect replaces the old connection (and its id)
+    _relaxed[thread] = raw  # a reconnect replaces the old connection
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def _as_the_server_says(execute, sql, params, many, context):
 def _restore(db) -> None:
     raw = db.connection
     thread = threading.get_ident()
-    if raw is None or _relaxed.get(thread) != id(raw):
+    if raw is None or _relaxed.get(thread) is not raw:
         return
     status = raw.info.transaction_status
     if status == TransactionStatus.IDLE:
