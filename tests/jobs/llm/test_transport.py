@@ -104,7 +104,7 @@ def test_an_idle_connection_is_reused_and_one_the_server_closed_is_replaced():
             assert (await client.get("/size/256")).status_code == 200
         assert server.connections == 1
         server.close_idle()
-        pool = client._transport._pool
+        pool = client._transport.pool  # our transport's httpcore pool (jobs/engine/pooled_transport.py)
         await wait_until_async(
             lambda: pool.connections and all(connection.has_expired() for connection in pool.connections),
             timeout=10,
