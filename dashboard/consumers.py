@@ -187,7 +187,7 @@ class EventStreamConsumer(AsyncHttpConsumer):
             if not events:
                 break
             # Workers commit asynchronously: send only what a crash cannot take back.
-            await durability.until_flushed(lsn, flushed, sync_to_async(_flushed))
+            await durability.until_flushed(lsn, flushed, sync_to_async(_flushed), sync_to_async(_force_flush))
             updates = [_update(event) for event in events]
             replayed.update(u.id for u in updates if u.id >= floor)
             await self._send(await stream.render(updates, replaying=True))
@@ -256,6 +256,12 @@ def _flushed(lsn: str) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(durability.FLUSHED, [lsn])
         return cursor.fetchone()[0]
+
+
+def _force_flush() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(durability.FORCE_FLUSH)
+        return cursor.fetchone()[1] and connection.get_autocommit() and not connection.in_atomic_block
 
 
 def _uuids(value: str) -> set[uuid.UUID]:

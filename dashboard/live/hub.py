@@ -507,7 +507,10 @@ async def _durable(conn: psycopg.AsyncConnection) -> None:
     async def check(lsn: str) -> bool:
         return (await (await conn.execute(durability.FLUSHED, [lsn])).fetchone())[0]
 
-    await durability.until_flushed(lsn, flushed, check)
+    async def force() -> bool:
+        return (await (await conn.execute(durability.FORCE_FLUSH)).fetchone())[1]
+
+    await durability.until_flushed(lsn, flushed, check, force)
 
 
 def _event_id(payload: str) -> int | None:

@@ -106,22 +106,47 @@ def _restore(db) -> None:
 # it commits, before its WAL is flushed: a crash could still roll it back, and
 # an SSE client would keep an event the log no longer has (its id perhaps
 # reused for another). So readers wait, before passing rows on, until the WAL
-# is flushed up to where it was when they read them (the walwriter flushes
-# asynchronous commits within about `wal_writer_delay`, 200 ms by default).
+# is flushed up to where it was when they read them. The walwriter flushes
+# asynchronous commits only every `wal_writer_delay` (200 ms by default), too
+# late for a live page, so a reader that finds the WAL unflushed commits a
+# transaction of its own with `synchronous_commit` on (FORCE_FLUSH): its commit
+# returns once the WAL is flushed past it, and so past what the reader saw.
 
 # The WAL insert position now (every commit the reader saw is before it), and
 # whether it is already flushed.
 WAL_NOW = "SELECT lsn::text, pg_current_wal_flush_lsn() >= lsn FROM (SELECT pg_current_wal_insert_lsn() AS lsn) AS now"
 FLUSHED = "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn"
+# A transactional logical-decoding message is the cheapest write any role may
+# make (no table, nothing for a decoder unless one subscribes to the prefix):
+# its autocommit transaction wrote WAL, so its commit waits for the flush.
+# (An xid alone, `txid_current()`, commits without waiting.) Inside a
+# transaction, or with synchronous_commit off, it flushes nothing and the
+# reader polls FLUSHED as before.
+# Its second column says whether the commit waits for the flush (any setting
+# but `off` flushes locally): then no FLUSHED check is needed after it.
+FORCE_FLUSH = (
+    "SELECT pg_logical_emit_message(true, 'conveyor.flush', ''), current_setting('synchronous_commit') <> 'off'"
+)
 _FLUSH_POLL = 0.01
 _FLUSH_PATIENCE = 10.0
 
 log = logging.getLogger(__name__)
 
 
-async def until_flushed(lsn: str, flushed: bool, check: Callable[[str], Awaitable[bool]]) -> None:
+async def until_flushed(
+    lsn: str,
+    flushed: bool,
+    check: Callable[[str], Awaitable[bool]],
+    force: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
     """Return once the WAL is flushed up to `lsn` (`flushed`: it already was);
-    `check(lsn)` asks Postgres (FLUSHED). Errors of `check` propagate."""
+    `check(lsn)` asks Postgres (FLUSHED); `force()` runs FORCE_FLUSH in
+    autocommit and returns its second column. Errors of `check` propagate."""
+    if not flushed and force is not None:
+        try:
+            flushed = await force()
+        except Exception:  # noqa: BLE001 - a server that refuses it: poll as before
+            log.warning("forcing a WAL flush failed; waiting for the walwriter instead", exc_info=True)
     deadline = time.monotonic() + _FLUSH_PATIENCE
     while not flushed:
         if time.monotonic() > deadline:
