@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.db.models import Q
 
@@ -409,3 +410,41 @@ class TokenUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.owner or '(dashboard)'} {self.day}"
+
+
+class MinuteRollup(models.Model):
+    """Finished attempts of one minute, queue and kind (jobs/engine/rollup.py):
+    counts, and run and wait times as sparse histograms (`*_buckets[i]` holds
+    `*_counts[i]` values; bucket b covers (2^((b-1)/4), 2^(b/4)] ms)."""
+
+    minute = models.DateTimeField()
+    queue = models.CharField(max_length=100)
+    kind = models.CharField(max_length=100)
+    succeeded = models.IntegerField(default=0)
+    failed = models.IntegerField(default=0, help_text="Failed and lost attempts.")
+    cancelled = models.IntegerField(default=0)
+    run_count = models.IntegerField(default=0)
+    run_ms_sum = models.BigIntegerField(default=0)
+    run_buckets = ArrayField(models.SmallIntegerField(), default=list)
+    run_counts = ArrayField(models.IntegerField(), default=list)
+    wait_count = models.IntegerField(default=0, help_text="First attempts: from submission to start.")
+    wait_buckets = ArrayField(models.SmallIntegerField(), default=list)
+    wait_counts = ArrayField(models.IntegerField(), default=list)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["minute", "queue", "kind"], name="minuterollup_unique_minute_queue_kind")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.minute:%Y-%m-%d %H:%M} {self.queue} {self.kind}"
+
+
+class RollupCursor(models.Model):
+    """One row: the rollup covers every minute before `rolled_until`."""
+
+    id = models.SmallIntegerField(primary_key=True, default=1)
+    rolled_until = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"rolled until {self.rolled_until:%Y-%m-%d %H:%M}"

@@ -196,3 +196,10 @@ __all__ += [
 from jobs.llm.usage import OwnerUsage, Usage, owner_usage, set_batch_budget, waiting_on_budget  # noqa: E402
 
 __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_on_budget"]
+
+
+# --- Observability: the per-minute rollup and what the clusters report ----------
+
+from jobs.engine.rollup import RANGES, KindFigures, Point, kind_table, roll_up, rolled_until, series  # noqa: E402
+
+__all__ += ["RANGES", "KindFigures", "Point", "kind_table", "roll_up", "rolled_until", "series"]

@@ -18,6 +18,14 @@ SCHEDULES = [
         "func": "jobs.engine.retention.purge_finished",
         "schedule_type": Schedule.DAILY,
     },
+    # The per-minute rollup behind the 1 h / 24 h / 7 d charts (it also holds
+    # an advisory lock, so a second run at the same time writes nothing).
+    {
+        "name": "conveyor.roll_up",
+        "func": "jobs.engine.rollup.roll_up",
+        "schedule_type": Schedule.MINUTES,
+        "minutes": 1,
+    },
 ]
 
 
