@@ -170,3 +170,83 @@ def backlog_warnings(samples: Iterable[Sample]) -> dict[str, float]:
         if rising and series[-1] - series[0] >= BACKLOG_GROWTH * elapsed:
             warnings[queue] = series[-1]
     return warnings
+
+
+# --- longer ranges, from the per-minute rollup (jobs/engine/rollup.py) ----------
+
+# What one point of each range covers, for the unit ("jobs per 15 min").
+STEP_LABELS = {"1h": "min", "24h": "15 min", "7d": "hour"}
+# The x ticks of each range: (offset from the end, label).
+RANGE_TICKS = {
+    "1h": [(timedelta(minutes=m), f"−{m} min" if m else "now") for m in (60, 45, 30, 15, 0)],
+    "24h": [(timedelta(hours=h), f"−{h} h" if h else "now") for h in (24, 18, 12, 6, 0)],
+    "7d": [(timedelta(days=d), f"−{d} d" if d else "now") for d in (7, 6, 5, 4, 3, 2, 1, 0)],
+}
+
+
+def rollup_charts(points: list, range_name: str, step: timedelta) -> list[Chart]:
+    """Throughput and p95 run time over a range, one point per step of the
+    rollup (jobs.services.series), each held for its step."""
+    per = STEP_LABELS[range_name]
+    return [
+        _step_chart(
+            "Throughput",
+            f"jobs/{per}",
+            points,
+            [("succeeded", "s-succeeded", lambda p: p.succeeded), ("failed", "s-failed", lambda p: p.failed)],
+            range_name,
+            step,
+        ),
+        _step_chart(
+            "Run time p95", "seconds", points, [("p95", "s-running", _p95_seconds)], range_name, step, hold_gaps=False
+        ),
+    ]
+
+
+def _p95_seconds(point) -> float | None:
+    return None if point.run_p95_ms is None else point.run_p95_ms / 1000
+
+
+def _step_chart(
+    title: str,
+    unit: str,
+    points: list,
+    series: list[tuple[str, str, Callable]],
+    range_name: str,
+    step: timedelta,
+    *,
+    hold_gaps: bool = True,
+) -> Chart:
+    if not points:
+        return Chart(title, unit, [Series(n, c, "", 0.0) for n, c, _ in series], 1.0, [], [], empty=True)
+    start, end = points[0].at, points[-1].at + step
+    span = (end - start).total_seconds()
+    values = {name: [value(p) for p in points] for name, _, value in series}
+    y_max = _nice_ceiling(max([v for vs in values.values() for v in vs if v is not None] + [1.0]))
+
+    def x(at: datetime) -> float:
+        return PAD_LEFT + (WIDTH - PAD_LEFT - PAD_RIGHT) * (at - start).total_seconds() / span
+
+    def y(value: float) -> float:
+        return PAD_TOP + (HEIGHT - PAD_TOP - PAD_BOTTOM) * (1 - value / y_max)
+
+    drawn = []
+    for name, css, _ in series:
+        coords = []
+        for point, value in zip(points, values[name], strict=True):
+            if value is None:
+                if not hold_gaps:
+                    continue  # no attempt in this step: nothing to draw
+                value = 0.0
+            coords.append(f"{x(point.at):.1f},{y(value):.1f} {x(point.at + step):.1f},{y(value):.1f}")
+        total = sum(v for v in values[name] if v is not None)
+        peak = max((v for v in values[name] if v is not None), default=0.0)
+        drawn.append(Series(name, css, " ".join(coords), total if hold_gaps else peak))
+    y_ticks = [(round(y(v), 1), _label(v)) for v in (0, y_max / 2, y_max)]
+    ticks = RANGE_TICKS[range_name]
+    x_ticks = [
+        (round(x(end - offset), 1), label, "start" if i == 0 else "end" if i == len(ticks) - 1 else "middle")
+        for i, (offset, label) in enumerate(ticks)
+    ]
+    empty = not any(v for vs in values.values() for v in vs)
+    return Chart(title, unit, drawn, y_max, y_ticks, x_ticks, empty=empty)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import content, usage, views, webhooks
+from dashboard import content, usage, views, webhooks, workers
 
 app_name = "dashboard"
 urlpatterns = [
@@ -26,6 +26,8 @@ urlpatterns = [
     path("webhooks/deliveries/<uuid:delivery_id>/", webhooks.delivery_row, name="webhook-delivery"),
     path("webhooks/deliveries/<uuid:delivery_id>/redeliver", webhooks.redeliver, name="webhook-redeliver"),
     path("batches/<uuid:batch_id>/budget", usage.set_budget, name="batch-budget"),
+    path("workers/", workers.workers, name="workers"),
+    path("charts/", views.charts_page, name="charts"),
     path("batches/content/", content.new_content_batch, name="content-new"),
     path("batches/content/preview", content.preview_content_batch, name="content-preview"),
     path("batches/<uuid:batch_id>/content", content.batch_content, name="batch-content"),

@@ -7,6 +7,7 @@ Actions are POSTs that call one `jobs.services` function each.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -354,3 +355,39 @@ def dead_letter_action(request: HttpRequest, action: str) -> HttpResponse:
     # As for a single job: the stream re-renders the list (a list rendered here
     # could arrive after a newer one and hide a job that has died since).
     return HttpResponse(_notice(text))
+
+
+@login_required
+def charts_page(request: HttpRequest) -> HttpResponse:
+    """Throughput and run time over 1 h, 24 h or 7 days, for one queue or all,
+    and the per-kind table of the last hour and day, from the per-minute rollup."""
+    range_name = request.GET.get("range") or "1h"
+    queue = request.GET.get("queue") or None
+    errors = []
+    if range_name not in services.RANGES:
+        errors.append(f"range: {range_name!r} is not a range; choose one of {', '.join(services.RANGES)}.")
+        range_name = "1h"
+    if queue is not None and len(queue) > 100:
+        errors.append("queue: at most 100 characters.")
+        queue = None
+    points = services.series(range_name, queue=queue)
+    step = points[1].at - points[0].at
+    context = {
+        "range": range_name,
+        "ranges": list(services.RANGES),
+        "queue": queue or "",
+        "queues_known": sorted({q["queue"] for q in services.queue_stats(always=["default"])}),
+        "charts": charts.rollup_charts(points, range_name, step),
+        "tables": [
+            ("last hour", services.kind_table(timedelta(hours=1), queue=queue)),
+            ("last 24 hours", services.kind_table(timedelta(hours=24), queue=queue)),
+        ],
+        "rolled_until": services.rolled_until(),
+        "errors": errors,
+    }
+    status = 422 if errors else 200
+    if request.htmx:
+        return render(request, "dashboard/charts.html#rollup", context, status=status)
+    response = _page(request, "dashboard/charts.html", context, title="Charts", nav="charts", stream=None)
+    response.status_code = status
+    return response

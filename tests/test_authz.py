@@ -37,7 +37,8 @@ KEY_SCOPES = {KEY_SUBMIT: {"submit"}, KEY_READ: {"read"}, KEY_OPERATE: {"operate
 
 # Dashboard routes by URL name: the methods they answer and what they need.
 # "page": any signed-in user; "operate": staff with jobs.operate_job;
-# "submit": jobs.add_job or an operator.
+# "submit": jobs.add_job or an operator; "staff": a staff user (the workers
+# page names every tenant's running jobs).
 DASHBOARD = {
     "overview": {"GET": "page"},
     "jobs": {"GET": "page"},
@@ -64,6 +65,8 @@ DASHBOARD = {
     "webhook-disable": {"POST": "operate"},
     "webhook-delivery": {"GET": "page"},
     "webhook-redeliver": {"POST": "operate"},
+    "workers": {"GET": "staff"},
+    "charts": {"GET": "page"},  # counts and run times per kind, no job ids
     "webhook-delete": {"POST": "operate"},  # last: it removes the endpoint the others name
 }
 # Routes the matrix calls with a made-up id or slug: an allowed caller gets 404.
@@ -292,7 +295,7 @@ def _dashboard_expected(role: str, needs: str) -> str:
         return "allowed"
     if needs == "operate":
         return "allowed" if role == OPERATOR else "forbidden"
-    if needs == "submit":
+    if needs in ("submit", "staff"):
         return "allowed" if role == OPERATOR else "forbidden"
     raise AssertionError(needs)
 
@@ -625,3 +628,36 @@ def test_dashboard_routes_with_ids_answer_for_a_second_tenants_objects_as_the_mo
             if not ok:
                 failures.append((method, url, expected, response.status_code))
     assert not failures, failures
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("role", [READER, OPERATOR])
+def test_the_workers_page_shows_another_tenants_running_job_to_staff_only(role, heartbeat):
+    """The workers page names the job each worker runs, whoever owns it: staff
+    see it (and its kind), a signed-in non-staff user gets 403 on the page and
+    on its polled partial, and the charts (counts per kind, no job id) are open
+    to both."""
+    import socket
+
+    from jobs.engine.states import transition
+    from jobs.services import submit_job
+
+    callers = Callers()
+    owner = create_api_key("tenant-b", scopes=["submit", "read"]).api_key.owner
+    job = submit_job("demo.sleep", {"seconds": 1}, owner=owner).job
+    heartbeat("default", workers=1)  # worker pid 1000 on this host
+    transition(job.id, target=State.RUNNING, lease_owner=f"{socket.gethostname()}:1000")
+    client, headers = callers.client(role)
+    for extra in ({}, {"HX-Request": "true"}):
+        response = client.get("/workers/", headers={**headers, **extra})
+        if role == OPERATOR:
+            assert response.status_code == 200
+            assert str(job.id) in response.content.decode()
+            assert b"demo.sleep" in response.content
+        else:
+            assert response.status_code == 403
+            assert str(job.id).encode() not in response.content
+            assert str(job.id)[:8].encode() not in response.content
+    charts = client.get("/charts/?range=24h", headers=headers)
+    assert charts.status_code == 200
+    assert str(job.id)[:8].encode() not in charts.content

@@ -83,19 +83,24 @@ def _same(previous: dict, current: dict) -> bool:
     return stable(previous) == stable(current)
 
 
-def clusters_online() -> list[dict[str, Any]]:
-    """The Django-Q2 clusters that reported in the last few seconds (their
-    stats live in the database cache, so every process sees every cluster)."""
+def cluster_stats() -> list:
+    """Django-Q2's `Stat` of every cluster that reported in the last few
+    seconds; none when the cache cannot be read."""
     from django_q.status import Stat
 
     try:
-        stats = Stat.get_all()
+        return Stat.get_all()
     except Exception:  # noqa: BLE001 - a broken cache must not break the dashboard
         log.exception("reading Django-Q2 cluster stats failed")
         return []
+
+
+def clusters_online() -> list[dict[str, Any]]:
+    """The Django-Q2 clusters that reported in the last few seconds (their
+    stats live in the database cache, so every process sees every cluster)."""
     now = timezone.now()
     clusters = []
-    for stat in stats:
+    for stat in cluster_stats():
         tob = getattr(stat, "tob", None)
         clusters.append(
             {

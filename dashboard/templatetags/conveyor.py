@@ -85,3 +85,15 @@ def took(start: datetime | None, end: datetime | None) -> str:
         return "–"
     seconds = (end - start).total_seconds()
     return f"{seconds:.1f} s" if seconds < 10 else duration(seconds)
+
+
+@register.filter
+def ms(value: float | None) -> str:
+    """Milliseconds as "850 ms", "2.4 s" or "3.1 min"; "–" for none."""
+    if value is None:
+        return "–"
+    if value < 1000:
+        return f"{value:.0f} ms"
+    if value < 60_000:
+        return f"{value / 1000:.1f} s"
+    return f"{value / 60_000:.1f} min"

@@ -14,7 +14,10 @@ multiprocessing Lock is a semaphore: any process may release it). A live
 holder is never second-guessed, however slow.
 
 Its heartbeat (the `Stat` it saves every half second) also names the queue the
-cluster serves, for /readyz and /metrics.
+cluster serves, for /readyz and /metrics, and carries each worker's memory
+(`conveyor_memory`: pid -> (RSS, PSS) bytes, read at most every
+MEMORY_EVERY_SECONDS) for the workers page: in the same pickled row, so the
+heartbeat is still one write.
 
 A SIGTERM stops the cluster gracefully: workers finish the task in hand, which
 takes as long as it takes. But with its database unreachable (a network gone
@@ -51,6 +54,8 @@ log = logging.getLogger(__name__)
 CHECK_EVERY_SECONDS = 0.5
 STOP_CHECK_SECONDS = 1
 PROBE_TIMEOUT_SECONDS = 3
+# Reading a process's PSS walks its memory map: not every half second.
+MEMORY_EVERY_SECONDS = 2.0
 
 
 NAME = "django-q2-cluster"
@@ -82,6 +87,7 @@ def _install() -> None:
         # The queue the cluster serves, which Django-Q2's heartbeat leaves out:
         # /readyz and /metrics count clusters per queue (jobs/metrics.py).
         self.queue = sentinel.queue_name()
+        self.conveyor_memory = worker_memory(self.workers)
 
     Stat.__init__ = stat_init
 
@@ -193,6 +199,30 @@ def database_answers() -> bool:
     except psycopg.Error as exc:
         return exc.sqlstate is not None
     return True
+
+
+_memory: dict[int, tuple[float, tuple[int, int | None]]] = {}
+
+
+def worker_memory(pids: list[int]) -> dict[int, tuple[int, int | None]]:
+    """pid -> (RSS, PSS) in bytes of each live process in `pids` (PSS None
+    where the system does not tell), each read at most every MEMORY_EVERY_SECONDS."""
+    now = time.monotonic()
+    for pid in list(_memory):
+        if pid not in pids:
+            del _memory[pid]
+    found = {}
+    for pid in pids:
+        read_at, value = _memory.get(pid, (0.0, None))
+        if value is None or now - read_at >= MEMORY_EVERY_SECONDS:
+            try:
+                info = psutil.Process(pid).memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            value = (info.rss, getattr(info, "pss", None))
+            _memory[pid] = (now, value)
+        found[pid] = value
+    return found
 
 
 def _alive(pid: int) -> bool:
