@@ -186,7 +186,8 @@ RANGE_TICKS = {
 
 def rollup_charts(points: list, range_name: str, step: timedelta) -> list[Chart]:
     """Throughput and p95 run time over a range, one point per step of the
-    rollup (jobs.services.series), each held for its step."""
+    rollup (jobs.services.series), each held for its step. Each Series'
+    `points` is an SVG path (`d`), not a polyline's points."""
     per = STEP_LABELS[range_name]
     return [
         _step_chart(
@@ -232,13 +233,20 @@ def _step_chart(
 
     drawn = []
     for name, css, _ in series:
+        # An SVG path: "M" starts a stretch, "L" continues it; a step without
+        # attempts (no run time) leaves a gap rather than a line across it.
         coords = []
+        joined = False
         for point, value in zip(points, values[name], strict=True):
             if value is None:
                 if not hold_gaps:
-                    continue  # no attempt in this step: nothing to draw
+                    joined = False
+                    continue
                 value = 0.0
-            coords.append(f"{x(point.at):.1f},{y(value):.1f} {x(point.at + step):.1f},{y(value):.1f}")
+            coords.append(
+                f"{'L' if joined else 'M'}{x(point.at):.1f},{y(value):.1f} L{x(point.at + step):.1f},{y(value):.1f}"
+            )
+            joined = True
         total = sum(v for v in values[name] if v is not None)
         peak = max((v for v in values[name] if v is not None), default=0.0)
         drawn.append(Series(name, css, " ".join(coords), total if hold_gaps else peak))

@@ -11,6 +11,7 @@ from datetime import timedelta
 from urllib.parse import urlencode
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -376,7 +377,9 @@ def charts_page(request: HttpRequest) -> HttpResponse:
         "range": range_name,
         "ranges": list(services.RANGES),
         "queue": queue or "",
-        "queues_known": sorted({q["queue"] for q in services.queue_stats(always=["default"])}),
+        "queues_known": sorted(
+            {*settings.CONVEYOR_QUEUES, *(q["queue"] for q in services.queue_stats(always=["default"]))}
+        ),
         "charts": charts.rollup_charts(points, range_name, step),
         "tables": [
             ("last hour", services.kind_table(timedelta(hours=1), queue=queue)),
