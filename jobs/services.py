@@ -196,3 +196,34 @@ __all__ += [
 from jobs.llm.usage import OwnerUsage, Usage, owner_usage, set_batch_budget, waiting_on_budget  # noqa: E402
 
 __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_on_budget"]
+
+
+# --- Recurring schedules ---------------------------------------------------------
+
+from jobs.engine.scheduling import (  # noqa: E402
+    InvalidSchedule,
+    ScheduleNotFound,
+    create_schedule,
+    delete_schedule,
+    get_schedule,
+    list_schedules,
+    run_now,
+    set_enabled,
+    tick_due,
+    update_schedule,
+    upcoming,
+)
+
+__all__ += [
+    "InvalidSchedule",
+    "ScheduleNotFound",
+    "create_schedule",
+    "delete_schedule",
+    "get_schedule",
+    "list_schedules",
+    "run_now",
+    "set_enabled",
+    "tick_due",
+    "upcoming",
+    "update_schedule",
+]
