@@ -368,6 +368,7 @@ def _fire(schedule: Schedule, now: datetime) -> Fired:
         ).job
         schedule.last_job = job
         schedule.last_error = ""
+        log.info("schedule %s: tick %s submitted job %s", schedule.name, tick.isoformat(), job.id)
     except (InvalidJob, IdempotencyKeyReused) as exc:
         # The kind or its schema changed under a stored schedule: the tick
         # passes, and the schedule says why.
@@ -394,6 +395,7 @@ def run_ticker(stop: threading.Event) -> None:
     listener.start()
     synced = False
     backoff = 0.5
+    log.info("schedules loop started")
     while not stop.is_set():
         delay = MAX_SLEEP_SECONDS
         try:
