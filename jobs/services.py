@@ -201,23 +201,28 @@ __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_o
 # --- Recurring schedules ---------------------------------------------------------
 
 from jobs.engine.scheduling import (  # noqa: E402
+    MAX_INTERVAL,
     InvalidSchedule,
     ScheduleNotFound,
     create_schedule,
+    cron_error,
     delete_schedule,
     get_schedule,
     list_schedules,
     run_now,
     set_enabled,
     tick_due,
-    update_schedule,
     upcoming,
+    update_schedule,
+    zone_error,
 )
 
 __all__ += [
+    "MAX_INTERVAL",
     "InvalidSchedule",
     "ScheduleNotFound",
     "create_schedule",
+    "cron_error",
     "delete_schedule",
     "get_schedule",
     "list_schedules",
@@ -226,4 +231,5 @@ __all__ += [
     "tick_due",
     "upcoming",
     "update_schedule",
+    "zone_error",
 ]

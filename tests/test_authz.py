@@ -64,6 +64,14 @@ DASHBOARD = {
     "webhook-disable": {"POST": "operate"},
     "webhook-delivery": {"GET": "page"},
     "webhook-redeliver": {"POST": "operate"},
+    "schedules": {"GET": "page", "POST": "operate"},
+    "schedule-preview": {"GET": "page"},
+    "schedule-rows": {"GET": "page"},
+    "schedule": {"GET": "page", "POST": "operate"},
+    "schedule-run": {"POST": "operate"},
+    "schedule-enable": {"POST": "operate"},
+    "schedule-disable": {"POST": "operate"},
+    "schedule-delete": {"POST": "operate"},  # after the others: it removes the schedule they name
     "webhook-delete": {"POST": "operate"},  # last: it removes the endpoint the others name
 }
 # Routes the matrix calls with a made-up id or slug: an allowed caller gets 404.
@@ -293,6 +301,8 @@ def _dashboard_url(name: str, objects: dict[str, str]) -> str:
         kwargs = {"delivery_id": objects["delivery_id"]}
     elif name == "webhook":
         kwargs = {"endpoint_id": objects["endpoint_id"]}
+    elif name == "schedule" or (name.startswith("schedule-") and name not in ("schedule-preview", "schedule-rows")):
+        kwargs = {"name": objects["name"]}
     url = reverse(f"dashboard:{name}", kwargs=kwargs)
     return url + ("?kind=demo.noop" if name == "submit" else "")
 

@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from jobs.api import problems
 from jobs.api.content import router as content_router
 from jobs.api.parsing import ApiParser
-from jobs.api.schemas import BatchCsvForm, BatchIn, ProblemOut
 from jobs.api.schedules import router as schedules_router
+from jobs.api.schemas import BatchCsvForm, BatchIn, ProblemOut
 from jobs.api.views import router
 from jobs.api.webhooks import router as webhooks_router
 

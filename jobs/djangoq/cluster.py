@@ -71,6 +71,8 @@ def add_cluster_thread(name: str, target: Callable[[threading.Event], None]) -> 
 def start_cluster_threads(sentinel) -> None:
     for name, target in CLUSTER_THREADS:
         threading.Thread(target=target, args=(sentinel.stop_event,), name=name, daemon=True).start()
+
+
 PACKAGE = "django-q2"
 VERSIONS = ("1.11.1",)
 

@@ -26,10 +26,9 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from zoneinfo import ZoneInfo, available_timezones
 
 import psycopg
 from cronsim import CronSim, CronSimError
@@ -98,7 +97,12 @@ def zone_error(name: Any) -> str | None:
 
 
 def next_tick(
-    *, cron: str = "", interval_seconds: int | None = None, tz: str = "UTC", after: datetime, anchor: datetime | None = None
+    *,
+    cron: str = "",
+    interval_seconds: int | None = None,
+    tz: str = "UTC",
+    after: datetime,
+    anchor: datetime | None = None,
 ) -> datetime:
     """The first tick strictly after `after` (UTC). A cron expression is read
     in zone `tz`; an interval counts from `anchor` (the previous tick), or
@@ -106,7 +110,7 @@ def next_tick(
     if cron:
         expression = ALIASES.get(cron.strip(), cron.strip())
         local = after.astimezone(ZoneInfo(tz))
-        return next(iter(CronSim(expression, local))).astimezone(dt_timezone.utc)
+        return next(iter(CronSim(expression, local))).astimezone(UTC)
     step = timedelta(seconds=interval_seconds)
     if anchor is None:
         return after.replace(microsecond=0) + step
@@ -320,7 +324,7 @@ class Fired:
 
 
 def idempotency_key(name: str, tick: datetime) -> str:
-    return f"schedule:{name}:{tick.astimezone(dt_timezone.utc).isoformat()}"
+    return f"schedule:{name}:{tick.astimezone(UTC).isoformat()}"
 
 
 def tick_due(now: datetime | None = None) -> list[Fired]:
@@ -425,7 +429,7 @@ def _listen(stop: threading.Event, wake: threading.Event) -> None:
                 backoff = 0.5
                 wake.set()  # changes may have come while not listening
                 while not stop.is_set():
-                    for _notify_ in listener.notifies(timeout=1.0):
+                    for _ in listener.notifies(timeout=1.0):
                         wake.set()
         except psycopg.Error as exc:
             log.warning("schedules LISTEN connection lost (%s); reconnecting in %.1f s", exc, backoff)

@@ -18,7 +18,9 @@ NIGHTLY = {"name": "nightly", "kind": "demo.sleep", "payload": {"seconds": 1}, "
 
 class Api(ApiClient):
     def patch(self, path: str, body):
-        return self.client.patch("/api/v1" + path, json.dumps(body), content_type="application/json", headers=self.headers)
+        return self.client.patch(
+            "/api/v1" + path, json.dumps(body), content_type="application/json", headers=self.headers
+        )
 
     def delete(self, path: str):
         return self.client.delete("/api/v1" + path, headers=self.headers)
@@ -54,7 +56,11 @@ def test_create_read_update_delete(alice):
     # Switching to an interval drops the cron expression.
     patched = alice.patch("/schedules/nightly", {"interval_seconds": 30, "overlap": "allow"})
     assert patched.status_code == 200, patched.content
-    assert (patched.json()["cron"], patched.json()["interval_seconds"], patched.json()["overlap"]) == (None, 30, "allow")
+    assert (patched.json()["cron"], patched.json()["interval_seconds"], patched.json()["overlap"]) == (
+        None,
+        30,
+        "allow",
+    )
     disabled = alice.patch("/schedules/nightly", {"enabled": False}).json()
     assert (disabled["enabled"], disabled["next_run_at"]) == (False, None)
 
