@@ -201,6 +201,9 @@ __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_o
 # --- Recurring schedules ---------------------------------------------------------
 
 from jobs.engine.scheduling import (  # noqa: E402
+    FORM_FIELDS as SCHEDULE_FIELDS,
+)
+from jobs.engine.scheduling import (  # noqa: E402
     MAX_INTERVAL,
     InvalidSchedule,
     ScheduleNotFound,
@@ -216,9 +219,14 @@ from jobs.engine.scheduling import (  # noqa: E402
     update_schedule,
     zone_error,
 )
+from jobs.engine.scheduling import (  # noqa: E402
+    clean as validate_schedule,
+)
 
 __all__ += [
     "MAX_INTERVAL",
+    "SCHEDULE_FIELDS",
+    "validate_schedule",
     "InvalidSchedule",
     "ScheduleNotFound",
     "create_schedule",

@@ -55,6 +55,7 @@ MAX_INTERVAL = 366 * 24 * 3600
 MAX_SLEEP_SECONDS = 30.0  # a backstop only: changes wake the loop at once
 FIELDS = ("kind", "payload", "cron", "interval_seconds", "timezone", "enabled", "overlap", "queue", "priority")
 FIELDS += ("max_attempts",)
+FORM_FIELDS = ("name", *FIELDS)  # what a form edits
 # What a start writes over from the code: not `enabled`, which an operator may have changed.
 SYNCED = tuple(f for f in FIELDS if f != "enabled")
 
