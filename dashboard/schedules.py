@@ -179,7 +179,8 @@ def preview(request: HttpRequest) -> HttpResponse:
         error = "" if interval.isdigit() and 1 <= int(interval) <= services.MAX_INTERVAL else "The interval must be"
         error = f"{error} a whole number of seconds from 1 to {services.MAX_INTERVAL}." if error else ""
     else:
-        error = "Type a cron expression or an interval to see its next runs."
+        context = {"hint": "Type a cron expression or an interval to see its next runs."}
+        return render(request, "dashboard/partials/schedules.html#preview", context)
     zone_problem = services.zone_error(tz)
     if not error and zone_problem:
         error = f"The time zone {zone_problem}."

@@ -133,7 +133,9 @@ class Command(BaseCommand):
         if run:
             self.stdout.write(str(services.run_now(run).id))
             return
-        self.stdout.write(f"{'name':<24}{'kind':<18}{'when':<22}{'zone':<16}{'enabled':<9}{'next run (UTC)':<21}last job")
+        self.stdout.write(
+            f"{'name':<24}{'kind':<18}{'when':<22}{'zone':<16}{'enabled':<9}{'next run (UTC)':<21}last job"
+        )
         for s in services.list_schedules():
             when = s.cron or f"every {s.interval_seconds}s"
             next_run = f"{s.next_run_at:%Y-%m-%d %H:%M:%S}" if s.next_run_at else "-"
