@@ -9,7 +9,7 @@ import pytest
 
 from jobs.models import Job, Schedule
 from tests.conftest import wait_until
-from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
+from tests.e2e.test_browser import browser, context, operator, shot, sign_in  # noqa: F401 - fixtures
 from tests.e2e.test_sse_two_daphnes import start_daphne
 
 pytestmark = pytest.mark.processes
@@ -25,11 +25,7 @@ def test_an_operator_previews_creates_and_watches_a_schedule(
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{base}/accounts/login/?next=/schedules/")
-    page.fill("input[name=username]", "olga")
-    page.fill("input[name=password]", "conveyor-pw")
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/schedules/")
+    sign_in(page, base, "/schedules/")
     assert page.locator("nav a[aria-current=page]").inner_text() == "Schedules"
 
     # The preview follows the typing: an incomplete expression is refused,
