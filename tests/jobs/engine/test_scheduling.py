@@ -255,3 +255,17 @@ def test_an_invalid_code_schedule_is_not_synced():
         assert not Schedule.objects.exists()
     finally:
         scheduling.forget_declared("broken")
+
+
+@pytest.mark.django_db
+def test_purging_the_last_job_leaves_the_schedule_without_one():
+    from jobs.engine.retention import purge_finished
+
+    schedule = make_schedule()
+    tick_due(now=schedule.next_run_at)
+    job = Job.objects.get()
+    Job.objects.filter(id=job.id).update(state=State.SUCCEEDED, finished_at=schedule.next_run_at - timedelta(days=400))
+    purge_finished()
+    assert not Job.objects.exists()
+    schedule.refresh_from_db()
+    assert schedule.last_job_id is None
