@@ -37,7 +37,7 @@ from django.utils import timezone
 
 from jobs.djangoq.broker import listen_params
 from jobs.engine.submission import prepare_job, submit_job
-from jobs.errors import ConveyorError, IdempotencyKeyReused, InvalidJob
+from jobs.errors import ConveyorError, InvalidJob
 from jobs.models import ACTIVE_STATES, Job, Schedule
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ ALIASES = {
 NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 MAX_INTERVAL = 366 * 24 * 3600
 MAX_SLEEP_SECONDS = 30.0  # a backstop only: changes wake the loop at once
+MIN_SLEEP_SECONDS = 0.05
 FIELDS = ("kind", "payload", "cron", "interval_seconds", "timezone", "enabled", "overlap", "queue", "priority")
 FIELDS += ("max_attempts",)
 FORM_FIELDS = ("name", *FIELDS)  # what a form edits
@@ -374,9 +375,9 @@ def _fire(schedule: Schedule, now: datetime) -> Fired:
         schedule.last_job = job
         schedule.last_error = ""
         log.info("schedule %s: tick %s submitted job %s", schedule.name, tick.isoformat(), job.id)
-    except (InvalidJob, IdempotencyKeyReused) as exc:
-        # The kind or its schema changed under a stored schedule: the tick
-        # passes, and the schedule says why.
+    except ConveyorError as exc:
+        # The kind or its schema changed under a stored schedule (or the key
+        # was used with another request): the tick passes, and the schedule says why.
         log.warning("schedule %s: tick %s not submitted: %s", schedule.name, tick.isoformat(), exc.message)
         schedule.last_error = exc.message
     schedule.last_run_at = now
@@ -411,11 +412,17 @@ def run_ticker(stop: threading.Event) -> None:
             tick_due()
             due = seconds_until_due()
             if due is not None:
-                delay = min(delay, due + 0.002)
+                # A schedule still due is being fired by another cluster (its
+                # row was locked): look again shortly, not in a tight loop.
+                delay = min(delay, max(due + 0.002, MIN_SLEEP_SECONDS))
             backoff = 0.5
         except DatabaseError as exc:
             log.warning("schedules: database error (%s); trying again in %.1f s", exc, backoff)
             connection.close()
+            delay, backoff = backoff, min(backoff * 2, 10.0)
+        except Exception:
+            # A bug must not end the loop of every schedule for good.
+            log.exception("schedules: the loop failed; trying again in %.1f s", backoff)
             delay, backoff = backoff, min(backoff * 2, 10.0)
         wake.wait(delay)
     connection.close()

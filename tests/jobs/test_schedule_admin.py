@@ -30,6 +30,10 @@ def test_the_admin_creates_validates_and_deletes_schedules(admin_client):
     schedule = Schedule.objects.get()
     assert schedule.next_run_at is not None and schedule.owner.startswith("user:")
     assert admin_client.get("/admin/jobs/schedule/").status_code == 200
+    changed = admin_client.post(f"/admin/jobs/schedule/{schedule.pk}/change/", {**form, "cron": "@hourly"})
+    assert changed.status_code == 302, changed.content.decode()[-2000:]
+    schedule.refresh_from_db()
+    assert (schedule.name, schedule.cron) == ("nightly", "@hourly")
     admin_client.post("/admin/jobs/schedule/", {"action": "run_now", "_selected_action": [schedule.pk]})
     assert Job.objects.filter(kind="demo.noop").count() == 1
     admin_client.post(f"/admin/jobs/schedule/{schedule.pk}/delete/", {"post": "yes"})
