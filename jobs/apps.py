@@ -22,6 +22,6 @@ class JobsConfig(AppConfig):
         post_migrate.connect(ensure_schedules, sender=self)
         # Recurring schedules: code-declared ones written after migrate, and
         # a loop in each cluster that fires them (jobs/engine/scheduling.py).
-        post_migrate.connect(scheduling.sync_declared, sender=self, dispatch_uid="conveyor-sync-schedules")
+        post_migrate.connect(scheduling.sync_after_migrate, sender=self, dispatch_uid="conveyor-sync-schedules")
         cluster.add_cluster_thread("conveyor-schedules", scheduling.run_ticker)
         cluster.install()

@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo, available_timezones
 
 import psycopg
 from cronsim import CronSim, CronSimError
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, connections, transaction
 from django.utils import timezone
 
 from jobs.djangoq.broker import listen_params
@@ -495,7 +495,13 @@ def forget_declared(name: str) -> None:
     _DECLARED.pop(name, None)
 
 
-def sync_declared(**_signal_kwargs: Any) -> list[str]:
+def sync_after_migrate(using: str = "default", **_signal_kwargs: Any) -> None:
+    """post_migrate: sync, unless the migrations run stopped before the table."""
+    if Schedule._meta.db_table in connections[using].introspection.table_names():
+        sync_declared()
+
+
+def sync_declared() -> list[str]:
     """Write the declared schedules into the table (idempotent): create the
     new ones, update the changed ones (their next tick is kept unless their
     timing changed), delete code schedules no longer declared. A declaration

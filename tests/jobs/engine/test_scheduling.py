@@ -269,3 +269,15 @@ def test_purging_the_last_job_leaves_the_schedule_without_one():
     assert not Job.objects.exists()
     schedule.refresh_from_db()
     assert schedule.last_job_id is None
+
+
+@pytest.mark.django_db
+def test_migrate_writes_the_declared_schedules():
+    from django.core.management import call_command
+
+    scheduling.schedule("from-migrate", "demo.noop", cron="@daily")
+    try:
+        call_command("migrate", "jobs", verbosity=0)
+        assert Schedule.objects.get(name="from-migrate").source == "code"
+    finally:
+        scheduling.forget_declared("from-migrate")
