@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import content, usage, views, webhooks, workers
+from dashboard import content, schedules, usage, views, webhooks, workers
 
 app_name = "dashboard"
 urlpatterns = [
@@ -25,6 +25,14 @@ urlpatterns = [
     path("webhooks/<uuid:endpoint_id>/delete", webhooks.delete_endpoint, name="webhook-delete"),
     path("webhooks/deliveries/<uuid:delivery_id>/", webhooks.delivery_row, name="webhook-delivery"),
     path("webhooks/deliveries/<uuid:delivery_id>/redeliver", webhooks.redeliver, name="webhook-redeliver"),
+    path("schedules/", schedules.schedule_list, name="schedules"),
+    path("schedules/preview", schedules.preview, name="schedule-preview"),
+    path("schedules/rows", schedules.schedule_rows, name="schedule-rows"),
+    path("schedules/<str:name>/", schedules.schedule_detail, name="schedule"),
+    path("schedules/<str:name>/run", schedules.run_now, name="schedule-run"),
+    path("schedules/<str:name>/enable", schedules.set_enabled, {"enabled": True}, name="schedule-enable"),
+    path("schedules/<str:name>/disable", schedules.set_enabled, {"enabled": False}, name="schedule-disable"),
+    path("schedules/<str:name>/delete", schedules.delete, name="schedule-delete"),
     path("batches/<uuid:batch_id>/budget", usage.set_budget, name="batch-budget"),
     path("workers/", workers.workers, name="workers"),
     path("charts/", views.charts_page, name="charts"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -20,6 +21,7 @@ from jobs.models import (
     Batch,
     Job,
     JobEvent,
+    Schedule,
     TokenUsage,
     WebhookAttempt,
     WebhookDelivery,
@@ -368,3 +370,69 @@ class TokenUsageAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+# --- schedules -------------------------------------------------------------------
+
+
+class ScheduleAdminForm(forms.ModelForm):
+    """Validated as the API and the dashboard validate (cron, zone, kind, payload)."""
+
+    class Meta:
+        model = Schedule
+        fields = services.SCHEDULE_FIELDS
+
+    def clean(self):
+        data = super().clean()
+        name = self.instance.name if self.instance.pk else data.get("name")
+        try:
+            self.cleaned_schedule = services.validate_schedule({**data, "name": name})
+        except services.InvalidSchedule as exc:
+            for error in exc.errors:
+                field = error["field"].split(".", 1)[0]
+                self.add_error(field if field in self.fields else None, f"{error['field']}: {error['message']}")
+        return data
+
+
+@admin.register(Schedule)
+class ScheduleAdmin(admin.ModelAdmin):
+    """Saving and deleting go through `jobs.services` (which wake the clusters'
+    loops and compute the next tick)."""
+
+    form = ScheduleAdminForm
+    list_display = ("name", "kind", "expression", "timezone", "enabled", "next_run_at", "last_job", "skipped", "owner")
+    list_filter = ("enabled", "source", "kind")
+    search_fields = ("name", "kind", "owner")
+    readonly_fields = ("owner", "source", "next_run_at", "last_run_at", "last_job", "last_error", "skipped")
+    readonly_fields += ("last_skipped_at", "created_at", "updated_at")
+    actions = ["run_now"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return (*self.readonly_fields, "name") if obj else self.readonly_fields
+
+    def save_model(self, request, obj, form, change) -> None:
+        fields = dict(form.cleaned_schedule)
+        if change:
+            fields.pop("name")
+            saved = services.update_schedule(obj.name, **fields)
+        else:
+            saved = services.create_schedule(owner=f"user:{request.user.pk}", **fields)
+        obj.pk = saved.pk
+        obj.refresh_from_db()
+
+    def delete_model(self, request, obj) -> None:
+        services.delete_schedule(obj.name)
+
+    def delete_queryset(self, request, queryset: QuerySet) -> None:
+        for schedule in queryset:
+            services.delete_schedule(schedule.name)
+
+    @admin.action(description="Run the selected schedules now", permissions=["change"])
+    def run_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for schedule in queryset:
+            try:
+                job = services.run_now(schedule.name)
+            except ConveyorError as exc:
+                self.message_user(request, f"{schedule.name}: {exc.message}", messages.ERROR)
+            else:
+                self.message_user(request, f"{schedule.name}: submitted job {job.id}")

@@ -448,3 +448,61 @@ class RollupCursor(models.Model):
 
     def __str__(self) -> str:
         return f"rolled until {self.rolled_until:%Y-%m-%d %H:%M}"
+
+
+# --- Recurring schedules (jobs/engine/scheduling.py) ----------------------------------
+
+
+class Schedule(models.Model):
+    """A job submitted again and again: on a cron expression or every N seconds,
+    in a time zone. `next_run_at` is the next tick; the cluster that moves it
+    forward (a conditional UPDATE) is the one that submits the tick's job."""
+
+    class Overlap(models.TextChoices):
+        SKIP = "skip"  # a tick while the previous job is unfinished submits nothing
+        ALLOW = "allow"
+
+    class Source(models.TextChoices):
+        CODE = "code"  # declared with jobs.engine.scheduling.schedule(), synced at start
+        RUNTIME = "runtime"  # created through the API, the dashboard or the admin
+
+    name = models.CharField(max_length=100, unique=True)
+    owner = models.CharField(max_length=100, blank=True, default="", help_text='"apikey:<id>", "user:<id>" or "".')
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.RUNTIME)
+    kind = models.CharField(max_length=100)
+    payload = models.JSONField(default=dict, blank=True)
+    cron = models.CharField(max_length=200, blank=True, default="", help_text="Five fields, or @hourly/@daily/…")
+    interval_seconds = models.PositiveIntegerField(null=True, blank=True)
+    timezone = models.CharField(max_length=64, default="UTC", help_text="IANA name, e.g. Europe/Berlin.")
+    enabled = models.BooleanField(default=True)
+    overlap = models.CharField(max_length=10, choices=Overlap.choices, default=Overlap.SKIP)
+    queue = models.CharField(max_length=100, blank=True, default="", help_text="Empty: the kind's queue.")
+    priority = models.SmallIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the kind's.")
+
+    next_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    last_error = models.TextField(blank=True, default="")
+    skipped = models.PositiveIntegerField(default=0, help_text="Ticks skipped while the previous job was unfinished.")
+    last_skipped_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(cron="") & Q(interval_seconds__isnull=False))
+                | (~Q(cron="") & Q(interval_seconds__isnull=True)),
+                name="schedule_cron_xor_interval",
+            ),
+        ]
+        indexes = [models.Index(fields=["next_run_at"], condition=Q(enabled=True), name="schedule_due")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def expression(self) -> str:
+        return self.cron or f"every {self.interval_seconds} s"

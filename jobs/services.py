@@ -203,3 +203,46 @@ __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_o
 from jobs.engine.rollup import RANGES, KindFigures, Point, kind_table, roll_up, rolled_until, series  # noqa: E402
 
 __all__ += ["RANGES", "KindFigures", "Point", "kind_table", "roll_up", "rolled_until", "series"]
+# --- Recurring schedules ---------------------------------------------------------
+
+from jobs.engine.scheduling import (  # noqa: E402
+    FORM_FIELDS as SCHEDULE_FIELDS,
+)
+from jobs.engine.scheduling import (  # noqa: E402
+    MAX_INTERVAL,
+    InvalidSchedule,
+    ScheduleNotFound,
+    create_schedule,
+    cron_error,
+    delete_schedule,
+    get_schedule,
+    list_schedules,
+    run_now,
+    set_enabled,
+    tick_due,
+    upcoming,
+    update_schedule,
+    zone_error,
+)
+from jobs.engine.scheduling import (  # noqa: E402
+    clean as validate_schedule,
+)
+
+__all__ += [
+    "MAX_INTERVAL",
+    "SCHEDULE_FIELDS",
+    "validate_schedule",
+    "InvalidSchedule",
+    "ScheduleNotFound",
+    "create_schedule",
+    "cron_error",
+    "delete_schedule",
+    "get_schedule",
+    "list_schedules",
+    "run_now",
+    "set_enabled",
+    "tick_due",
+    "upcoming",
+    "update_schedule",
+    "zone_error",
+]

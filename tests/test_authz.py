@@ -23,7 +23,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from dashboard.routing import http_urlpatterns as sse_patterns
 from jobs.api.app import api
 from jobs.engine.apikeys import create_api_key, revoke_api_key
-from jobs.models import Job, State, WebhookEndpoint
+from jobs.models import Job, Schedule, State, WebhookEndpoint
 from tests.dashboard.conftest import SSEClient, running_hub, session_cookie
 from tests.jobs.api.conftest import make_dead
 
@@ -67,6 +67,14 @@ DASHBOARD = {
     "webhook-redeliver": {"POST": "operate"},
     "workers": {"GET": "staff"},
     "charts": {"GET": "page"},  # counts and run times per kind, no job ids
+    "schedules": {"GET": "page", "POST": "operate"},
+    "schedule-preview": {"GET": "page"},
+    "schedule-rows": {"GET": "page"},
+    "schedule": {"GET": "page", "POST": "operate"},
+    "schedule-run": {"POST": "operate"},
+    "schedule-enable": {"POST": "operate"},
+    "schedule-disable": {"POST": "operate"},
+    "schedule-delete": {"POST": "operate"},  # after the others: it removes the schedule they name
     "webhook-delete": {"POST": "operate"},  # last: it removes the endpoint the others name
 }
 # Routes the matrix calls with a made-up id or slug: an allowed caller gets 404.
@@ -109,6 +117,12 @@ API = {
     ("POST", "/jobs/{job_id}/deliveries/{delivery_id}/redeliver"): "operate",
     ("GET", "/batches/{batch_id}/deliveries"): "read",
     ("POST", "/batches/{batch_id}/deliveries/{delivery_id}/redeliver"): "operate",
+    ("GET", "/schedules"): "read",
+    ("POST", "/schedules"): "operate",
+    ("GET", "/schedules/{name}"): "read",
+    ("PATCH", "/schedules/{name}"): "operate",
+    ("DELETE", "/schedules/{name}"): "operate",
+    ("POST", "/schedules/{name}/run"): "operate",
 }
 # django-ninja's own views: the OpenAPI document and its viewer are public.
 API_DOCS = {"openapi-json": "/api/v1/openapi.json", "openapi-view": "/api/v1/docs"}
@@ -132,6 +146,7 @@ API_BODIES = {
     ("POST", "/dlq/retry"): {"ids": []},
     ("POST", "/dlq/discard"): {"ids": []},
     ("POST", "/webhooks"): {"url": "http://127.0.0.1:9/other-hook", "event_types": ["job.dead"]},
+    ("POST", "/schedules"): {"name": "made-by-the-matrix", "kind": "demo.noop", "cron": "@daily"},
 }
 HOOK_URL = "http://127.0.0.1:9/hook"
 
@@ -175,9 +190,9 @@ class Callers:
 
 
 def _objects(owner: str) -> dict[str, str]:
-    """A dead job, a batch and a webhook endpoint of `owner`: what the path
-    parameters name, so that a caller who may act reaches the operation."""
-    from jobs.services import create_endpoint, submit_batch, submit_job
+    """A dead job, a batch, a webhook endpoint and a schedule of `owner`: what
+    the path parameters name, so that a caller who may act reaches the operation."""
+    from jobs.services import create_endpoint, create_schedule, submit_batch, submit_job
 
     job = submit_job("demo.noop", {}, owner=owner).job
     make_dead(job.id)
@@ -185,7 +200,12 @@ def _objects(owner: str) -> dict[str, str]:
     endpoint = WebhookEndpoint.objects.filter(owner=owner).first()
     if endpoint is None:
         endpoint = create_endpoint(owner=owner, url=HOOK_URL, event_types=["job.dead"]).endpoint
+    schedule = Schedule.objects.filter(owner=owner).first()
+    if schedule is None:
+        name = "of-" + re.sub(r"[^A-Za-z0-9_.:-]", "-", owner)
+        schedule = create_schedule(owner=owner, name=name, kind="demo.noop", cron="@daily")
     return {
+        "name": schedule.name,
         "job_id": str(job.id),
         "batch_id": str(batch.id),
         "endpoint_id": str(endpoint.id),
@@ -284,6 +304,8 @@ def _dashboard_url(name: str, objects: dict[str, str]) -> str:
         kwargs = {"delivery_id": objects["delivery_id"]}
     elif name == "webhook":
         kwargs = {"endpoint_id": objects["endpoint_id"]}
+    elif name == "schedule" or (name.startswith("schedule-") and name not in ("schedule-preview", "schedule-rows")):
+        kwargs = {"name": objects["name"]}
     url = reverse(f"dashboard:{name}", kwargs=kwargs)
     return url + ("?kind=demo.noop" if name == "submit" else "")
 
@@ -513,7 +535,10 @@ OWNER_ONLY = {
     ("POST", "/webhooks/{uuidstr:endpoint_id}/disable"),
     ("POST", "/webhooks/{uuidstr:endpoint_id}/enable"),
 }
-PATCH_BODY = {("PATCH", "/batches/{batch_id}"): {"token_budget": 1000}}
+PATCH_BODY = {
+    ("PATCH", "/batches/{batch_id}"): {"token_budget": 1000},
+    ("PATCH", "/schedules/{name}"): {"enabled": False},
+}
 
 
 def _second_tenants_objects() -> dict[str, dict[str, str]]:
@@ -522,7 +547,7 @@ def _second_tenants_objects() -> dict[str, dict[str, str]]:
     the tenant's endpoint, and a generated page. Per path prefix, since a
     delivery is named under its job or its batch."""
     from jobs.models import Page, WebhookDelivery
-    from jobs.services import create_endpoint, submit_batch, submit_job
+    from jobs.services import create_endpoint, create_schedule, submit_batch, submit_job
 
     owner = create_api_key("tenant-b", scopes=["submit", "read"]).api_key.owner
     endpoint = create_endpoint(owner=owner, url=HOOK_URL, event_types=["job.dead", "batch.completed"]).endpoint
@@ -531,11 +556,14 @@ def _second_tenants_objects() -> dict[str, dict[str, str]]:
     batch = submit_batch("theirs", [{"kind": "demo.noop", "payload": {}}], owner=owner).batch
     make_dead(batch.jobs.get().id)
     Page.objects.create(batch=batch, slug="intro", title="Intro", body_markdown="theirs")
+    schedule = create_schedule(owner=owner, name=f"theirs-{owner}", kind="demo.noop", cron="@daily")
     common = {"job_id": str(job.id), "batch_id": str(batch.id), "endpoint_id": str(endpoint.id), "slug": "intro"}
+    common["name"] = schedule.name
     return {
         "/jobs": {**common, "delivery_id": str(WebhookDelivery.objects.get(job=job, endpoint=endpoint).id)},
         "/batches": {**common, "delivery_id": str(WebhookDelivery.objects.get(batch=batch, endpoint=endpoint).id)},
         "/webhooks": common,
+        "/schedules": common,
     }
 
 
@@ -556,6 +584,8 @@ def _second_tenant_expected(role: str, method: str, path: str) -> str:
         sees_all = True  # dashboard users read everything
     if not sees_all or (method, path) in OWNER_ONLY:
         return "not-found"
+    if path.startswith("/schedules/") and role in SECOND_TENANT_KEYS:
+        return "not-found"  # a key sees only its own schedules, operators' keys included
     return "allowed"
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from jobs.api import problems
 from jobs.api.content import router as content_router
 from jobs.api.parsing import ApiParser
+from jobs.api.schedules import router as schedules_router
 from jobs.api.schemas import BatchCsvForm, BatchIn, ProblemOut
 from jobs.api.views import router
 from jobs.api.webhooks import router as webhooks_router
@@ -59,3 +60,4 @@ problems.install(api)
 api.add_router("", content_router)
 api.add_router("", router)
 api.add_router("", webhooks_router)
+api.add_router("", schedules_router)

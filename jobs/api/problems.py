@@ -51,6 +51,7 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
     "not-found": (404, "Not found", "There is nothing at this URL."),
     "job-not-found": (404, "Job not found", "No job has this id."),
     "batch-not-found": (404, "Batch not found", "No batch has this id."),
+    "schedule-not-found": (404, "Schedule not found", "No schedule of yours has this name."),
     "method-not-allowed": (405, "Method not allowed", "This URL does not accept this method; see the Allow header."),
     "invalid-state": (409, "Invalid state", "The operation does not apply to the job in its current state."),
     "request-too-large": (413, "Request too large", "The body is over the limit: 1 MiB, or 20 MiB for batches."),
@@ -63,6 +64,7 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
     "invalid-job": (422, "Invalid job", "The job is refused; `errors` names each field."),
     "unknown-kind": (422, "Unknown kind", "No handler is registered for this kind."),
     "payload-too-large": (422, "Payload too large", "The job's payload is over 256 KiB once encoded as JSON."),
+    "invalid-schedule": (422, "Invalid schedule", "The schedule is refused; `errors` names each field."),
     "invalid-batch": (422, "Invalid batch", "The batch is refused, no job was created; `errors` names each row."),
     "idempotency-key-reused": (
         422,

@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 
 import psutil
@@ -59,6 +60,24 @@ MEMORY_EVERY_SECONDS = 2.0
 
 
 NAME = "django-q2-cluster"
+
+# Loops higher layers run in each cluster's sentinel process, as threads:
+# (name, target(stop_event)) — the engine's schedules (jobs/apps.py registers it).
+CLUSTER_THREADS: list[tuple[str, Callable[[threading.Event], None]]] = []
+
+
+def add_cluster_thread(name: str, target: Callable[[threading.Event], None]) -> None:
+    """Run `target(stop_event)` on a thread of each cluster's sentinel, from its
+    start until the cluster stops (idempotent by name)."""
+    if all(existing != name for existing, _ in CLUSTER_THREADS):
+        CLUSTER_THREADS.append((name, target))
+
+
+def start_cluster_threads(sentinel) -> None:
+    for name, target in CLUSTER_THREADS:
+        threading.Thread(target=target, args=(sentinel.stop_event,), name=name, daemon=True).start()
+
+
 PACKAGE = "django-q2"
 VERSIONS = ("1.11.1",)
 
@@ -97,6 +116,9 @@ def _install() -> None:
         self.task_queue._conveyor_holder = get_mp_context().Value("i", 0, lock=False)
         result = original(self, *args, **kwargs)
         threading.Thread(target=watch_task_queue, args=(self,), name="conveyor-queue-watch", daemon=True).start()
+        if not getattr(self, "_conveyor_threads_started", False):
+            self._conveyor_threads_started = True
+            start_cluster_threads(self)
         return result
 
     Sentinel.spawn_cluster = spawn_cluster

@@ -58,6 +58,15 @@ def operator(django_user_model):
     return user
 
 
+def sign_in(page, base: str, path: str) -> None:
+    """Sign in as the `operator` fixture's user and land on `path`."""
+    page.goto(f"{base}/accounts/login/?next={path}")
+    page.fill("input[name=username]", "olga")
+    page.fill("input[name=password]", "conveyor-pw")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}{path}")
+
+
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)

@@ -1,4 +1,4 @@
-"""`manage.py jobs submit|list|show|cancel|retry|stats`: the operators' CLI."""
+"""`manage.py jobs submit|list|show|cancel|retry|stats|schedules`: the operators' CLI."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ class Command(BaseCommand):
             action = sub.add_parser(name, help=text, called_from_command_line=True)
             action.add_argument("id")
         sub.add_parser("stats", help="queue statistics", called_from_command_line=True)
+        schedules = sub.add_parser("schedules", help="list the schedules", called_from_command_line=True)
+        schedules.add_argument("--run", metavar="NAME", help="submit that schedule's job now and print its id")
 
     def handle(self, *args, action: str, **options) -> None:
         try:
@@ -125,4 +127,21 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"{q['queue']:<12}{q['queued']:>8}{q['scheduled']:>7}{q['running']:>8}{q['retrying']:>7}{q['dead']:>6}"
                 f"{oldest:>10}{q['succeeded_last_minute']:>8}{q['failed_last_minute']:>9}"
+            )
+
+    def _schedules(self, *, run, **_):
+        if run:
+            self.stdout.write(str(services.run_now(run).id))
+            return
+        self.stdout.write(
+            f"{'name':<24}{'kind':<18}{'when':<22}{'zone':<16}{'enabled':<9}{'next run (UTC)':<21}last job"
+        )
+        for s in services.list_schedules():
+            when = s.cron or f"every {s.interval_seconds}s"
+            next_run = f"{s.next_run_at:%Y-%m-%d %H:%M:%S}" if s.next_run_at else "-"
+            last = f"{s.last_job_id} {s.last_job.state}" if s.last_job else "-"
+            skipped = f"  ({s.skipped} skipped)" if s.skipped else ""
+            self.stdout.write(
+                f"{s.name:<24}{s.kind:<18}{when:<22}{s.timezone:<16}{'yes' if s.enabled else 'no':<9}{next_run:<21}"
+                f"{last}{skipped}"
             )

@@ -12,6 +12,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 from django_q.models import OrmQ
 
+from jobs import services
 from jobs.models import Attempt, Job, JobEvent, State
 
 pytestmark = pytest.mark.django_db
@@ -306,3 +307,18 @@ def test_a_command_that_starts_the_embedded_server_says_so_and_make_stop_stops_i
     finally:
         embedded_db.stop(pgdata)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_schedules_lists_each_schedule_and_run_submits_its_job():
+    services.create_schedule(name="nightly", kind="demo.noop", cron="0 3 * * *", timezone="Europe/Berlin")
+    services.create_schedule(name="often", kind="demo.noop", interval_seconds=30, enabled=False)
+    listing = run("jobs", "schedules").splitlines()
+    assert listing[0].startswith("name")
+    assert listing[1].split()[:5] == ["nightly", "demo.noop", "0", "3", "*"]
+    assert "Europe/Berlin" in listing[1] and "yes" in listing[1]
+    assert listing[2].split()[:4] == ["often", "demo.noop", "every", "30s"]
+    job_id = run("jobs", "schedules", "--run", "nightly").strip()
+    assert Job.objects.get(id=job_id).kind == "demo.noop"
+    assert f"{job_id} queued" in run("jobs", "schedules")
+    with pytest.raises(CommandError, match="no schedule named 'nope'"):
+        run("jobs", "schedules", "--run", "nope")
