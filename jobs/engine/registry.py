@@ -34,6 +34,7 @@ class Handler:
     timeout: int
     description: str
     internal: bool = False  # only the engine submits it (e.g. webhook.deliver)
+    schedule: str | None = None  # a cron expression to submit it on, or None
 
     @functools.cached_property
     def is_async(self) -> bool:
@@ -68,18 +69,30 @@ def handler(
     max_attempts: int = 5,
     timeout: int = 600,
     internal: bool = False,
+    schedule: str | None = None,
+    description: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `func(ctx, payload) -> result` as the handler of `kind`.
-    An `internal` kind is refused to every client: only the engine submits it."""
+    An `internal` kind is refused to every client: only the engine submits it.
+    `schedule` (a cron expression) is kept on the Handler for the schedules;
+    `description` replaces the first line of the function's docstring, which
+    the Submit page and the API's documentation show."""
 
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
         if kind in _registry:
             raise ValueError(f"handler for {kind!r} registered twice")
-        description = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
-        _registry[kind] = Handler(kind, func, schema, queue, max_attempts, timeout, description, internal)
+        shown = description if description is not None else _first_line(func.__doc__)
+        _registry[kind] = Handler(
+            kind, func, schema, queue, max_attempts, timeout, shown, internal=internal, schedule=schedule
+        )
         return func
 
     return register
+
+
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def get_handler(kind: str) -> Handler | None:
