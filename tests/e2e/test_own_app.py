@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import ROOT, free_port, wait_until
 from tests.e2e.test_up import data_dir, manage, start_up, up_env, wait_healthy  # noqa: F401 - data_dir is a fixture
 
 pytestmark = pytest.mark.processes
@@ -136,3 +136,62 @@ def test_up_runs_an_app_of_your_own_from_outside_the_repository(data_dir, tmp_pa
         code = up.wait(timeout=60)
     output = log_path.read_text(errors="replace")
     assert code == 0, output
+
+
+def test_the_example_seo_app_audits_a_site_offline(data_dir, tmp_path):  # noqa: F811
+    """examples/seo as README "Your own jobs" runs it: one seo.audit_site job
+    submits a seo.audit_page job per page (from Python, in its transaction)."""
+    port = free_port()
+    env = up_env(data_dir, port)
+    env.update(CONVEYOR_APPS="seo", PYTHONPATH=str(ROOT / "examples"))
+    log_path = tmp_path / "up.log"
+    up = start_up(env, log_path)
+    try:
+        wait_healthy(up, port, log_path, path="/readyz")
+        base = f"http://127.0.0.1:{port}"
+        created = manage(env, "createapikey", "seo")
+        headers = {"Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}"}
+        good = (
+            '<html><head><title>Handmade oak tables</title><meta name="description" content="Tables made to order.">'
+            '</head><body><h1>Oak tables</h1><img src="t.jpg" alt="A table"></body></html>'
+        )
+        poor = "<html><head><title>Hi</title></head><body><h1>A</h1><h1>B</h1><img src='x.png'></body></html>"
+        site = {
+            "pages": [{"url": "https://shop.example/", "html": good}, {"url": "https://shop.example/b", "html": poor}]
+        }
+        answer = httpx.post(f"{base}/api/v1/jobs", json={"kind": "seo.audit_site", "payload": site}, headers=headers)
+        assert answer.status_code == 202, answer.text
+
+        def job(job_id: str) -> dict:
+            return httpx.get(f"{base}/api/v1/jobs/{job_id}", headers=headers).json()
+
+        site_id = answer.json()["id"]
+        wait_until(lambda: job(site_id)["state"] == "succeeded", timeout=60, interval=0.5, message="seo.audit_site")
+        page_ids = job(site_id)["result"]["jobs"]
+        assert len(page_ids) == 2
+        wait_until(
+            lambda: all(job(i)["state"] == "succeeded" for i in page_ids), timeout=60, interval=0.5, message="pages"
+        )
+        first, second = (job(i)["result"] for i in page_ids)
+        assert first == {"url": "https://shop.example/", "score": 100, "problems": []}
+        assert second == {
+            "url": "https://shop.example/b",
+            "score": 20,
+            "problems": [
+                "title is 2 characters; aim for 10-60",
+                "no meta description",
+                "2 <h1> headings; use exactly one",
+                "1 images without alt text",
+            ],
+        }
+        stored = manage(
+            env,
+            "shell",
+            "-c",
+            "from seo.models import PageAudit; print(sorted(PageAudit.objects.values_list('score', flat=True)))",
+        )
+        assert stored.stdout.strip().splitlines()[-1] == "[20, 100]", stored.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+    assert code == 0, log_path.read_text(errors="replace")
