@@ -62,7 +62,7 @@ def audit(found: _Outline) -> list[str]:
     if found.h1 != 1:
         problems.append(f"{found.h1} <h1> headings; use exactly one")
     if found.images_without_alt:
-        problems.append(f"{found.images_without_alt} images without alt text")
+        problems.append(f"images without alt text: {found.images_without_alt}")
     return problems
 
 

@@ -181,7 +181,7 @@ def test_the_example_seo_app_audits_a_site_offline(data_dir, tmp_path):  # noqa:
                 "title is 2 characters; aim for 10-60",
                 "no meta description",
                 "2 <h1> headings; use exactly one",
-                "1 images without alt text",
+                "images without alt text: 1",
             ],
         }
         stored = manage(
