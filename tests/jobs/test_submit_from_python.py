@@ -171,8 +171,12 @@ def test_a_job_submitted_in_a_transaction_runs_only_after_the_commit(processes):
         held = jobs.submit("demo.noop", {})
         # Invisible to every other connection, the cluster's included...
         assert in_other_thread(lambda: Job.objects.filter(id=held.id).exists()) is False
-        # ...while the cluster runs a job submitted after it and committed at once.
-        later = in_other_thread(lambda: jobs.submit("demo.noop", {}).id)
+        # ...while the cluster runs a job submitted after it and committed at
+        # once. Another kind: until this transaction commits it holds the row
+        # of the /metrics submission counter its kind, queue and backend shard
+        # (pid % 16) share, and a submission of the same kind and queue from a
+        # backend of the same shard would wait for it (README "Your own jobs").
+        later = in_other_thread(lambda: jobs.submit("demo.sleep", {"seconds": 0, "steps": 1}).id)
         wait_until(
             lambda: in_other_thread(lambda: state_of(later)) == "succeeded",
             timeout=60,
