@@ -12,6 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded_db
 from config.env import env_bool, env_float, env_int, env_list, env_str, secret_in_file
+from config.own_apps import parse_apps
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("CONVEYOR_DATA_DIR") or BASE_DIR / ".data")
@@ -43,6 +44,10 @@ INSTALLED_APPS = [
     "jobs",
     "dashboard",
 ]
+# Your own apps, after Conveyor's (README "Your own jobs"): migrated like
+# Conveyor's, and their `tasks` modules imported at every start (jobs/apps.py).
+CONVEYOR_APPS = parse_apps(env_str("CONVEYOR_APPS"), [*INSTALLED_APPS, "daphne", "axes"])
+INSTALLED_APPS += CONVEYOR_APPS
 # Daphne's app only makes `runserver` serve ASGI. Loading it installs Twisted's
 # reactor, 0.4 s of the start of every other command and of every worker
 # cluster; Daphne itself (`daphne config.asgi:application`, `manage.py up`)

@@ -1,5 +1,8 @@
-from django.apps import AppConfig
+from importlib import import_module
+
+from django.apps import AppConfig, apps
 from django.db.models.signals import post_migrate
+from django.utils.module_loading import module_has_submodule
 
 
 class JobsConfig(AppConfig):
@@ -25,3 +28,20 @@ class JobsConfig(AppConfig):
         post_migrate.connect(scheduling.sync_after_migrate, sender=self, dispatch_uid="conveyor-sync-schedules")
         cluster.add_cluster_thread("conveyor-schedules", scheduling.run_ticker)
         cluster.install()
+        discover_tasks()
+
+
+def discover_tasks() -> None:
+    """Import the `tasks` module of every installed app that has one, so the
+    kinds your own apps (CONVEYOR_APPS) define register in every process:
+    Daphne, each cluster and its workers, every management command. An app
+    without one is skipped; an error raised while importing one (an
+    ImportError inside it included) propagates, its app named."""
+    for app_config in apps.get_app_configs():
+        if not module_has_submodule(app_config.module, "tasks"):
+            continue
+        try:
+            import_module(f"{app_config.name}.tasks")
+        except Exception as exc:
+            exc.add_note(f"while importing {app_config.name}.tasks (the job kinds of app {app_config.label!r})")
+            raise

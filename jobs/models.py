@@ -463,7 +463,7 @@ class Schedule(models.Model):
         ALLOW = "allow"
 
     class Source(models.TextChoices):
-        CODE = "code"  # declared with jobs.engine.scheduling.schedule(), synced at start
+        CODE = "code"  # declared with jobs.schedule() or @handler(schedule=...), synced at start
         RUNTIME = "runtime"  # created through the API, the dashboard or the admin
 
     name = models.CharField(max_length=100, unique=True)

@@ -7,6 +7,7 @@ from typing import Any
 from ninja import NinjaAPI
 from pydantic import BaseModel
 
+from jobs import services
 from jobs.api import problems
 from jobs.api.content import router as content_router
 from jobs.api.parsing import ApiParser
@@ -38,7 +39,18 @@ class ConveyorAPI(NinjaAPI):
         upload["properties"]["file"] = {"type": "string", "format": "binary", "description": "The CSV file."}
         upload["required"] = [*upload.get("required", []), "file"]
         components["BatchCsvUpload"] = upload
+        _describe_kinds(components)
         return schema
+
+
+def _describe_kinds(components: dict[str, Any]) -> None:
+    """List the kinds a client may submit, read from the registry when the
+    document is asked for: an app's own kinds (CONVEYOR_APPS) are there too."""
+    kind = components.get("JobIn", {}).get("properties", {}).get("kind")
+    if kind is None:
+        return
+    lines = [f"- `{h.kind}`" + (f": {h.description}" if h.description else "") for h in services.client_handlers()]
+    kind["description"] = "The job kind; its payload schema is checked at submission. Kinds:\n\n" + "\n".join(lines)
 
 
 def _add_component(components: dict[str, Any], model: type[BaseModel]) -> None:

@@ -34,6 +34,7 @@ class Handler:
     timeout: int
     description: str
     internal: bool = False  # only the engine submits it (e.g. webhook.deliver)
+    schedule: str | None = None  # a cron expression to submit it on, or None
 
     @functools.cached_property
     def is_async(self) -> bool:
@@ -68,18 +69,33 @@ def handler(
     max_attempts: int = 5,
     timeout: int = 600,
     internal: bool = False,
+    schedule: str | None = None,
+    description: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `func(ctx, payload) -> result` as the handler of `kind`.
-    An `internal` kind is refused to every client: only the engine submits it."""
+    An `internal` kind is refused to every client: only the engine submits it.
+    `schedule` (a cron expression) declares a schedule named after the kind
+    (jobs/engine/scheduling.py writes it into the table at start);
+    `description` replaces the first line of the function's docstring, which
+    the Submit page and the API's documentation show."""
 
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
         if kind in _registry:
             raise ValueError(f"handler for {kind!r} registered twice")
-        description = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else ""
-        _registry[kind] = Handler(kind, func, schema, queue, max_attempts, timeout, description, internal)
+        shown = description if description is not None else _first_line(func.__doc__)
+        _registry[kind] = Handler(
+            kind, func, schema, queue, max_attempts, timeout, shown, internal=internal, schedule=schedule
+        )
+        if schedule is not None:
+            declare_for_handler(kind, schedule)
         return func
 
     return register
+
+
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def get_handler(kind: str) -> Handler | None:
@@ -136,3 +152,55 @@ def all_handlers() -> list[Handler]:
 def client_handlers() -> list[Handler]:
     """The handlers of the kinds a client may submit (the Submit page's list)."""
     return [_registry[k] for k in client_kinds()]
+
+
+# --- schedules declared in code ----------------------------------------------------------
+
+# Schedules declared in code (`schedule(...)`, `@handler(..., schedule=...)`),
+# by name; jobs/engine/scheduling.py writes them into the table.
+declared_schedules: dict[str, dict[str, Any]] = {}
+
+
+def schedule(
+    name: str,
+    kind: str,
+    payload: dict[str, Any] | None = None,
+    cron: str | None = None,
+    interval_seconds: int | None = None,
+    timezone: str = "UTC",  # noqa: A002 - the public name of the option
+    *,
+    enabled: bool = True,
+    overlap: str = "skip",
+    queue: str | None = None,
+    priority: int = 0,
+    max_attempts: int | None = None,
+) -> None:
+    """Declare a schedule in code (at import time, like a handler). It is
+    written to the table after migrate and when a cluster starts; declaring
+    the same name again replaces the declaration."""
+    declared_schedules[name] = {
+        "name": name,
+        "kind": kind,
+        "payload": dict(payload or {}),
+        "cron": cron or "",
+        "interval_seconds": interval_seconds,
+        "timezone": timezone,
+        "enabled": enabled,
+        "overlap": overlap,
+        "queue": queue or "",
+        "priority": priority,
+        "max_attempts": max_attempts,
+    }
+
+
+def declare_for_handler(kind: str, cron: str, **options: Any) -> None:
+    """The schedule of `@handler(kind, schedule=cron)`: named after the kind."""
+    schedule(kind, kind, cron=cron, **options)
+
+
+def declared() -> dict[str, dict[str, Any]]:
+    return dict(declared_schedules)
+
+
+def forget_declared(name: str) -> None:
+    declared_schedules.pop(name, None)

@@ -36,6 +36,7 @@ from django.db import DatabaseError, IntegrityError, connection, connections, tr
 from django.utils import timezone
 
 from jobs.djangoq.broker import listen_params
+from jobs.engine import registry
 from jobs.engine.submission import prepare_job, submit_job
 from jobs.errors import ConveyorError, InvalidJob
 from jobs.models import ACTIVE_STATES, Job, Schedule
@@ -447,52 +448,9 @@ def _listen(stop: threading.Event, wake: threading.Event) -> None:
 
 # --- schedules declared in code -------------------------------------------------------------
 
-_DECLARED: dict[str, dict[str, Any]] = {}
-
-
-def schedule(
-    name: str,
-    kind: str,
-    payload: dict[str, Any] | None = None,
-    cron: str | None = None,
-    interval_seconds: int | None = None,
-    timezone: str = "UTC",  # noqa: A002 - the public name of the option
-    *,
-    enabled: bool = True,
-    overlap: str = "skip",
-    queue: str | None = None,
-    priority: int = 0,
-    max_attempts: int | None = None,
-) -> None:
-    """Declare a schedule in code (at import time, like a handler). It is
-    written to the table after migrate and when a cluster starts; declaring
-    the same name again replaces the declaration."""
-    _DECLARED[name] = {
-        "name": name,
-        "kind": kind,
-        "payload": dict(payload or {}),
-        "cron": cron or "",
-        "interval_seconds": interval_seconds,
-        "timezone": timezone,
-        "enabled": enabled,
-        "overlap": overlap,
-        "queue": queue or "",
-        "priority": priority,
-        "max_attempts": max_attempts,
-    }
-
-
-def declare_for_handler(kind: str, cron: str, **options: Any) -> None:
-    """The schedule of `@handler(kind, schedule=cron)`: named after the kind."""
-    schedule(kind, kind, cron=cron, **options)
-
-
-def declared() -> dict[str, dict[str, Any]]:
-    return dict(_DECLARED)
-
-
-def forget_declared(name: str) -> None:
-    _DECLARED.pop(name, None)
+# The declarations live in the registry (jobs/engine/registry.py), which loads no
+# models, so that `from jobs import schedule` works before the apps are ready.
+_DECLARED = registry.declared_schedules
 
 
 def sync_after_migrate(using: str = "default", **_signal_kwargs: Any) -> None:

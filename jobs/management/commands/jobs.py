@@ -1,4 +1,4 @@
-"""`manage.py jobs submit|list|show|cancel|retry|stats|schedules`: the operators' CLI."""
+"""`manage.py jobs submit|kinds|list|show|cancel|retry|stats|schedules`: the operators' CLI."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, parser_class=type(parser))
         submit = sub.add_parser("submit", help="submit a job and print its id", called_from_command_line=True)
-        submit.add_argument("kind")
+        submit.add_argument("kind", help="a kind `manage.py jobs kinds` lists")
         submit.add_argument("--payload", default="{}", help="JSON object (default {})")
         submit.add_argument("--queue")
         submit.add_argument("--priority", type=int, default=0)
         submit.add_argument("--run-after", help="ISO 8601 date-time with time zone")
         submit.add_argument("--max-attempts", type=int)
         submit.add_argument("--idempotency-key")
+        sub.add_parser("kinds", help="the kinds you can submit, with their queues", called_from_command_line=True)
         listing = sub.add_parser("list", help="newest jobs first", called_from_command_line=True)
         listing.add_argument("--state")
         listing.add_argument("--queue")
@@ -72,6 +73,11 @@ class Command(BaseCommand):
         if not submitted.created:
             self.stderr.write(f"idempotency key already used: existing job {submitted.job.id}")
         self.stdout.write(str(submitted.job.id))
+
+    def _kinds(self, **_):
+        # Read from the registry now: your own apps' kinds (CONVEYOR_APPS) are among them.
+        for h in services.client_handlers():
+            self.stdout.write(f"{h.kind:<24} {h.queue:<10} {h.description}".rstrip())
 
     def _list(self, *, state, queue, kind, limit, **_):
         if not 1 <= limit <= 1000:

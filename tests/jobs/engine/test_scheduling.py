@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from jobs.engine import scheduling
+from jobs.engine import registry, scheduling
 from jobs.engine.scheduling import InvalidSchedule, next_tick, tick_due, upcoming
 from jobs.models import Job, Schedule, State
 
@@ -220,8 +220,8 @@ def test_names_are_unique():
 
 @pytest.mark.django_db
 def test_code_schedules_are_synced_idempotently_and_removed_when_no_longer_declared():
-    scheduling.schedule("nightly", "demo.sleep", {"seconds": 1}, cron="0 3 * * *", timezone="Europe/Berlin")
-    scheduling.declare_for_handler("demo.noop", "@hourly")
+    registry.schedule("nightly", "demo.sleep", {"seconds": 1}, cron="0 3 * * *", timezone="Europe/Berlin")
+    registry.declare_for_handler("demo.noop", "@hourly")
     try:
         assert sorted(scheduling.sync_declared()) == ["demo.noop", "nightly"]
         nightly = Schedule.objects.get(name="nightly")
@@ -238,23 +238,23 @@ def test_code_schedules_are_synced_idempotently_and_removed_when_no_longer_decla
         scheduling.set_enabled("nightly", True)
         assert Schedule.objects.get(name="nightly").next_run_at == first
         # A changed declaration is written over; an undeclared one goes.
-        scheduling.schedule("nightly", "demo.sleep", {"seconds": 2}, cron="0 4 * * *", timezone="Europe/Berlin")
-        scheduling.forget_declared("demo.noop")
+        registry.schedule("nightly", "demo.sleep", {"seconds": 2}, cron="0 4 * * *", timezone="Europe/Berlin")
+        registry.forget_declared("demo.noop")
         scheduling.sync_declared()
         assert list(Schedule.objects.values_list("name", "cron")) == [("nightly", "0 4 * * *")]
     finally:
-        scheduling.forget_declared("nightly")
-        scheduling.forget_declared("demo.noop")
+        registry.forget_declared("nightly")
+        registry.forget_declared("demo.noop")
 
 
 @pytest.mark.django_db
 def test_an_invalid_code_schedule_is_not_synced():
-    scheduling.schedule("broken", "demo.noop", cron="not cron")
+    registry.schedule("broken", "demo.noop", cron="not cron")
     try:
         assert scheduling.sync_declared() == []
         assert not Schedule.objects.exists()
     finally:
-        scheduling.forget_declared("broken")
+        registry.forget_declared("broken")
 
 
 @pytest.mark.django_db
@@ -275,9 +275,9 @@ def test_purging_the_last_job_leaves_the_schedule_without_one():
 def test_migrate_writes_the_declared_schedules():
     from django.core.management import call_command
 
-    scheduling.schedule("from-migrate", "demo.noop", cron="@daily")
+    registry.schedule("from-migrate", "demo.noop", cron="@daily")
     try:
         call_command("migrate", "jobs", verbosity=0)
         assert Schedule.objects.get(name="from-migrate").source == "code"
     finally:
-        scheduling.forget_declared("from-migrate")
+        registry.forget_declared("from-migrate")
