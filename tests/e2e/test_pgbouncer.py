@@ -160,7 +160,7 @@ def test_conveyor_runs_behind_pgbouncer_in_transaction_mode(processes, pgbouncer
     cookie = session_cookie(django_user_model.objects.create_user("watcher", password="pw"))
     env = {"DATABASE_URL": pgbouncer.url, "DATABASE_DIRECT_URL": test_database_url()}
     clusters = [processes.qcluster(**env), processes.qcluster(**env)]
-    daphne, url = processes.daphne(**env)
+    daphne, url = processes.daphne(CONVEYOR_DB_POOL="1", **env)  # with its pool, as `manage.py up` runs it
     api = _api(url, key)
 
     # Live events: the stream opens once the hub LISTENs (on the direct URL).
