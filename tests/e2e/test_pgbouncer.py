@@ -45,15 +45,14 @@ POOLING_ERRORS = (
 )
 
 
-def _run_as() -> list[str]:
+def _run_as(host: str) -> list[str]:
     """PgBouncer will not run as root: then it takes the identity of whoever
-    owns the Postgres socket directory (the embedded server's own user), who
-    can reach the socket. As any other user it runs as that user."""
+    owns the Postgres socket directory `host` (the embedded server's own
+    user), who can reach the socket; `nobody` for a server on TCP. As any
+    other user it runs as that user."""
     if os.geteuid() != 0:
         return []
-    from django.db import connection
-
-    owner = pwd.getpwuid(os.stat(connection.settings_dict["HOST"]).st_uid).pw_name
+    owner = pwd.getpwuid(os.stat(host).st_uid).pw_name if host.startswith("/") else "root"
     return ["-u", owner if owner != "root" else "nobody"]
 
 
@@ -65,9 +64,10 @@ class PgBouncer:
         self.dbname = settings["NAME"]
         self.port = free_port()
         self.password = secrets.token_urlsafe(16)
-        server = f"host={settings['HOST']} dbname={self.dbname} user={settings['USER']}"
-        if settings["PORT"]:
-            server += f" port={settings['PORT']}"
+        # How PgBouncer's server connections log in: as the test database's own user.
+        login = {"host": settings["HOST"], "port": settings["PORT"], "password": settings["PASSWORD"]}
+        server = f"dbname={self.dbname} user={settings['USER']}"
+        server += "".join(f" {name}={value}" for name, value in login.items() if value)
         (directory / "userlist.txt").write_text(f'"{CLIENT}" "{self.password}"\n')
         (directory / "pgbouncer.ini").write_text(
             f"""[databases]
@@ -86,7 +86,9 @@ max_client_conn = 500
 query_wait_timeout = 60
 """
         )
-        self.proc = processes.start("pgbouncer", [PGBOUNCER, *_run_as(), str(directory / "pgbouncer.ini")])
+        self.proc = processes.start(
+            "pgbouncer", [PGBOUNCER, *_run_as(settings["HOST"] or "/"), str(directory / "pgbouncer.ini")]
+        )
         self.processes = processes
         wait_until(self.answers, timeout=30, message="PgBouncer to accept a connection")
 
