@@ -216,13 +216,20 @@ def test_conveyor_runs_behind_pgbouncer_in_transaction_mode(processes, pgbouncer
         reader.stop.set()
 
     assert [proc.poll() for proc in [*clusters, daphne]] == [None, None, None]  # all still up
+    # The LISTEN connections on Postgres itself: each cluster's broker and the hub.
+    with psycopg.connect(test_database_url()) as direct:
+        listening = direct.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name IN ('conveyor-broker-default', 'conveyor-event-hub') ORDER BY 1"
+        ).fetchall()
+    assert listening == [("conveyor-broker-default",)] * 2 + [("conveyor-event-hub",)]
 
-    bouncer_log = pgbouncer.log()
-    logs = {f"qcluster {c.pid}": processes.log_of(c) for c in clusters} | {"daphne": processes.log_of(daphne)}
     for proc in [*clusters, daphne]:
         proc.terminate()
     for proc in [*clusters, daphne]:
         proc.wait(timeout=30)
+    bouncer_log = pgbouncer.log()
+    logs = {f"qcluster {c.pid}": processes.log_of(c) for c in clusters} | {"daphne": processes.log_of(daphne)}
 
     for name, text in logs.items():
         found = [line for line in text.splitlines() if any(error in line for error in POOLING_ERRORS)]
