@@ -86,6 +86,10 @@ TEMPLATES = [
 ]
 
 # --- Database ---------------------------------------------------------------
+# DATABASE_DIRECT_URL: see "Behind PgBouncer" below.
+DATABASE_DIRECT_URL = env_str("DATABASE_DIRECT_URL")
+if DATABASE_DIRECT_URL and not env_str("DATABASE_URL"):
+    raise ImproperlyConfigured("DATABASE_DIRECT_URL needs DATABASE_URL (the pooler's URL) set too")
 # With DATABASE_URL, use that server; without it, start the embedded one.
 DATABASE_URL = env_str("DATABASE_URL") or embedded_db.database_url(DATA_DIR / "pg", "conveyor")
 EMBEDDED_POSTGRES = not env_str("DATABASE_URL")
@@ -112,6 +116,26 @@ if env_bool("CONVEYOR_DB_POOL", False):
         "min_size": env_int("CONVEYOR_DB_POOL_MIN", 2, minimum=0),
         "max_size": env_int("CONVEYOR_DB_POOL_MAX", 20, minimum=1),
     }
+
+# --- Behind PgBouncer (transaction pooling) ----------------------------------
+# DATABASE_DIRECT_URL reaches Postgres itself; when it is set, DATABASE_URL is
+# taken for a pooler in transaction mode, where nothing may outlive a
+# transaction. Then (and only then: the direct path is untouched):
+# - LISTEN connections (the broker's wake-ups, the event hub) use the direct
+#   URL (jobs/djangoq/broker.py `listen_params`);
+# - psycopg prepares nothing (prepare_threshold None) and the job path's
+#   prepared statements are off (CONVEYOR["PREPARED_STATEMENTS"], jobs/db/sql.py);
+# - Django's server-side cursors (QuerySet.iterator()) are off;
+# - workers keep the server's synchronous_commit rather than a session SET
+#   (jobs/db/durability.py).
+# Advisory locks are all transaction-level already (pg_try_advisory_xact_lock).
+DATABASE_POOLED = bool(DATABASE_DIRECT_URL)
+if DATABASE_POOLED:
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = None
+    # Host, port, user, password, name and OPTIONS of the direct connection.
+    DATABASE_DIRECT = dj_database_url.parse(DATABASE_DIRECT_URL)
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # A cache every process can read: cluster stats, rate-limit counters.
@@ -240,8 +264,9 @@ CONVEYOR = {
     # Threads one Daphne process runs Django's views on (config/server/handler.py).
     "HTTP_THREADS": env_int("CONVEYOR_HTTP_THREADS", 8, minimum=1),
     # The statements of a job's path run as server-side prepared statements
-    # (jobs/db/sql.py); off, they go through Django's cursor.
-    "PREPARED_STATEMENTS": env_bool("CONVEYOR_PREPARED_STATEMENTS", True),
+    # (jobs/db/sql.py); off, they go through Django's cursor. Always off behind
+    # a transaction pooler (DATABASE_DIRECT_URL set).
+    "PREPARED_STATEMENTS": env_bool("CONVEYOR_PREPARED_STATEMENTS", True) and not DATABASE_POOLED,
 }
 
 # Seconds before Django-Q2 hands an unacknowledged broker row out again. The

@@ -10,7 +10,9 @@ crashes, the last fraction of a second of such writes can be rolled back —
 never partially, and never a later write without the earlier ones — so the
 affected jobs look claimed-but-unfinished or not yet claimed, and are
 delivered and run again: the at-least-once guarantee every handler is written
-for. No data is corrupted and no job is lost.
+for. No data is corrupted and no job is lost. Behind a transaction pooler
+(settings.DATABASE_POOLED) nothing is relaxed: a session SET would outlive the
+transaction on a server connection other clients get next.
 
 Handlers run on the same connection (a sync handler on the worker's thread, an
 async handler's `run_db` on the lane's database thread), and what a handler
@@ -29,6 +31,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
+from django.conf import settings
 from django.db import connection
 from psycopg.pq import TransactionStatus
 
@@ -47,6 +50,12 @@ def relax_commit_durability() -> None:
     raw = connection.connection
     thread = threading.get_ident()
     if _relaxed.get(thread) is raw:
+        return
+    if settings.DATABASE_POOLED:
+        # Behind a transaction pooler a session SET would stay on whichever
+        # server connection ran it, for other clients; and most of these
+        # writes are single autocommit statements, where a SET LOCAL has no
+        # transaction to apply to. They commit as the server says.
         return
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit TO off")

@@ -28,6 +28,7 @@ from functools import cache
 from uuid import UUID, uuid4
 
 import psycopg
+from django.conf import settings
 from django.core.signing import b62_encode
 from django.db import DatabaseError, connection
 from django.utils import timezone
@@ -165,10 +166,26 @@ def listen_params(application_name: str) -> dict[str, str]:
         "keepalives_interval": "10",
         "keepalives_count": "3",
     }
-    for name, value in connection.get_connection_params().items():
+    for name, value in {**connection.get_connection_params(), **_direct_params()}.items():
         if name not in _DJANGO_ONLY_PARAMS and value not in (None, ""):
             params[name] = str(value)
     return params
+
+
+_DIRECT_KEYS = {"HOST": "host", "PORT": "port", "USER": "user", "PASSWORD": "password", "NAME": "dbname"}
+
+
+def _direct_params() -> dict[str, object]:
+    """Behind a transaction pooler (settings.DATABASE_DIRECT_URL set), where
+    a LISTEN would be lost with the server connection the pooler hands back
+    after each transaction: where the direct URL reaches Postgres, and its
+    OPTIONS. Nothing otherwise."""
+    direct = getattr(settings, "DATABASE_DIRECT", None)
+    if not direct:
+        return {}
+    # All five replace the pooled URL's, an empty one too (a password the
+    # direct URL does not give is not sent).
+    return {**direct.get("OPTIONS", {}), **{param: direct.get(key) for key, param in _DIRECT_KEYS.items()}}
 
 
 def task_package(job_id: UUID | str, timeout: int) -> str:
