@@ -14,6 +14,7 @@ from django.db import connection, transaction
 
 from jobs.db import events
 from jobs.djangoq import broker
+from jobs.engine import dependencies
 from jobs.engine.states import Sql, transition
 from jobs.errors import InvalidState, JobNotFound
 from jobs.models import Job, State
@@ -39,7 +40,7 @@ def cancel_job(job_id: UUID | str, *, actor: str = "") -> Job:
         cancelled = transition(
             job.id,
             target=State.CANCELLED,
-            source=frozenset({State.QUEUED, State.SCHEDULED, State.RETRYING}),
+            source=frozenset({State.WAITING, State.QUEUED, State.SCHEDULED, State.RETRYING}),
             event_data=data,
             finished_at=Sql("now()"),
         )
@@ -58,7 +59,7 @@ def cancel_job(job_id: UUID | str, *, actor: str = "") -> Job:
     job.refresh_from_db()
     if job.state != State.RUNNING:
         raise InvalidState(
-            f"job {job.id} is {job.state}; only queued, scheduled, retrying or running jobs can be cancelled"
+            f"job {job.id} is {job.state}; only waiting, queued, scheduled, retrying or running jobs can be cancelled"
         )
     return job
 
@@ -119,6 +120,7 @@ def _requeue(job_id: UUID | str, *, actor: str) -> Job | None:
         job = transition(
             job_id,
             target=State.QUEUED,
+            source=frozenset(RETRYABLE),
             event_data={"reason": "retry", "actor": actor},
             attempts=0,
             # Runnable from now: queue_stats measures its wait from here, not
@@ -137,4 +139,6 @@ def _requeue(job_id: UUID | str, *, actor: str) -> Job | None:
         )
         if job is not None:
             broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, priority=job.priority)
+            if job.has_dependents:  # the dependents it cancelled wait for it again
+                dependencies.rearm(job.id)
         return job
