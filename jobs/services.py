@@ -196,3 +196,10 @@ __all__ += [
 from jobs.llm.usage import OwnerUsage, Usage, owner_usage, set_batch_budget, waiting_on_budget  # noqa: E402
 
 __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_on_budget"]
+
+
+# --- workflows -------------------------------------------------------------------
+
+from jobs.engine.dependencies import Workflow, workflow_of  # noqa: E402
+
+__all__ += ["Workflow", "workflow_of"]

@@ -180,6 +180,7 @@ class Count(Schema):
 
 class QueueStatsOut(Schema):
     queue: str
+    waiting: int = Field(description="Jobs waiting on their dependencies (`depends_on`).")
     queued: int
     scheduled: int
     running: int

@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection
+from django.db.models import BooleanField, Case, When
 
 from jobs.db import events
 from jobs.db.sql import Sql
 from jobs.djangoq import broker
 from jobs.engine.states import transition
 from jobs.errors import InvalidJob
-from jobs.models import Batch, Job, JobDependency, State
+from jobs.models import ACTIVE_STATES, Batch, Job, JobDependency, State
 
 RESOLVING = frozenset({State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED})
 FAILED = frozenset({State.DEAD, State.CANCELLED, State.DISCARDED})
@@ -267,12 +269,39 @@ def batch_counts(job_id: uuid.UUID | str) -> dict[str, Any] | None:
     }
 
 
-def dependencies_of(job: Job) -> list[Job]:
-    return list(Job.objects.filter(dependent_edges__job=job).order_by("created_at", "id"))
+@dataclass(frozen=True)
+class Workflow:
+    """What a job's page shows of its workflow: up to `limit` dependencies and
+    dependents each (id, kind, state), with their totals."""
+
+    dependencies: list[Job]
+    dependencies_total: int
+    dependents: list[Job]
+    dependents_total: int
+
+    @property
+    def related(self) -> set[uuid.UUID]:
+        return {job.id for job in (*self.dependencies, *self.dependents)}
+
+    def __bool__(self) -> bool:
+        return bool(self.dependencies_total or self.dependents_total)
 
 
-def dependents_of(job: Job, *, limit: int = 100) -> list[Job]:
-    return list(Job.objects.filter(dependency_edges__depends_on=job).order_by("created_at", "id")[:limit])
+def workflow_of(job_id: uuid.UUID | str, *, limit: int = 50) -> Workflow:
+    """The job's dependencies and dependents, the unfinished ones first."""
+    fields = ("id", "kind", "state", "updated_at")
+    order = ("-is_active", "created_at", "id")
+    active = Case(
+        When(state__in=[s.value for s in ACTIVE_STATES], then=True), default=False, output_field=BooleanField()
+    )
+    dependencies = Job.objects.filter(dependent_edges__job_id=job_id).annotate(is_active=active)
+    dependents = Job.objects.filter(dependency_edges__depends_on_id=job_id).annotate(is_active=active)
+    return Workflow(
+        dependencies=list(dependencies.only(*fields).order_by(*order)[:limit]),
+        dependencies_total=JobDependency.objects.filter(job_id=job_id).count(),
+        dependents=list(dependents.only(*fields).order_by(*order)[:limit]),
+        dependents_total=JobDependency.objects.filter(depends_on_id=job_id).count(),
+    )
 
 
 def then_after_batch(batch: Batch, fields: dict[str, Any], *, owner: str) -> Job:
