@@ -19,6 +19,7 @@ from jobs.models import (
     Attempt,
     Batch,
     Job,
+    JobDependency,
     JobEvent,
     TokenUsage,
     WebhookAttempt,

@@ -6,23 +6,10 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-
-from jobs.engine.apikeys import create_api_key
 from jobs.models import Batch, Job, JobDependency
-from tests.jobs.api.conftest import ApiClient, assert_problem, make_dead
+from tests.jobs.api.conftest import assert_problem, make_dead
 
 NOOP = {"kind": "demo.noop", "payload": {}}
-
-
-@pytest.fixture
-def alice(db) -> ApiClient:
-    return ApiClient(create_api_key("alice", scopes=["submit", "read"]).key)
-
-
-@pytest.fixture
-def bob(db) -> ApiClient:
-    return ApiClient(create_api_key("bob", scopes=["submit", "read"]).key)
 
 
 def test_a_job_submitted_with_depends_on_is_waiting_and_says_so(alice):
