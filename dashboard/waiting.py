@@ -32,7 +32,8 @@ def waiting_reason(job: Job, *, clusters: list[dict] | None, queue: dict | None)
     if job.state == State.WAITING:
         pending = job.pending_dependencies
         return Waiting(
-            "dependencies", f"Waiting for {pending} job{'s' if pending != 1 else ''} it depends on to finish (below)."
+            "dependencies",
+            f"Waiting for {pending} job{'s' if pending != 1 else ''} it depends on to finish (listed below)",
         )
     if job.state == State.SCHEDULED or (job.state == State.QUEUED and job.run_after and job.run_after > now):
         return Waiting("scheduled", "Scheduled to run", job.run_after)
