@@ -444,3 +444,17 @@ def test_a_batch_then_job_runs_after_the_batch_with_its_counts(processes):
     assert len(then.result["dependencies"]) == 21
     last = max(Job.objects.filter(batch=batch).values_list("finished_at", flat=True))
     assert then.started_at >= last
+
+
+def test_an_operator_retrying_a_cancelled_dependent_puts_it_back_to_wait(db, make_job):
+    a, b = make_job(), make_job()
+    c = make_job(depends_on=[a.id, b.id])
+    deadletter.cancel_job(c.id)
+    run(a.id)
+
+    retried = deadletter.retry_job(c.id)
+
+    assert (retried.state, retried.pending_dependencies) == ("waiting", 1)
+    assert _broker_rows(c) == 0
+    run(b.id)
+    assert state_of(c) == "queued"
