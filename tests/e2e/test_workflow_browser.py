@@ -4,23 +4,12 @@ Daphne, real qcluster, Debian's Chromium)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
 from tests.e2e.test_sse_two_daphnes import start_daphne
 
 pytestmark = pytest.mark.processes
-
-NOTES_SHOTS = Path("/work/notes/shots")
-
-
-def _keep(page, name: str) -> None:
-    """The screenshot under test-artifacts/screenshots/, and a copy for the review notes when that folder exists."""
-    shot(page, name)
-    if NOTES_SHOTS.is_dir():
-        page.screenshot(path=str(NOTES_SHOTS / f"{name}.png"), full_page=True)
 
 
 def _sign_in(page, base: str) -> None:
@@ -50,7 +39,7 @@ def test_the_job_page_shows_dependencies_and_dependents_live(processes, context,
     assert panel.locator(f"#workflow-{collect.id}-{first.id} .state.queued").count() == 1
     assert panel.locator(f"#workflow-{collect.id}-{after.id} .state.waiting").count() == 1
     assert "Waiting for 2 jobs it depends on" in page.locator(f"#job-summary-{collect.id}").inner_text()
-    _keep(page, "workflows-job-waiting")
+    shot(page, "workflows-job-waiting")
 
     processes.qcluster()
     page.locator(f"#workflow-{collect.id}-{first.id} .state.running").wait_for()
@@ -59,7 +48,7 @@ def test_the_job_page_shows_dependencies_and_dependents_live(processes, context,
     page.locator(f"#workflow-{collect.id}-{after.id} .state.succeeded").wait_for()
     assert page.evaluate("window.__notReloaded") is True
     assert str(first.id) in page.locator(f"#job-outcome-{collect.id}").inner_text()
-    _keep(page, "workflows-job-done")
+    shot(page, "workflows-job-done")
 
     page.goto(f"{base}/jobs/?state=waiting")
     assert page.locator("select[name=state] option", has_text="waiting").count() == 1
