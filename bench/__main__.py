@@ -1,6 +1,6 @@
 """`make bench` (with bench/api_submit.py and bench/sse_bench.py): every benchmark,
 Conveyor against the stock alternative in the same run, medians of 3.
-Usage: python -m bench [w1 w2 w3 compete ...]"""
+Usage: python -m bench [w1 w2 w3 compete w4 fanin ...]"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bench.harness import Table, setup_django
 
 def main(argv: list[str]) -> int:
     setup_django()
-    from bench import llm_bench, queue_bench
+    from bench import fanin, llm_bench, queue_bench
 
     benchmarks = {
         "w1": queue_bench.w1_submission,
@@ -21,6 +21,7 @@ def main(argv: list[str]) -> int:
         "w3": queue_bench.w3_pickup,
         "compete": queue_bench.competing_clusters,
         "w4": llm_bench.w4_llm,
+        "fanin": fanin.fanin,
     }
     chosen = argv or list(benchmarks)
     unknown = [name for name in chosen if name not in benchmarks]

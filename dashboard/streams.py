@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -29,6 +30,7 @@ from dashboard.live.hub import STATS_EVENT, EventHub, Update
 from dashboard.live.sse import Message
 from dashboard.templatetags.conveyor import page_title, short_id
 from dashboard.waiting import waiting_reason
+from jobs import services
 from jobs.models import Job, JobEvent
 
 PROGRESS = "job.progress"
@@ -223,12 +225,30 @@ class JobStream(DashboardStream):
         self.title = f"Job {short_id(job_id)}"
         self.job: Job | None = None
         self.waiting = None
+        self.related: set[uuid.UUID] = set()  # its dependencies and dependents shown on the page
 
     async def open(self) -> None:
         self.job = await Job.objects.filter(id=self.job_id).afirst()
+        self.related = (await sync_to_async(services.workflow_of)(self.job_id)).related
 
     def wants(self, update: Update) -> bool:
-        return update.event.job_id == self.job_id or super().wants(update)
+        return update.event.job_id == self.job_id or update.event.job_id in self.related or super().wants(update)
+
+    async def _workflow(self, update: Update | None, event_id: int) -> Message:
+        """The panel of dependencies and dependents with their states, read
+        again (once per event for every viewer of this job)."""
+        workflow = await self.hub.shared.get(
+            ("workflow", self.job_id), event_id, lambda: services.workflow_of(self.job_id)
+        )
+        self.related = workflow.related
+        context = {"job": self.job, "workflow": workflow}
+        key = (
+            self.job_id,
+            self.job.updated_at,
+            tuple((j.id, j.state) for j in (*workflow.dependencies, *workflow.dependents)),
+        )
+        html = fragment(update, "dashboard/partials/job.html#job-workflow", context, key=key)
+        return Message(f"job-workflow-{self.job_id}", html, event_id)
 
     def replay_events(self) -> QuerySet[JobEvent]:
         return JobEvent.objects.filter(job_id=self.job_id)
@@ -237,6 +257,10 @@ class JobStream(DashboardStream):
         return 0  # the whole event log of the job, then live
 
     async def render_one(self, update: Update, *, replaying: bool) -> list[Message]:
+        if update.event.job_id in self.related and update.event.job_id != self.job_id:
+            if self.job is None or update.type == PROGRESS:
+                return []
+            return [shared(update, await self._workflow(update, update.id))]
         if update.event.job_id != self.job_id:
             messages = await super().render_one(update, replaying=replaying)
             if self.job is not None and self.job.state == "queued":
@@ -268,6 +292,8 @@ class JobStream(DashboardStream):
                 key=self.job.updated_at,
             )
             messages.append(Message(f"job-attempts-{self.job_id}", html, update.id))
+            if self.related or self.job.pending_dependencies:
+                messages.append(await self._workflow(update, update.id))
         return [shared(update, message) for message in messages]
 
     def _summary(self, update: Update | None, event_id: int, *, only_if_changed: bool = False) -> Message | None:
@@ -289,6 +315,8 @@ class JobStream(DashboardStream):
         messages = await super().snapshot(cursor, since=since)
         if self.job is not None:
             messages.append(self._summary(None, cursor))
+            if self.related:
+                messages.append(await self._workflow(None, cursor))
         return messages
 
 

@@ -121,6 +121,7 @@ def job(request: HttpRequest, job_id: UUID) -> HttpResponse:
         "attempts": list(job.attempt_set.all()),
         "waiting": _waiting(job),
         "deliveries": services.job_deliveries(job.id),
+        "workflow": services.workflow_of(job.id),
     }
     if request.htmx:
         return render(

@@ -17,7 +17,7 @@ UNSERVED_AFTER_SECONDS = 30
 
 @dataclass(frozen=True)
 class Waiting:
-    reason: str  # scheduled, backoff, throttled, no-worker, unserved, busy, cancelling
+    reason: str  # dependencies, scheduled, backoff, throttled, no-worker, unserved, busy, cancelling
     message: str
     until: datetime | None = None
 
@@ -29,6 +29,12 @@ def waiting_reason(job: Job, *, clusters: list[dict] | None, queue: dict | None)
     now = timezone.now()
     if job.state == State.RUNNING and job.cancel_requested_at:
         return Waiting("cancelling", "Cancel requested: the handler stops at its next progress report.")
+    if job.state == State.WAITING:
+        pending = job.pending_dependencies
+        return Waiting(
+            "dependencies",
+            f"Waiting for {pending} job{'s' if pending != 1 else ''} it depends on to finish (listed below)",
+        )
     if job.state == State.SCHEDULED or (job.state == State.QUEUED and job.run_after and job.run_after > now):
         return Waiting("scheduled", "Scheduled to run", job.run_after)
     if job.state == State.RETRYING:

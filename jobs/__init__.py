@@ -37,6 +37,7 @@ def submit(
     idempotency_key: str | None = None,
     callback_url: str | None = None,
     depends_on: Iterable[Any] = (),
+    on_dependency_failure: str = "cancel",
 ) -> Job:
     """Submit a job of `kind` and return it (its `id` at once), validated as
     the API validates: raises `jobs.errors.InvalidJob` (its `errors` name each
@@ -47,6 +48,10 @@ def submit(
     connection in one statement: inside `transaction.atomic()` they commit or
     roll back with the caller's own writes, and no worker sees the job before
     the commit.
+
+    With `depends_on` (job ids) the job is created `waiting` and queued when
+    its last dependency finishes; if one ends dead, cancelled or discarded it
+    is cancelled (`on_dependency_failure="cancel"`) or runs anyway ("run").
     """
     from jobs.engine.submission import submit_job
 
@@ -54,6 +59,8 @@ def submit(
     depends_on = list(depends_on)
     if depends_on:
         options["depends_on"] = depends_on
+    if on_dependency_failure != "cancel":
+        options["on_dependency_failure"] = on_dependency_failure
     return submit_job(
         kind,
         payload,

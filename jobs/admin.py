@@ -20,6 +20,7 @@ from jobs.models import (
     Attempt,
     Batch,
     Job,
+    JobDependency,
     JobEvent,
     Schedule,
     TokenUsage,
@@ -66,6 +67,15 @@ class JobEventInline(ReadOnlyInline):
         return super().get_queryset(request).exclude(type="job.progress")
 
 
+class DependencyInline(ReadOnlyInline):
+    """The jobs this one waits for (workflows), with whether each has finished."""
+
+    model = JobDependency
+    fk_name = "job"
+    fields = readonly_fields = ("depends_on", "resolved", "outcome", "cancelled_job")
+    verbose_name_plural = "depends on"
+
+
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
     list_display = (
@@ -85,7 +95,7 @@ class JobAdmin(admin.ModelAdmin):
     ordering = ("-created_at",)
     list_per_page = 50
     show_full_result_count = False
-    inlines = (AttemptInline, JobEventInline)
+    inlines = (DependencyInline, AttemptInline, JobEventInline)
     actions = ("retry_jobs", "cancel_jobs", "discard_jobs")
 
     def get_readonly_fields(self, request, obj=None):

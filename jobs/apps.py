@@ -12,7 +12,7 @@ class JobsConfig(AppConfig):
     def ready(self) -> None:
         from jobs.djangoq import broker, cluster
         from jobs.djangoq.schedules import ensure_schedules
-        from jobs.engine import hooks, scheduling
+        from jobs.engine import dependencies, hooks, scheduling
         from jobs.handlers import demo  # noqa: F401 - importing a handler module registers its kinds
         from jobs.llm import handler as llm_handler  # noqa: F401
         from jobs.webhooks import handler as webhooks_handler  # noqa: F401
@@ -21,6 +21,8 @@ class JobsConfig(AppConfig):
 
         # The engine hears of no feature: webhooks learn of finished jobs through this hook.
         hooks.register(FINISH_HOOK)
+        # Workflows: a finished dependency queues or cancels its waiting dependents.
+        hooks.register(dependencies.FINISH_HOOK)
         broker.task_function = run_job
         post_migrate.connect(ensure_schedules, sender=self)
         # Recurring schedules: code-declared ones written after migrate, and

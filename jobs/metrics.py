@@ -48,7 +48,7 @@ HEARTBEAT_SECONDS = 30
 # each attempt under the first bound it fits; keep the two in step.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
-DEPTH_STATES = ("queued", "scheduled", "running", "retrying", "dead")
+DEPTH_STATES = ("waiting", "queued", "scheduled", "running", "retrying", "dead")
 UNKNOWN_QUEUE = "?"  # a cluster whose heartbeat does not name its queue (see jobs/djangoq/cluster.py)
 
 _COUNTERS = """

@@ -13,6 +13,7 @@ from django.db.models import Q
 
 
 class State(models.TextChoices):
+    WAITING = "waiting"  # on its dependencies (jobs.engine.dependencies)
     QUEUED = "queued"
     SCHEDULED = "scheduled"
     RUNNING = "running"
@@ -23,7 +24,7 @@ class State(models.TextChoices):
     DISCARDED = "discarded"
 
 
-ACTIVE_STATES = (State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING)
+ACTIVE_STATES = (State.WAITING, State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING)
 FINISHED_STATES = (State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED)
 
 
@@ -40,6 +41,15 @@ class Batch(models.Model):
     completion_tokens = models.BigIntegerField(default=0, db_default=0)
     token_budget = models.BigIntegerField(
         null=True, blank=True, help_text="Jobs wait once the batch has used this many tokens; empty: no limit."
+    )
+    # The job submitted `waiting` with the batch, queued once every job of the batch has finished.
+    then_job = models.OneToOneField(
+        "Job",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="then_of",
+        help_text="Runs after the batch.",
     )
 
     class Meta:
@@ -90,6 +100,19 @@ class Job(models.Model):
     callback_url = models.URLField(max_length=2000, blank=True, default="")
     batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
 
+    # Workflows (jobs.engine.dependencies): a job some `waiting` job depends on
+    # has `has_dependents` (its finish goes through the finish hook); a waiting
+    # job counts its dependencies not yet finished.
+    has_dependents = models.BooleanField(default=False, db_default=False)
+    pending_dependencies = models.PositiveIntegerField(default=0, db_default=0)
+    on_dependency_failure = models.CharField(
+        max_length=10,
+        choices=[("cancel", "cancel"), ("run", "run")],
+        default="cancel",
+        db_default="cancel",
+        help_text="When a dependency ends dead, cancelled or discarded: cancel this job, or run it anyway.",
+    )
+
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -136,6 +159,24 @@ class Job(models.Model):
     @property
     def tokens_used(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class JobDependency(models.Model):
+    """An edge of a workflow: `job` waits for `depends_on` to finish.
+    `resolved`: the dependency has finished (in `outcome`); `cancelled_job`:
+    that outcome cancelled the job (a retry of the dependency re-arms it)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependency_edges")
+    depends_on = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependent_edges")
+    resolved = models.BooleanField(default=False)
+    outcome = models.CharField(max_length=20, blank=True, default="")
+    cancelled_job = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["depends_on", "job"], name="jobdependency_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} after {self.depends_on_id}"
 
 
 class Attempt(models.Model):

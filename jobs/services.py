@@ -246,3 +246,8 @@ __all__ += [
     "update_schedule",
     "zone_error",
 ]
+# --- workflows -------------------------------------------------------------------
+
+from jobs.engine.dependencies import Workflow, workflow_of  # noqa: E402
+
+__all__ += ["Workflow", "workflow_of"]

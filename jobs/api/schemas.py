@@ -10,7 +10,7 @@ on what depends on the kind (the payload) or on the clock (run_after).
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from ninja import Field, Schema
@@ -92,6 +92,28 @@ class JobIn(BaseModel):
         }
 
 
+class SubmitJobIn(JobIn):
+    """A single job's submission: a job and, for workflows, what it waits for.
+    (The fast intake ahead of Django takes only plain `JobIn` bodies.)"""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"kind": "demo.sleep", "payload": {"seconds": 1}, "depends_on": []}]},
+    )
+
+    depends_on: list[str] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Ids of jobs this one waits for: it is created `waiting` and queued when the last has finished.",
+    )
+    on_dependency_failure: Literal["cancel", "run"] = Field(
+        "cancel", description="When a dependency ends dead, cancelled or discarded: cancel this job, or run it anyway."
+    )
+
+    def workflow(self) -> dict[str, Any]:
+        return {"depends_on": self.depends_on, "on_dependency_failure": self.on_dependency_failure}
+
+
 class JobPage(Schema):
     items: list[JobOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
@@ -158,6 +180,7 @@ class Count(Schema):
 
 class QueueStatsOut(Schema):
     queue: str
+    waiting: int = Field(description="Jobs waiting on their dependencies (`depends_on`).")
     queued: int
     scheduled: int
     running: int
@@ -185,6 +208,11 @@ class BatchIn(BaseModel):
     callback_url: str = Field("", max_length=2000)
     jobs: list[JobIn] = Field(min_length=1, max_length=MAX_JOBS)
     token_budget: TokenBudget | None = Field(None, description=_BUDGET)
+    then: JobIn | None = Field(
+        None,
+        description="A job queued once every job of the batch has finished (whatever their outcome);"
+        " its handler reads the batch's counts with `ctx.batch_counts()`.",
+    )
 
 
 class BatchCsvForm(BaseModel):

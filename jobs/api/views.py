@@ -29,12 +29,12 @@ from jobs.api.schemas import (
     EventFilters,
     EventOut,
     JobFilters,
-    JobIn,
     JobOut,
     JobPage,
     Page,
     ProblemType,
     QueueStatsOut,
+    SubmitJobIn,
     UsageOut,
 )
 from jobs.engine.representation import batch_out, job_out, tokens_out
@@ -84,15 +84,17 @@ def _doc(*statuses: int, created: bool = False, body: dict | None = None) -> dic
 
 @router.post("/jobs", auth=SUBMIT, response={202: JobOut, 200: JobOut}, openapi_extra=_doc(400, 413, 415, created=True))
 def submit_job(
-    request: HttpRequest, body: JobIn, response: HttpResponse, idempotency_key: KeyText | None = IdempotencyKey
+    request: HttpRequest, body: SubmitJobIn, response: HttpResponse, idempotency_key: KeyText | None = IdempotencyKey
 ):
     """Submit a job. 202 with the job; 200 when the Idempotency-Key was seen with the same body."""
     submitted = services.submit_job(
         body.kind,
         body.payload,
         **body.options(),
+        **body.workflow(),
         idempotency_key=_idempotency_key(idempotency_key),
         owner=request.auth.owner,
+        visible_to=request.auth.visible_owner,
     )
     job = submitted.job
     response["Location"] = reverse("api-v1:get_job", args=[job.id])
@@ -219,6 +221,8 @@ def submit_batch(request: HttpRequest, response: HttpResponse, idempotency_key: 
             # One dump of the list, not one per job (large batches).
             jobs = body.model_dump(include={"jobs"})["jobs"]
             budget = {"token_budget": body.token_budget}
+            if body.then is not None:
+                budget["then"] = body.then.model_dump()
         else:
             form, jobs = _csv_jobs(request)
             # rows[1] is the first row after the header, as jobs_from_csv counts.

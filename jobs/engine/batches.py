@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from jobs.db import events
 from jobs.djangoq import broker
-from jobs.engine import submission
+from jobs.engine import dependencies, submission
 from jobs.errors import ConveyorError, IdempotencyKeyReused, InvalidJob
 from jobs.models import ACTIVE_STATES, Batch, BatchIdempotencyKey, Job, State
 
@@ -114,6 +114,7 @@ def submit_batch(
     idempotency_key: str | None = None,
     label: Callable[[int], str] = "jobs[{}]".format,
     token_budget: int | None = None,
+    then: Mapping[str, Any] | None = None,
 ) -> BatchSubmitted:
     """Create a batch of jobs: all of them or, when any is invalid, none.
 
@@ -128,6 +129,10 @@ def submit_batch(
        duplicate waits on its unique index and fails before doing any.
 
     `token_budget`: the tokens the batch's LLM calls may use (jobs.llm.usage).
+    `then`: a job (the fields of one item: kind, payload, queue, …) created
+    `waiting` with the batch and queued when every job of the batch has
+    finished, whatever their outcome (jobs.engine.dependencies); its handler
+    reads the batch's counts with `ctx.batch_counts()`.
 
     Raises InvalidBatch, or BatchIdempotencyKeyReused when the key was used
     for a different batch.
@@ -157,10 +162,16 @@ def submit_batch(
             errors += [{**e, "field": ".".join(filter(None, (label(index), e["field"])))} for e in exc.errors]
             if len(errors) >= MAX_ERRORS:
                 break
+    then_fields = None
+    if then is not None and not errors:
+        try:
+            then_fields = _prepare(then)
+        except InvalidJob as exc:
+            errors += [{**e, "field": ".".join(filter(None, ("then", e["field"])))} for e in exc.errors]
     if errors:
         raise InvalidBatch(errors[:MAX_ERRORS])
 
-    fingerprint = _fingerprint(name, callback_url, prepared) if idempotency_key is not None else ""
+    fingerprint = _fingerprint(name, callback_url, prepared, then_fields) if idempotency_key is not None else ""
     try:
         with transaction.atomic():
             batch = Batch.objects.create(
@@ -170,7 +181,9 @@ def submit_batch(
                 BatchIdempotencyKey.objects.create(
                     batch=batch, owner=owner, key=idempotency_key, request_fingerprint=fingerprint
                 )
-            _insert_all(batch, prepared, owner=owner)
+            _insert_all(batch, prepared, owner=owner, has_dependents=then_fields is not None)
+            if then_fields is not None:
+                dependencies.then_after_batch(batch, then_fields, owner=owner)
     except IntegrityError as exc:
         if idempotency_key is None or "batch_unique_idempotency_key" not in str(exc):
             raise
@@ -284,12 +297,16 @@ def _prepare(item: Mapping[str, Any]) -> dict[str, Any]:
     return submission.prepare_job(item.get("kind"), item.get("payload"), **options)
 
 
-def _fingerprint(name: str, callback_url: str, prepared: list[dict[str, Any]]) -> str:
+def _fingerprint(
+    name: str, callback_url: str, prepared: list[dict[str, Any]], then: dict[str, Any] | None = None
+) -> str:
     asked = {"name": name, "callback_url": callback_url, "jobs": [submission.fingerprint(f) for f in prepared]}
+    if then is not None:  # absent otherwise: digests of batches without one stay as they were
+        asked["then"] = submission.fingerprint(then)
     return hashlib.sha256(json.dumps(asked, separators=(",", ":")).encode()).hexdigest()
 
 
-def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> None:
+def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str, has_dependents: bool = False) -> None:
     """Insert the jobs with their `job.created` events, then their broker rows.
 
     The jobs go to Postgres as JSON, which Python makes in one `json.dumps`
@@ -304,7 +321,7 @@ def _insert_all(batch: Batch, prepared: list[dict[str, Any]], *, owner: str) -> 
     """
     now = timezone.now()
     common = dict(submission.job_defaults())
-    common.update(owner=owner, batch_id=batch.id, created_at=now, updated_at=now)
+    common.update(owner=owner, batch_id=batch.id, created_at=now, updated_at=now, has_dependents=has_dependents)
     for job in prepared:
         job["id"] = str(uuid.uuid4())
     rows = [submission.to_json(common), submission.to_json(prepared), "job.created", "job.created"]

@@ -14,6 +14,7 @@ from django.db import connection, transaction
 
 from jobs.db import events
 from jobs.djangoq import broker
+from jobs.engine import dependencies
 from jobs.engine.states import Sql, transition
 from jobs.errors import InvalidState, JobNotFound
 from jobs.models import Job, State
@@ -39,7 +40,7 @@ def cancel_job(job_id: UUID | str, *, actor: str = "") -> Job:
         cancelled = transition(
             job.id,
             target=State.CANCELLED,
-            source=frozenset({State.QUEUED, State.SCHEDULED, State.RETRYING}),
+            source=frozenset({State.WAITING, State.QUEUED, State.SCHEDULED, State.RETRYING}),
             event_data=data,
             finished_at=Sql("now()"),
         )
@@ -58,7 +59,7 @@ def cancel_job(job_id: UUID | str, *, actor: str = "") -> Job:
     job.refresh_from_db()
     if job.state != State.RUNNING:
         raise InvalidState(
-            f"job {job.id} is {job.state}; only queued, scheduled, retrying or running jobs can be cancelled"
+            f"job {job.id} is {job.state}; only waiting, queued, scheduled, retrying or running jobs can be cancelled"
         )
     return job
 
@@ -115,26 +116,46 @@ def _select(ids, states, filters) -> list[UUID]:
 
 
 def _requeue(job_id: UUID | str, *, actor: str) -> Job | None:
+    """dead/cancelled -> queued, attempts counted anew; a cancelled job whose
+    dependencies have not all finished goes back to `waiting` instead
+    (jobs.engine.dependencies queues it when they have)."""
+    fresh = {
+        "attempts": 0,
+        "finished_at": None,
+        "cancel_requested_at": None,
+        "progress_percent": 0,
+        "progress_message": "",
+        "result": None,
+        "error_type": "",
+        "error_message": "",
+        "error_traceback": "",
+        "lease_owner": "",
+        "lease_expires_at": None,
+    }
+    event_data = {"reason": "retry", "actor": actor}
     with transaction.atomic():
         job = transition(
             job_id,
             target=State.QUEUED,
-            event_data={"reason": "retry", "actor": actor},
-            attempts=0,
+            source=frozenset(RETRYABLE),
+            where=Sql("pending_dependencies = 0"),
+            event_data=event_data,
             # Runnable from now: queue_stats measures its wait from here, not
             # from when the job was first created.
             run_after=Sql("now()"),
-            finished_at=None,
-            cancel_requested_at=None,
-            progress_percent=0,
-            progress_message="",
-            result=None,
-            error_type="",
-            error_message="",
-            error_traceback="",
-            lease_owner="",
-            lease_expires_at=None,
+            **fresh,
         )
         if job is not None:
             broker.enqueue(job.id, queue=job.queue, timeout=job.timeout, priority=job.priority)
+        else:
+            job = transition(
+                job_id,
+                target=State.WAITING,
+                source=frozenset({State.CANCELLED}),
+                where=Sql("pending_dependencies > 0"),
+                event_data=event_data,
+                **fresh,
+            )
+        if job is not None and job.has_dependents:  # the dependents it cancelled wait for it again
+            dependencies.rearm(job.id)
         return job

@@ -26,11 +26,13 @@ from jobs.djangoq import broker
 from jobs.engine import hooks
 from jobs.models import Attempt, Job, State
 
-Q, S, R, T = State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
+W, Q, S, R, T = State.WAITING, State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
 OK, DEAD, CXL, DIS = State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED
 
 # target state -> the states it may be entered from. `scheduled` has no entry:
-# only submission creates scheduled jobs.
+# only submission creates scheduled jobs. `waiting` (on dependencies) is
+# created by submission; a job cancelled because a dependency failed waits
+# again when that dependency is retried (jobs.engine.dependencies).
 # A due `retrying` or `scheduled` job is claimed directly (the "due" step of
 # docs/ARCHITECTURE.md's picture is folded into the claim's `run_after <= now()` test).
 ALLOWED: dict[State, frozenset[State]] = {
@@ -38,8 +40,9 @@ ALLOWED: dict[State, frozenset[State]] = {
     OK: frozenset({R}),
     T: frozenset({R}),
     DEAD: frozenset({R}),
-    CXL: frozenset({Q, S, T, R}),
-    Q: frozenset({DEAD, CXL}),
+    CXL: frozenset({W, Q, S, T, R}),
+    Q: frozenset({W, DEAD, CXL}),
+    W: frozenset({CXL}),
     DIS: frozenset({DEAD}),
 }
 

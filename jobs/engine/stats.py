@@ -10,6 +10,7 @@ from django.db import connection
 
 class QueueStats(TypedDict):
     queue: str
+    waiting: int
     queued: int
     scheduled: int
     running: int
@@ -38,6 +39,9 @@ WITH active AS (
     FROM jobs_job
     WHERE state IN ('queued', 'scheduled', 'running', 'retrying')
     GROUP BY queue
+), waiting AS (
+    -- jobs waiting on their dependencies (workflows), from the (state, created_at) index
+    SELECT queue, count(*) AS waiting FROM jobs_job WHERE state = 'waiting' GROUP BY queue
 ), dead AS (
     SELECT queue, count(*) AS dead FROM jobs_job WHERE state = 'dead' GROUP BY queue
 ), recent AS (
@@ -55,10 +59,11 @@ WITH active AS (
 )
 SELECT q.queue,
        coalesce(a.queued, 0), coalesce(a.scheduled, 0), coalesce(a.running, 0), coalesce(a.retrying, 0),
-       coalesce(d.dead, 0), a.oldest, coalesce(r.succeeded, 0), coalesce(f.failed, 0)
-FROM (SELECT queue FROM active UNION SELECT queue FROM dead UNION SELECT queue FROM recent
+       coalesce(d.dead, 0), a.oldest, coalesce(r.succeeded, 0), coalesce(f.failed, 0), coalesce(w.waiting, 0)
+FROM (SELECT queue FROM active UNION SELECT queue FROM waiting UNION SELECT queue FROM dead UNION SELECT queue FROM recent
       UNION SELECT queue FROM failures UNION SELECT unnest(%s::text[])) q
 LEFT JOIN active a USING (queue)
+LEFT JOIN waiting w USING (queue)
 LEFT JOIN dead d USING (queue)
 LEFT JOIN recent r USING (queue)
 LEFT JOIN failures f USING (queue)
@@ -75,6 +80,7 @@ def queue_stats(*, always: list[str] | None = None) -> list[QueueStats]:
     return [
         QueueStats(
             queue=row[0],
+            waiting=row[9],
             queued=row[1],
             scheduled=row[2],
             running=row[3],

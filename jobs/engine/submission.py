@@ -9,6 +9,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,13 +17,13 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
 from jobs.db import events, sql
 from jobs.djangoq import broker
-from jobs.engine import ssrf
+from jobs.engine import dependencies, ssrf
 from jobs.engine.registry import payload_errors, submittable_handler
 from jobs.errors import IdempotencyKeyReused, InvalidJob, PayloadTooLarge
 from jobs.models import Batch, Job, State
@@ -60,10 +61,18 @@ def submit_job(
     owner: str = "",
     batch: Batch | None = None,
     internal: bool = False,
+    depends_on: Sequence[uuid.UUID | str] = (),
+    on_dependency_failure: str = "cancel",
+    visible_to: str | None = None,
 ) -> Submitted:
     """Validate and create a job, its `job.created` event and its broker row in
     one transaction. Only the engine passes `internal=True`, to submit a kind
     no client may (webhook.deliver).
+
+    `depends_on`: ids of existing jobs; the job is created `waiting` and queued
+    when the last of them finishes (jobs.engine.dependencies), or cancelled when
+    one fails and `on_dependency_failure` is "cancel" ("run": it runs anyway).
+    `visible_to`: the owner whose jobs it may name (None: any job).
 
     Raises InvalidJob (with per-field errors) or IdempotencyKeyReused.
     """
@@ -80,8 +89,23 @@ def submit_job(
         callback_url=callback_url,
         internal=internal,
     )
-    asked = fingerprint(fields)
-    job = _insert(Job(owner=owner, batch=batch, request_fingerprint=asked, **fields))
+    if depends_on or on_dependency_failure != "cancel":
+        errors = dependencies.check_policy(on_dependency_failure)
+        try:
+            ids = dependencies.parse_ids(depends_on)
+        except InvalidJob as exc:
+            errors += exc.errors
+        if errors:
+            raise InvalidJob(errors)
+        fields["on_dependency_failure"] = on_dependency_failure
+    asked = fingerprint(fields, depends_on=ids if depends_on else ())
+    if depends_on:
+        fields["state"] = State.WAITING
+        job = _insert_waiting(
+            Job(owner=owner, batch=batch, request_fingerprint=asked, **fields), ids, visible_to=visible_to
+        )
+    else:
+        job = _insert(Job(owner=owner, batch=batch, request_fingerprint=asked, **fields))
     if job is not None:
         return Submitted(job, created=True)
     # The idempotency key was taken: by this request before (a replay) or by
@@ -199,13 +223,16 @@ def prepare_job(
     }
 
 
-def fingerprint(fields: dict[str, Any]) -> str:
+def fingerprint(fields: dict[str, Any], *, depends_on: Sequence[uuid.UUID] = ()) -> str:
     """A digest of what was asked for, to tell a replay from a reused key."""
     asked = {
         k: fields[k]
         for k in ("kind", "queue", "payload", "priority", "max_attempts", "backoff_base", "backoff_max", "callback_url")
     }
     asked["run_after"] = fields["run_after"].isoformat() if fields["run_after"] else None
+    if depends_on:  # absent otherwise: the digests of jobs without dependencies stay as they were
+        asked["depends_on"] = sorted(str(job_id) for job_id in depends_on)
+        asked["on_dependency_failure"] = fields.get("on_dependency_failure", "cancel")
     return hashlib.sha256(_FINGERPRINT_JSON.encode(asked).encode()).hexdigest()
 
 
@@ -230,6 +257,27 @@ def _insert(job: Job) -> Job | None:
     params = [*values, "job.created", "job.created", *broker.cte_params(job.id, queue=job.queue, timeout=job.timeout)]
     row = sql.fetchone(statement, params)
     return sql.job_from_row(row) if row is not None else None
+
+
+def _insert_waiting(job: Job, ids: list[uuid.UUID], *, visible_to: str | None) -> Job | None:
+    """Create `job` `waiting` on the jobs `ids` (locked first, see
+    jobs.engine.dependencies), with its edges and `job.created` event, and
+    settle it (queued or cancelled at once if its dependencies already
+    decide), in one transaction. No broker row until it is queued.
+
+    Returns None when the job's idempotency key is already taken."""
+    with transaction.atomic():
+        states = dependencies.lock_dependencies(ids, visible_to=visible_to)
+        job.pending_dependencies = sum(state not in dependencies.RESOLVING for state in states.values())
+        try:
+            with transaction.atomic():
+                job.save(force_insert=True)
+        except IntegrityError as exc:
+            if job.idempotency_key is None or "job_unique_idempotency_key" not in str(exc):
+                raise
+            return None
+        events.record(job.id, "job.created", {"state": job.state, "kind": job.kind}, queue=job.queue)
+        return dependencies.link(job, states)
 
 
 @dataclass(frozen=True)

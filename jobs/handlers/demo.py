@@ -79,3 +79,20 @@ async def async_sleep(ctx, payload: AsyncSleepPayload) -> dict:
     if payload.fail:
         raise DemoTransientError("failed after its last step")
     return {"slept": payload.seconds}
+
+
+class CollectPayload(Payload):
+    pass
+
+
+@handler("demo.collect", schema=CollectPayload, timeout=60)
+def collect(ctx, payload: CollectPayload) -> dict:
+    """A workflow's last step: returns the results of the jobs it depended on
+    and, as a batch's `then` job, the batch's counts."""
+    return {"dependencies": ctx.dependency_results(), "batch": ctx.batch_counts()}
+
+
+@handler("demo.async_collect", schema=CollectPayload, queue="default", timeout=60)
+async def async_collect(ctx, payload: CollectPayload) -> dict:
+    """`demo.collect` in the asyncio lane."""
+    return {"dependencies": await ctx.dependency_results(), "batch": await ctx.batch_counts()}

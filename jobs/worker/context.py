@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from jobs.db.durability import engine_statements
+from jobs.engine import dependencies
 from jobs.errors import Cancelled, LeaseLost
 from jobs.models import Job
 from jobs.worker.heartbeat import Progress, record_progress
@@ -39,3 +41,15 @@ class Context:
             requested = Job.objects.filter(id=self.job_id).values_list("cancel_requested_at", flat=True).first()
         if requested is not None:
             raise Cancelled("cancelled by an operator")
+
+    def dependency_results(self) -> dict[str, Any]:
+        """{dependency job id: its result} of the jobs this one depended on
+        (`depends_on`); None for one that did not succeed."""
+        with engine_statements():
+            return dependencies.dependency_results(self.job_id)
+
+    def batch_counts(self) -> dict[str, Any] | None:
+        """For a batch's `then` job: {"id", "total", "succeeded", "dead",
+        "cancelled", "discarded"} of the batch; None for any other job."""
+        with engine_statements():
+            return dependencies.batch_counts(self.job_id)

@@ -38,6 +38,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import util as mp_util
+from typing import Any
 from uuid import UUID
 
 from django.conf import settings
@@ -46,6 +47,7 @@ from django.db import DatabaseError
 from config.logs import job_log_contextvars
 from jobs.db.durability import handler_writes, relax_commit_durability
 from jobs.djangoq import broker
+from jobs.engine import dependencies
 from jobs.errors import Cancelled, LeaseLost
 from jobs.worker.execute import storable
 from jobs.worker.finish import finish_cancelled, finish_failed, finish_succeeded
@@ -95,6 +97,14 @@ class AsyncContext:
         """Run synchronous ORM code on the lane's database thread (committing
         with the server's durability, not the lane's own)."""
         return await self._lane._db(_handlers, func, *args, **kwargs)
+
+    async def dependency_results(self) -> dict[str, Any]:
+        """{dependency job id: its result} (`await ctx.dependency_results()`)."""
+        return await self.run_db(dependencies.dependency_results, self.job_id)
+
+    async def batch_counts(self) -> dict[str, Any] | None:
+        """A batch's `then` job: the batch's counts (`await ctx.batch_counts()`); None otherwise."""
+        return await self.run_db(dependencies.batch_counts, self.job_id)
 
     def check_cancelled(self) -> None:
         if self.cancel_reason == "cancelled":

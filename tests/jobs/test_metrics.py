@@ -40,8 +40,9 @@ def deliver(job: Job) -> None:
 
 
 def test_it_reports_queue_depth_by_state_and_the_oldest_runnable_job(client, make_job):
+    first = make_job("demo.noop")
     make_job("demo.noop")
-    make_job("demo.noop")
+    make_job("demo.noop", depends_on=[first.id])  # waiting: not runnable
     make_job("demo.noop", run_after=timezone.now() + timedelta(hours=1))  # scheduled: not runnable
     make_job("demo.noop", queue="llm")
     dead = make_job("demo.fail", {"mode": "permanent"})
@@ -51,6 +52,7 @@ def test_it_reports_queue_depth_by_state_and_the_oldest_runnable_job(client, mak
     samples = scrape(client)
 
     assert value(samples, "conveyor_queue_depth", queue="default", state="queued") == 2
+    assert value(samples, "conveyor_queue_depth", queue="default", state="waiting") == 1
     assert value(samples, "conveyor_queue_depth", queue="default", state="scheduled") == 1
     assert value(samples, "conveyor_queue_depth", queue="default", state="running") == 0
     assert value(samples, "conveyor_queue_depth", queue="default", state="dead") == 1

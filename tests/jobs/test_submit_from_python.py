@@ -192,3 +192,14 @@ def test_a_job_submitted_in_a_transaction_runs_only_after_the_commit(processes):
 
     wait_until(lambda: state_of(held.id) == "succeeded", timeout=60, message="the held job to run after the commit")
     assert Attempt.objects.filter(job_id=held.id).count() == 1
+
+
+def test_submit_with_depends_on_creates_a_waiting_job_and_refuses_unknown_ids(db):
+    first = jobs.submit("demo.noop", {})
+    then = jobs.submit("demo.noop", {}, depends_on=[first.id], on_dependency_failure="run")
+    stored = Job.objects.get(id=then.id)
+    assert (stored.state, stored.on_dependency_failure, stored.pending_dependencies) == ("waiting", "run", 1)
+    with pytest.raises(InvalidJob) as unknown:
+        jobs.submit("demo.noop", {}, depends_on=["00000000-0000-0000-0000-000000000000"])
+    assert unknown.value.errors[0]["field"] == "depends_on[0]"
+    assert Job.objects.count() == 2

@@ -46,6 +46,19 @@ def api(make_key) -> ApiClient:
     return ApiClient(make_key())
 
 
+# Two tenants: keys that see only what they submitted (tests/jobs/api/test_tenancy.py).
+
+
+@pytest.fixture
+def alice(db) -> ApiClient:
+    return ApiClient(create_api_key("alice", scopes=["submit", "read"]).key)
+
+
+@pytest.fixture
+def bob(db) -> ApiClient:
+    return ApiClient(create_api_key("bob", scopes=["submit", "read"]).key)
+
+
 def assert_problem(response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.content
     assert response["Content-Type"] == "application/problem+json"

@@ -230,14 +230,16 @@ def test_retrying_a_queued_job_is_a_409(api, make_job):
 
 
 def test_queues_lists_counts_per_queue(api, make_job):
-    make_job()
+    first = make_job()
+    make_job(depends_on=[first.id])
 
     body = api.get("/queues").json()
 
     default = next(q for q in body if q["queue"] == "default")
-    assert default["queued"] == 1
+    assert (default["queued"], default["waiting"]) == (1, 1)
     assert set(default) == {
         "queue",
+        "waiting",
         "queued",
         "scheduled",
         "running",

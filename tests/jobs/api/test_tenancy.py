@@ -20,16 +20,6 @@ NOOP = {"kind": "demo.noop", "payload": {}}
 
 
 @pytest.fixture
-def alice(db) -> ApiClient:
-    return ApiClient(create_api_key("alice", scopes=["submit", "read"]).key)
-
-
-@pytest.fixture
-def bob(db) -> ApiClient:
-    return ApiClient(create_api_key("bob", scopes=["submit", "read"]).key)
-
-
-@pytest.fixture
 def ops(db) -> ApiClient:
     return ApiClient(create_api_key("ops", scopes=["read", "operate"]).key)
 

@@ -29,6 +29,11 @@ EXPECTED = {
     (State.DEAD, State.QUEUED),
     (State.CANCELLED, State.QUEUED),
     (State.DEAD, State.DISCARDED),
+    # Workflows: a waiting job is queued by its last dependency, cancelled by
+    # a failed one (or an operator), and waits again when that one is retried.
+    (State.WAITING, State.QUEUED),
+    (State.WAITING, State.CANCELLED),
+    (State.CANCELLED, State.WAITING),
 }
 
 PAIRS = [(source, target) for source in State for target in State]

@@ -43,16 +43,18 @@ def test_it_counts_active_and_dead_jobs_per_state_and_queue(make_job):
     make(make_job, State.SUCCEEDED)
     make(make_job, State.CANCELLED)
     make(make_job, State.DISCARDED, queue="llm")
+    make(make_job, State.WAITING, queue="llm")
 
     stats = stats_by_queue()
 
     assert set(stats) == {"default", "llm"}
     counts = {
-        q: {k: row[k] for k in ("queued", "scheduled", "running", "retrying", "dead")} for q, row in stats.items()
+        q: {k: row[k] for k in ("waiting", "queued", "scheduled", "running", "retrying", "dead")}
+        for q, row in stats.items()
     }
     assert counts == {
-        "default": {"queued": 2, "scheduled": 1, "running": 1, "retrying": 1, "dead": 1},
-        "llm": {"queued": 1, "scheduled": 0, "running": 0, "retrying": 0, "dead": 3},
+        "default": {"waiting": 0, "queued": 2, "scheduled": 1, "running": 1, "retrying": 1, "dead": 1},
+        "llm": {"waiting": 1, "queued": 1, "scheduled": 0, "running": 0, "retrying": 0, "dead": 3},
     }
 
 
@@ -60,6 +62,7 @@ def test_the_queues_asked_for_are_listed_even_when_empty():
     assert queue_stats(always=["default", "llm"]) == [
         {
             "queue": name,
+            "waiting": 0,
             "queued": 0,
             "scheduled": 0,
             "running": 0,

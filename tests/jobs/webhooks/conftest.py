@@ -19,8 +19,7 @@ from jobs.models import Job, State, WebhookDelivery
 from jobs.webhooks import messages
 from jobs.worker import runner
 from tests.dashboard.conftest import operator, operator_client, reader, reader_client  # noqa: F401 - fixtures
-from tests.jobs.api.conftest import api, make_key  # noqa: F401 - fixtures
-from tests.jobs.api.test_tenancy import alice, bob  # noqa: F401 - fixtures (keys with submit,read)
+from tests.jobs.api.conftest import alice, api, bob, make_key  # noqa: F401 - fixtures (alice, bob: submit,read keys)
 
 
 @dataclass
