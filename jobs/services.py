@@ -196,3 +196,40 @@ __all__ += [
 from jobs.llm.usage import OwnerUsage, Usage, owner_usage, set_batch_budget, waiting_on_budget  # noqa: E402
 
 __all__ += ["OwnerUsage", "Usage", "owner_usage", "set_batch_budget", "waiting_on_budget"]
+
+
+# --- Operator controls: queues, bulk actions ---------------------------------
+
+from jobs.engine.operations import (  # noqa: E402
+    Selection,
+    cancel_batch,
+    cancel_matching,
+    count_matching,
+    retry_matching,
+)
+from jobs.engine.operations import run_now as run_job_now  # noqa: E402
+from jobs.engine.queues import (  # noqa: E402
+    Control,
+    QueueError,
+    get_control,
+    get_controls,
+    pause_queue,
+    resume_queue,
+    set_max_running,
+)
+
+__all__ += [
+    "Control",
+    "QueueError",
+    "Selection",
+    "cancel_batch",
+    "cancel_matching",
+    "count_matching",
+    "get_control",
+    "get_controls",
+    "pause_queue",
+    "resume_queue",
+    "retry_matching",
+    "run_job_now",
+    "set_max_running",
+]
