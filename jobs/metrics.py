@@ -136,7 +136,9 @@ def _queue_families(queues: list[str]) -> Iterator[Metric]:
         labels=["queue"],
     )
     paused = GaugeMetricFamily(
-        "conveyor_queue_paused", "1 while an operator has paused the queue (nothing of it is claimed).", labels=["queue"]
+        "conveyor_queue_paused",
+        "1 while an operator has paused the queue (nothing of it is claimed).",
+        labels=["queue"],
     )
     limit = GaugeMetricFamily(
         "conveyor_queue_max_running", "The queue's limit on jobs running at once (absent: no limit).", labels=["queue"]

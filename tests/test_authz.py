@@ -553,7 +553,9 @@ def _second_tenants_objects() -> dict[str, dict[str, str]]:
 
 def _id_routes() -> list[tuple[str, str]]:
     return [
-        (method, path) for method, path in API if "{" in path and path != "/problems/{code}" and (method, path) not in NOT_OWNED
+        (method, path)
+        for method, path in API
+        if "{" in path and path != "/problems/{code}" and (method, path) not in NOT_OWNED
     ]
 
 

@@ -249,7 +249,10 @@ class QueuePatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_running: int | None = Field(
-        ..., ge=1, strict=True, description="At most this many jobs of the queue at once, on every cluster; null: no limit."
+        ...,
+        ge=1,
+        strict=True,
+        description="At most this many jobs of the queue at once, on every cluster; null: no limit.",
     )
 
 

@@ -34,10 +34,10 @@ from jobs.api.schemas import (
     JobPage,
     JobSelection,
     Page,
-    QueuePatch,
-    RetrySelection,
     ProblemType,
+    QueuePatch,
     QueueStatsOut,
+    RetrySelection,
     UsageOut,
 )
 from jobs.engine.representation import batch_out, job_out, tokens_out

@@ -421,10 +421,28 @@ def _cancel_many_sql(selection: Sql, quiet: Sql) -> tuple[str, list[Any]]:
         " RETURNING id, queue, state, attempts),"
         # A semi-join the planner hashes (the rows have no index on job_id).
         " d AS (DELETE FROM django_q_ormq WHERE job_id IN (SELECT id FROM j))"
-        + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb")
+        + _bulk_event_ctes("jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb")
         + " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM n)"
     )
     return statement, [*selection.params, *quiet.params]
+
+
+def _no_nested_loops(cursor) -> None:
+    """The CTEs' row counts are unknown to the planner, which guesses one row:
+    for this transaction only, prefer hashing to nested loops."""
+    cursor.execute("SET LOCAL enable_nestloop = off")
+
+
+def _bulk_event_ctes(data_sql: str) -> str:
+    """`events.ctes` for thousands of rows: the notifications read each job's
+    queue through its primary key, not by joining the two CTEs (which the
+    planner, guessing one row each, made a quadratic nested loop)."""
+    plain = events.ctes(data_sql=data_sql)
+    joined = " FROM e JOIN j ON j.id = e.job_id)"
+    assert plain.endswith(joined), "events.ctes changed shape"
+    return plain[: -len(joined)].replace("j.queue)::text)", "q.queue)::text)") + (
+        " FROM e JOIN jobs_job q ON q.id = e.job_id)"
+    )
 
 
 def cancel_many(selection: Sql, *, actor: str = "") -> int:
@@ -434,6 +452,7 @@ def cancel_many(selection: Sql, *, actor: str = "") -> int:
     quiet = hooks.quiet_condition(CXL) if CXL in hooks.finish_states() else Sql("true")
     moved = 0
     with transaction.atomic(), connection.cursor() as cursor:
+        _no_nested_loops(cursor)
         if quiet is not None:
             statement, params = _cancel_many_sql(selection, quiet)
             cursor.execute(statement, [*params, "job.cancelled", data, "job.cancelled"])
@@ -459,7 +478,7 @@ def cancel_many(selection: Sql, *, actor: str = "") -> int:
             "WITH j AS (UPDATE jobs_job SET cancel_requested_at = now(), updated_at = now()"
             f" WHERE state = 'running' AND cancel_requested_at IS NULL AND ({selection.expression})"
             " RETURNING id, queue)"
-            + events.ctes()
+            + _bulk_event_ctes("%s::jsonb")
             + " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM n)",
             [*selection.params, "job.cancel_requested", data, "job.cancel_requested"],
         )
@@ -495,9 +514,10 @@ def retry_many(selection: Sql, *, sources: frozenset[State], actor: str = "") ->
         rows = cursor.fetchall()
         if not rows:
             return 0
+        _no_nested_loops(cursor)
         statement = _RETRY_MANY.format(
             sources=state_literals(sources),
-            events=events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"),
+            events=_bulk_event_ctes("jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"),
         )
         data = json.dumps({"reason": "retry", "actor": actor})
         cursor.execute(

@@ -160,5 +160,8 @@ def _hold(job: Job, delivery: _Delivery | None) -> None:
         return
     with transaction.atomic():
         broker.enqueue(
-            job.id, queue=job.queue, timeout=job.timeout, run_at=timezone.now() + timedelta(seconds=HELD_RECHECK_SECONDS)
+            job.id,
+            queue=job.queue,
+            timeout=job.timeout,
+            run_at=timezone.now() + timedelta(seconds=HELD_RECHECK_SECONDS),
         )

@@ -130,7 +130,9 @@ def test_cancel_by_filter_moves_10000_jobs_in_one_statement_within_2_seconds(mak
     assert JobEvent.objects.filter(type="job.cancelled", job__owner=owner).count() == 10_000
     assert all(Job.objects.get(id=j.id).state == State.QUEUED for j in theirs)  # another tenant's: untouched
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM django_q_ormq o JOIN jobs_job j ON j.id = o.job_id WHERE j.owner = %s", [owner])
+        cursor.execute(
+            "SELECT count(*) FROM django_q_ormq o JOIN jobs_job j ON j.id = o.job_id WHERE j.owner = %s", [owner]
+        )
         assert cursor.fetchone()[0] == 0  # their broker rows went with them
 
 
@@ -138,7 +140,9 @@ def test_retry_by_filter_requeues_10000_dead_jobs_within_2_seconds(make_job):
     owner = "apikey:a"
     services.submit_batch("big", [{"kind": "demo.noop", "payload": {}} for _ in range(10_000)], owner=owner)
     with connection.cursor() as cursor:  # fixture: dead, as a failed attempt leaves them
-        cursor.execute("UPDATE jobs_job SET state = 'dead', attempts = 1, finished_at = now() WHERE owner = %s", [owner])
+        cursor.execute(
+            "UPDATE jobs_job SET state = 'dead', attempts = 1, finished_at = now() WHERE owner = %s", [owner]
+        )
     before = timezone.now()
     mine_later = make_job("demo.noop", owner=owner)
     make_dead(mine_later.id)
