@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -487,28 +488,26 @@ def cancel_many(selection: Sql, *, actor: str = "") -> int:
 
 
 _RETRY_MANY = (
-    "WITH v AS (SELECT * FROM unnest(%s::uuid[], %s::text[]) AS v(id, package)),"
-    " j AS (UPDATE jobs_job SET state = 'queued', updated_at = now(), attempts = 0, run_after = now(),"
+    "WITH j AS (UPDATE jobs_job SET state = 'queued', updated_at = now(), attempts = 0, run_after = now(),"
     " finished_at = NULL, cancel_requested_at = NULL, progress_percent = 0, progress_message = '', result = NULL,"
     " error_type = '', error_message = '', error_traceback = '', lease_owner = '', lease_expires_at = NULL"
-    " FROM v WHERE jobs_job.id = v.id AND jobs_job.state IN ({sources})"
-    " RETURNING jobs_job.id, jobs_job.queue, jobs_job.state, jobs_job.attempts, jobs_job.priority, v.package),"
-    # The broker row's key is the queue (`broker.cluster_for_queue` is the identity).
-    " b AS (INSERT INTO django_q_ormq (key, payload, lock, priority, job_id)"
-    " SELECT queue, package, now(), priority, id FROM j RETURNING key),"
-    f" bn AS (SELECT pg_notify('{broker.CHANNEL}', key) FROM (SELECT DISTINCT key FROM b) AS k)"
-    "{events} SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM n), (SELECT count(*) FROM bn)"
+    " WHERE id = ANY(%s::uuid[]) AND state IN ({sources}) RETURNING id, queue, state, attempts)"
+    "{events} SELECT (SELECT array_agg(id) FROM j), (SELECT count(*) FROM n), now()"
 )
 
 
 def retry_many(selection: Sql, *, sources: frozenset[State], actor: str = "") -> int:
     """Queue again every job of `sources` (dead, cancelled) that `selection`
-    names, attempts counted anew, each with its broker row; returns how many."""
+    names, attempts counted anew, each with its broker row; returns how many.
+
+    As a batch's submission does (`jobs.engine.batches`): a thread signs the
+    broker tasks while the jobs' statement runs, and the rows go in by COPY."""
     if not sources <= ALLOWED[Q]:
         raise ValueError(f"illegal transition {sorted(sources - ALLOWED[Q])} -> {Q}")
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT id, timeout FROM jobs_job WHERE state IN ({state_literals(sources)}) AND ({selection.expression})",
+            f"SELECT id, timeout, queue, priority FROM jobs_job WHERE state IN ({state_literals(sources)})"
+            f" AND ({selection.expression})",
             selection.params,
         )
         rows = cursor.fetchall()
@@ -520,17 +519,20 @@ def retry_many(selection: Sql, *, sources: frozenset[State], actor: str = "") ->
             events=_bulk_event_ctes("jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"),
         )
         data = json.dumps({"reason": "retry", "actor": actor})
-        cursor.execute(
-            statement,
-            [
-                [job_id for job_id, _ in rows],
-                [broker.task_package(job_id, timeout) for job_id, timeout in rows],
-                "job.queued",
-                data,
-                "job.queued",
-            ],
-        )
-        return cursor.fetchone()[0]
+        with ThreadPoolExecutor(max_workers=1) as signer:
+            tasks = signer.submit(lambda: [broker.task_package(job_id, timeout) for job_id, timeout, _, _ in rows])
+            cursor.execute(statement, [[row[0] for row in rows], "job.queued", data, "job.queued"])
+            ids, _, visible_at = cursor.fetchone()  # the rows are visible from the database's now()
+            moved = set(ids or ())
+            packages = tasks.result()
+        keys = set()
+        with cursor.copy("COPY django_q_ormq (key, payload, lock, priority, job_id) FROM STDIN") as copy:
+            for (job_id, _, queue, priority), package in zip(rows, packages, strict=True):
+                if job_id in moved:
+                    keys.add(broker.cluster_for_queue(queue))
+                    copy.write_row([broker.cluster_for_queue(queue), package, visible_at, priority, job_id])
+        cursor.execute("SELECT pg_notify(%s, key) FROM unnest(%s::text[]) AS key", [broker.CHANNEL, sorted(keys)])
+    return len(moved)
 
 
 def run_now(job_id: UUID | str, *, actor: str = "") -> bool:
