@@ -197,3 +197,19 @@ def test_run_now_makes_a_scheduled_job_due_and_refuses_other_states(make_job):
     assert claims.claim(str(later.id), "w:1").state == State.RUNNING
     with pytest.raises(InvalidState):
         services.run_job_now(later.id)
+
+
+def test_the_cli_pauses_and_resumes_a_queue():
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    out = StringIO()
+    call_command("jobs", "pause", "bulk", stdout=out)
+    assert out.getvalue().strip() == "bulk paused"
+    assert services.get_control("bulk").paused
+    call_command("jobs", "resume", "bulk", stdout=out)
+    assert not services.get_control("bulk").paused
+    with pytest.raises(CommandError, match="without spaces"):
+        call_command("jobs", "pause", "two words")
