@@ -158,7 +158,12 @@ class OverviewStream(DashboardStream):
         cards = fragment(
             update,
             "dashboard/partials/queue.html#queue-cards",
-            {"queues": data.get("queues", []), "backlog": charts.backlog_warnings(history)},
+            {
+                "queues": data.get("queues", []),
+                "backlog": charts.backlog_warnings(history),
+                "can_operate": self.viewer.can_operate,
+            },
+            key=self.viewer.can_operate,
         )
         chart = fragment(
             update, "dashboard/partials/queue.html#queue-chart", {"charts": charts.overview_charts(history)}

@@ -89,6 +89,11 @@ def jobs(request: HttpRequest) -> HttpResponse:
     }
     if request.htmx:
         return render(request, "dashboard/jobs.html#job-table", context)
+    if can_operate(request.user):
+        from dashboard.operations import bulk_counts  # (it uses this module's helpers)
+
+        context["bulk"] = bulk_counts(filters)
+        context["query"] = request.GET.urlencode()
     stream = events_url(
         "jobs",
         after=cursor,

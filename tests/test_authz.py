@@ -64,10 +64,19 @@ DASHBOARD = {
     "webhook-disable": {"POST": "operate"},
     "webhook-delivery": {"GET": "page"},
     "webhook-redeliver": {"POST": "operate"},
+    "jobs-cancel": {"POST": "operate"},
+    "jobs-retry": {"POST": "operate"},
+    "run-now": {"POST": "operate"},
+    "queue-pause": {"POST": "operate"},
+    "queue-resume": {"POST": "operate"},
+    "queue-limit": {"POST": "operate"},
+    "batch-cancel": {"POST": "operate"},
+    "api-keys": {"GET": "staff", "POST": "staff"},
+    "api-key-revoke": {"POST": "staff"},
     "webhook-delete": {"POST": "operate"},  # last: it removes the endpoint the others name
 }
 # Routes the matrix calls with a made-up id or slug: an allowed caller gets 404.
-DASHBOARD_MADE_UP = {"batch-page", "webhook-delivery", "webhook-redeliver"}
+DASHBOARD_MADE_UP = {"batch-page", "webhook-delivery", "webhook-redeliver", "api-key-revoke"}
 
 # API operations (method, path as django-ninja declares it) and their scope;
 # None: public.
@@ -278,9 +287,13 @@ def _dashboard_url(name: str, objects: dict[str, str]) -> str:
     from django.urls import reverse
 
     kwargs = {}
-    if name in ("job", "cancel-job", "retry-job"):
+    if name in ("queue-pause", "queue-resume", "queue-limit"):
+        kwargs = {"name": "authz-queue"}
+    elif name == "api-key-revoke":
+        kwargs = {"key_id": objects.get("key_id", 987654321)}
+    elif name in ("job", "cancel-job", "retry-job", "run-now"):
         kwargs = {"job_id": objects["job_id"]}
-    elif name in ("batch", "batch-budget", "batch-retry", "batch-content"):
+    elif name in ("batch", "batch-budget", "batch-retry", "batch-content", "batch-cancel"):
         kwargs = {"batch_id": objects["batch_id"]}
     elif name == "batch-page":
         kwargs = {"batch_id": objects["batch_id"], "slug": objects["slug"]}
@@ -304,6 +317,8 @@ def _dashboard_expected(role: str, needs: str) -> str:
     if needs == "operate":
         return "allowed" if role == OPERATOR else "forbidden"
     if needs == "submit":
+        return "allowed" if role == OPERATOR else "forbidden"
+    if needs == "staff":  # the operator is staff, the reader is not
         return "allowed" if role == OPERATOR else "forbidden"
     raise AssertionError(needs)
 
@@ -536,14 +551,21 @@ def _second_tenants_objects() -> dict[str, dict[str, str]]:
     from jobs.models import Page, WebhookDelivery
     from jobs.services import create_endpoint, submit_batch, submit_job
 
-    owner = create_api_key("tenant-b", scopes=["submit", "read"]).api_key.owner
+    tenant_key = create_api_key("tenant-b", scopes=["submit", "read"]).api_key
+    owner = tenant_key.owner
     endpoint = create_endpoint(owner=owner, url=HOOK_URL, event_types=["job.dead", "batch.completed"]).endpoint
     job = submit_job("demo.noop", {}, owner=owner).job
     make_dead(job.id)
     batch = submit_batch("theirs", [{"kind": "demo.noop", "payload": {}}], owner=owner).batch
     make_dead(batch.jobs.get().id)
     Page.objects.create(batch=batch, slug="intro", title="Intro", body_markdown="theirs")
-    common = {"job_id": str(job.id), "batch_id": str(batch.id), "endpoint_id": str(endpoint.id), "slug": "intro"}
+    common = {
+        "job_id": str(job.id),
+        "batch_id": str(batch.id),
+        "endpoint_id": str(endpoint.id),
+        "slug": "intro",
+        "key_id": tenant_key.pk,
+    }
     return {
         "/jobs": {**common, "delivery_id": str(WebhookDelivery.objects.get(job=job, endpoint=endpoint).id)},
         "/batches": {**common, "delivery_id": str(WebhookDelivery.objects.get(batch=batch, endpoint=endpoint).id)},
