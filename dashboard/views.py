@@ -86,6 +86,7 @@ def jobs(request: HttpRequest) -> HttpResponse:
         "states": State.values,
         "queues_known": queries.known_queues(),
         "kinds": services.known_kinds(),
+        "can_operate": can_operate(request.user),
     }
     if request.htmx:
         return render(request, "dashboard/jobs.html#job-table", context)

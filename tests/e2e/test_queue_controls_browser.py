@@ -123,16 +123,18 @@ def test_an_operator_pauses_a_queue_sees_a_job_wait_resumes_and_cancels_a_batch(
     page.click("button:has-text('Run now')")
     wait_until(lambda: Job.objects.get(id=later.id).state == State.SUCCEEDED, timeout=30, message="not run now")
 
-    # The jobs list: cancel all matching, with the count confirmed.
+    # The jobs list: cancel a selected job, then all matching, each confirmed.
     services.pause_queue("default")
-    for _ in range(2):
-        make_job("demo.sleep", {"seconds": 1})
+    sleepers = [make_job("demo.sleep", {"seconds": 1}) for _ in range(3)]
     page.goto(f"{base}/jobs/?kind=demo.sleep&state=queued")
-    button = page.locator("button:has-text('Cancel all matching (2)')")
+    page.check(f"#select-{sleepers[0].id}")
     keep(page, "jobs-bulk")
-    button.click()
-    page.wait_for_load_state()
-    assert Job.objects.filter(kind="demo.sleep", state=State.CANCELLED).count() == 2
+    page.click("button:has-text('Cancel selected')")
+    page.locator("button:has-text('Cancel all matching (2)')").wait_for()
+    assert Job.objects.get(id=sleepers[0].id).state == State.CANCELLED
+    page.click("button:has-text('Cancel all matching (2)')")
+    page.locator("button:has-text('Cancel all matching (0)')").wait_for()
+    assert Job.objects.filter(kind="demo.sleep", state=State.CANCELLED).count() == 3
 
     # API keys: create (shown once), then revoke.
     page.goto(f"{base}/api-keys/")
