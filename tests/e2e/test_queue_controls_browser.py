@@ -55,12 +55,7 @@ def sign_in(page, base: str) -> None:
     page.wait_for_url(f"{base}/")
 
 
-def test_an_operator_pauses_a_queue_sees_a_job_wait_resumes_and_cancels_a_batch(
-    processes,
-    context,
-    operator,
-    make_job,  # noqa: F811
-):
+def test_an_operator_pauses_a_queue_and_cancels_a_batch(processes, context, operator, make_job):  # noqa: F811
     from jobs import services
     from jobs.models import Job, State
 
