@@ -20,7 +20,7 @@ from dashboard import queries
 from dashboard.views import _notice, _operator, _page
 from jobs import services
 from jobs.errors import InvalidState, JobNotFound
-from jobs.models import ApiKey, State
+from jobs.models import ApiKey
 
 
 def _done(request: HttpRequest, text: str, *, to: str, level: str = "info") -> HttpResponse:
@@ -88,33 +88,6 @@ def cancel_batch(request: HttpRequest, batch_id: UUID) -> HttpResponse:
     return _done(request, text, to=reverse("dashboard:batch", args=[batch_id]))
 
 
-def selection_of(filters: queries.JobFilters) -> services.Selection | None:
-    """The jobs list's filters as a bulk selection; None when they cannot be
-    one (a search, or a filter in error)."""
-    if filters.q or filters.errors:
-        return None
-    return services.Selection(
-        state=filters.state or None,
-        queue=filters.queue or None,
-        kind=filters.kind or None,
-        batch=queries.as_uuid(filters.batch) if filters.batch else None,
-    )
-
-
-CANCELLABLE = frozenset({State.QUEUED, State.SCHEDULED, State.RETRYING, State.RUNNING})
-
-
-def bulk_counts(filters: queries.JobFilters) -> dict[str, int] | None:
-    """What "cancel all matching (N)" and "retry all matching (N)" would move."""
-    selection = selection_of(filters)
-    if selection is None:
-        return None
-    return {
-        "cancel": services.count_matching(selection, states_in=CANCELLABLE),
-        "retry": services.count_matching(selection, states_in=frozenset({State.DEAD})),
-    }
-
-
 @login_required
 @require_POST
 def bulk_jobs(request: HttpRequest, action: str) -> HttpResponse:
@@ -127,7 +100,7 @@ def bulk_jobs(request: HttpRequest, action: str) -> HttpResponse:
     if ids and action == "cancel":
         selection = services.Selection(ids=[queries.as_uuid(i) for i in ids])
     else:
-        selection = selection_of(filters)
+        selection = queries.selection_of(filters)
         if selection is None or request.POST.get("all") != "1":
             return _done(request, "Nothing selected.", to=back, level="error")
     moved = (services.cancel_matching if action == "cancel" else services.retry_matching)(selection, actor=actor)

@@ -91,9 +91,7 @@ def jobs(request: HttpRequest) -> HttpResponse:
     if request.htmx:
         return render(request, "dashboard/jobs.html#job-table", context)
     if can_operate(request.user):
-        from dashboard.operations import bulk_counts  # (it uses this module's helpers)
-
-        context["bulk"] = bulk_counts(filters)
+        context["bulk"] = queries.bulk_counts(filters)
         context["query"] = request.GET.urlencode()
     stream = events_url(
         "jobs",
