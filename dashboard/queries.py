@@ -18,6 +18,7 @@ from django.utils import timezone
 # The pages read these here; they live in dashboard.live, which imports nothing of the dashboard.
 from dashboard.live.publisher import clusters_online, dead_total  # noqa: F401
 from jobs.models import FINISHED_STATES, Attempt, Batch, Job, JobEvent, State
+from jobs.services import Selection, count_matching
 
 JOBS_PER_PAGE = 50
 DEAD_JOBS_PER_GROUP = 20
@@ -262,3 +263,33 @@ def one_batch_progress(batch_id: uuid.UUID) -> BatchProgress | None:
 
 
 # --- workers -------------------------------------------------------------------
+
+
+# --- bulk actions of the jobs list (dashboard/operations.py) ---------------------------
+
+
+def selection_of(filters: JobFilters) -> Selection | None:
+    """The jobs list's filters as a bulk selection; None when they cannot be
+    one (a search, or a filter in error)."""
+    if filters.q or filters.errors:
+        return None
+    return Selection(
+        state=filters.state or None,
+        queue=filters.queue or None,
+        kind=filters.kind or None,
+        batch=as_uuid(filters.batch) if filters.batch else None,
+    )
+
+
+CANCELLABLE = frozenset({State.QUEUED, State.SCHEDULED, State.RETRYING, State.RUNNING})
+
+
+def bulk_counts(filters: JobFilters) -> dict[str, int] | None:
+    """What "cancel all matching (N)" and "retry all matching (N)" would move."""
+    selection = selection_of(filters)
+    if selection is None:
+        return None
+    return {
+        "cancel": count_matching(selection, states_in=CANCELLABLE),
+        "retry": count_matching(selection, states_in=frozenset({State.DEAD})),
+    }

@@ -160,7 +160,12 @@ class OverviewStream(DashboardStream):
         cards = fragment(
             update,
             "dashboard/partials/queue.html#queue-cards",
-            {"queues": data.get("queues", []), "backlog": charts.backlog_warnings(history)},
+            {
+                "queues": data.get("queues", []),
+                "backlog": charts.backlog_warnings(history),
+                "can_operate": self.viewer.can_operate,
+            },
+            key=self.viewer.can_operate,
         )
         chart = fragment(
             update, "dashboard/partials/queue.html#queue-chart", {"charts": charts.overview_charts(history)}
@@ -172,6 +177,9 @@ class OverviewStream(DashboardStream):
             Message("workers", workers, update.id),
             *self.render_stats(update),
         ]
+
+
+ROW = "dashboard/partials/job.html#job-row"
 
 
 class JobsStream(DashboardStream):
@@ -207,7 +215,11 @@ class JobsStream(DashboardStream):
         if update.job is None:
             return await super().render_one(update, replaying=replaying)
         messages = []
-        if update.job.id in self.ids:
+        if update.job.id in self.ids and self.viewer.can_operate:
+            # An operator's rows carry the selection checkbox (kept across swaps: hx-preserve).
+            row = fragment(update, ROW, {"job": update.job, "selectable": True}, key="selectable")
+            messages.append(Message(f"job-{update.job.id}", row, update.id))
+        elif update.job.id in self.ids:
             messages.append(shared(update, Message(f"job-{update.job.id}", job_row(update), update.id)))
         elif update.type == "job.created" and not replaying:
             self.new_jobs += 1
@@ -426,7 +438,7 @@ class BatchStream(DashboardStream):
 
 def job_row(update: Update) -> str:
     # The same for operators and readers: rows have no buttons.
-    return fragment(update, "dashboard/partials/job.html#job-row", {"job": update.job})
+    return fragment(update, ROW, {"job": update.job})
 
 
 async def batch_message(

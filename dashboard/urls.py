@@ -2,14 +2,23 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard import content, schedules, usage, views, webhooks, workers
+from dashboard import content, operations, schedules, usage, views, webhooks, workers
 
 app_name = "dashboard"
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("jobs/", views.jobs, name="jobs"),
     path("jobs/<uuid:job_id>/", views.job, name="job"),
+    path("jobs/cancel", operations.bulk_jobs, {"action": "cancel"}, name="jobs-cancel"),
+    path("jobs/retry", operations.bulk_jobs, {"action": "retry"}, name="jobs-retry"),
     path("jobs/<uuid:job_id>/cancel", views.cancel_job, name="cancel-job"),
+    path("jobs/<uuid:job_id>/run-now", operations.run_now, name="run-now"),
+    path("queues/<str:queue>/pause", operations.queue_control, {"action": "pause"}, name="queue-pause"),
+    path("queues/<str:queue>/resume", operations.queue_control, {"action": "resume"}, name="queue-resume"),
+    path("queues/<str:queue>/limit", operations.queue_control, {"action": "limit"}, name="queue-limit"),
+    path("batches/<uuid:batch_id>/cancel", operations.cancel_batch, name="batch-cancel"),
+    path("api-keys/", operations.api_keys, name="api-keys"),
+    path("api-keys/<int:key_id>/revoke", operations.revoke_api_key, name="api-key-revoke"),
     path("jobs/<uuid:job_id>/retry", views.retry_job, name="retry-job"),
     path("dead-letter/", views.dead_letter, name="dead-letter"),
     path("dead-letter/retry", views.dead_letter_action, {"action": "retry"}, name="dead-letter-retry"),

@@ -88,9 +88,13 @@ def jobs(request: HttpRequest) -> HttpResponse:
         "states": State.values,
         "queues_known": queries.known_queues(),
         "kinds": services.known_kinds(),
+        "can_operate": can_operate(request.user),
     }
     if request.htmx:
         return render(request, "dashboard/jobs.html#job-table", context)
+    if can_operate(request.user):
+        context["bulk"] = queries.bulk_counts(filters)
+        context["query"] = request.GET.urlencode()
     stream = events_url(
         "jobs",
         after=cursor,

@@ -17,7 +17,7 @@ UNSERVED_AFTER_SECONDS = 30
 
 @dataclass(frozen=True)
 class Waiting:
-    reason: str  # dependencies, scheduled, backoff, throttled, no-worker, unserved, busy, cancelling
+    reason: str  # dependencies, scheduled, backoff, throttled, paused, limited, no-worker, unserved, busy, cancelling
     message: str
     until: datetime | None = None
 
@@ -46,6 +46,13 @@ def waiting_reason(job: Job, *, clusters: list[dict] | None, queue: dict | None)
         )
     if job.state != State.QUEUED:
         return None
+    if queue and queue.get("paused"):
+        return Waiting("paused", f"Queue “{job.queue}” is paused by an operator; it runs once the queue is resumed.")
+    if queue and queue.get("max_running") and queue.get("running", 0) >= queue["max_running"]:
+        return Waiting(
+            "limited",
+            f"Queue “{job.queue}” runs at most {queue['max_running']} jobs at once; all its places are taken.",
+        )
     if clusters is not None and not clusters:
         return Waiting(
             "no-worker", f"No worker is online: start a cluster for queue “{job.queue}” (manage.py qcluster)."

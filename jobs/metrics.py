@@ -135,10 +135,21 @@ def _queue_families(queues: list[str]) -> Iterator[Metric]:
         "How long the oldest job that could run now has been waiting (0 when none waits).",
         labels=["queue"],
     )
+    paused = GaugeMetricFamily(
+        "conveyor_queue_paused",
+        "1 while an operator has paused the queue (nothing of it is claimed).",
+        labels=["queue"],
+    )
+    limit = GaugeMetricFamily(
+        "conveyor_queue_max_running", "The queue's limit on jobs running at once (absent: no limit).", labels=["queue"]
+    )
     for row in queue_stats(always=queues):
         for state in DEPTH_STATES:
             depth.add_metric([row["queue"], state], row[state])
         oldest.add_metric([row["queue"]], max(row["oldest_queued_age_seconds"] or 0.0, 0.0))
+        paused.add_metric([row["queue"]], 1.0 if row["paused"] else 0.0)
+        if row["max_running"] is not None:
+            limit.add_metric([row["queue"]], row["max_running"])
     expired = GaugeMetricFamily(
         "conveyor_expired_leases",
         "Running jobs whose lease has expired: their worker is gone and they await rescue.",
@@ -149,7 +160,7 @@ def _queue_families(queues: list[str]) -> Iterator[Metric]:
         found = dict(cursor.fetchall())
     for queue in sorted(set(queues) | set(found)):
         expired.add_metric([queue], found.get(queue, 0))
-    yield from (depth, oldest, expired)
+    yield from (depth, oldest, expired, paused, limit)
 
 
 def _cluster_families(queues: list[str], beats: list[ClusterBeat]) -> Iterator[Metric]:

@@ -547,3 +547,46 @@ class Schedule(models.Model):
     @property
     def expression(self) -> str:
         return self.cron or f"every {self.interval_seconds} s"
+
+
+# --- Operator controls of a queue (jobs/engine/queues.py) ---------------------
+
+
+class QueueControl(models.Model):
+    """An operator's settings for one queue: `paused` (nothing of it is
+    claimed; running jobs finish) and `max_running` (at most this many of its
+    jobs run at once across every cluster; NULL: no limit). A queue without a
+    row runs freely."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    paused = models.BooleanField(default=False)
+    max_running = models.PositiveIntegerField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_running__isnull=True) | Q(max_running__gte=1), name="queuecontrol_max_running_min"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class QueueSlot(models.Model):
+    """One of a limited queue's `max_running` places, taken by the claim of one
+    of its jobs (in the claim's statement). Held while that job runs under a
+    live lease; a finished, released or lease-expired job frees it, with no
+    sweep (see `jobs.engine.queues.SLOT_FREE`)."""
+
+    queue = models.CharField(max_length=100)
+    slot = models.PositiveIntegerField()
+    job_id = models.UUIDField(null=True, blank=True)
+    taken_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["queue", "slot"], name="queueslot_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.queue}#{self.slot}"

@@ -251,3 +251,38 @@ __all__ += [
 from jobs.engine.dependencies import Workflow, workflow_of  # noqa: E402
 
 __all__ += ["Workflow", "workflow_of"]
+# --- Operator controls: queues, bulk actions ---------------------------------
+
+from jobs.engine.operations import (  # noqa: E402
+    Selection,
+    cancel_batch,
+    cancel_matching,
+    count_matching,
+    retry_matching,
+)
+from jobs.engine.operations import run_now as run_job_now  # noqa: E402
+from jobs.engine.queues import (  # noqa: E402
+    Control,
+    QueueError,
+    get_control,
+    get_controls,
+    pause_queue,
+    resume_queue,
+    set_max_running,
+)
+
+__all__ += [
+    "Control",
+    "QueueError",
+    "Selection",
+    "cancel_batch",
+    "cancel_matching",
+    "count_matching",
+    "get_control",
+    "get_controls",
+    "pause_queue",
+    "resume_queue",
+    "retry_matching",
+    "run_job_now",
+    "set_max_running",
+]

@@ -189,6 +189,8 @@ class QueueStatsOut(Schema):
     oldest_queued_age_seconds: float | None
     succeeded_last_minute: int
     failed_last_minute: int
+    paused: bool = Field(description="Nothing of the queue is claimed; running jobs finish, submissions wait.")
+    max_running: int | None = Field(description="At most this many of its jobs run at once; null: no limit.")
 
 
 # --- batches -------------------------------------------------------------
@@ -266,3 +268,50 @@ class ProblemType(Schema):
     title: str
     status: int
     description: str
+
+
+# --- operator controls -----------------------------------------------------
+
+
+class QueuePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_running: int | None = Field(
+        ...,
+        ge=1,
+        strict=True,
+        description="At most this many jobs of the queue at once, on every cluster; null: no limit.",
+    )
+
+
+class JobSelectionFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: State | None = None
+    kind: str | None = Field(None, max_length=100)
+    queue: str | None = Field(None, max_length=100)
+    batch: UUID | None = None
+    since: datetime | None = Field(None, description="Jobs whose last change is at or after this time.")
+
+
+class JobSelection(BaseModel):
+    """Either `ids` or `filter` (`{}` selects every job the caller may act on)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[UUID] | None = Field(None, max_length=MAX_JOBS)
+    filter: JobSelectionFilter | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JobSelection:
+        if (self.ids is None) == (self.filter is None):
+            raise ValueError("give either ids or filter")
+        return self
+
+
+class RetrySelection(BaseModel):
+    """A filter of dead jobs to queue again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filter: JobSelectionFilter

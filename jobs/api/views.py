@@ -31,9 +31,12 @@ from jobs.api.schemas import (
     JobFilters,
     JobOut,
     JobPage,
+    JobSelection,
     Page,
     ProblemType,
+    QueuePatch,
     QueueStatsOut,
+    RetrySelection,
     SubmitJobIn,
     UsageOut,
 )
@@ -120,6 +123,21 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]):
     return {"items": [job_out(job) for job in jobs], "next_cursor": next_cursor}
 
 
+# Before /jobs/{job_id}: django-ninja matches paths in order.
+@router.post("/jobs/cancel", auth=OPERATE, response=Count, openapi_extra=_doc(400, 413, 415))
+def cancel_jobs(request: HttpRequest, body: JobSelection):
+    """Cancel jobs by `ids` or by `filter` {state, kind, queue, batch, since}: waiting ones at once,
+    running ones at their next check. An API key acts on its own jobs only. Returns how many."""
+    return {"count": services.cancel_matching(_job_selection(request, body), actor=request.auth.actor)}
+
+
+@router.post("/jobs/retry", auth=OPERATE, response=Count, openapi_extra=_doc(400, 413, 415))
+def retry_jobs(request: HttpRequest, body: RetrySelection):
+    """Queue again the dead jobs a `filter` {kind, queue, batch, since} names (e.g. every dead job of a
+    kind since a time). An API key acts on its own jobs only. Returns how many."""
+    return {"count": services.retry_matching(_job_selection(request, body), actor=request.auth.actor)}
+
+
 @router.get("/jobs/{job_id}", auth=READ, response=JobOut, openapi_extra=_doc(404))
 def get_job(request: HttpRequest, job_id: UUID):
     """A job with its attempts."""
@@ -184,8 +202,69 @@ def discard_dead_jobs(request: HttpRequest, body: DeadSelection):
 
 @router.get("/queues", auth=READ, response=list[QueueStatsOut], openapi_extra=_doc())
 def queues(request: HttpRequest):
-    """Per queue: jobs by state, age of the oldest runnable job, the last minute's throughput."""
+    """Per queue: jobs by state, age of the oldest runnable job, the last minute's throughput,
+    and its operator controls (`paused`, `max_running`)."""
     return services.queue_stats(always=[settings.CONVEYOR["DEFAULT_QUEUE"]])
+
+
+def _queue_out(name: str) -> dict[str, Any]:
+    (stats,) = [q for q in services.queue_stats(always=[name]) if q["queue"] == name]
+    return stats
+
+
+def _control(action, name: str, *args) -> dict[str, Any]:
+    try:
+        action(name, *args)
+    except services.QueueError as exc:
+        raise Problem("validation-error", str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
+    return _queue_out(name)
+
+
+@router.post("/queues/{queue}/pause", auth=OPERATE, response=QueueStatsOut, openapi_extra=_doc())
+def pause_queue(request: HttpRequest, queue: str):
+    """Pause a queue: no cluster claims its jobs (running ones finish); submissions are accepted and wait."""
+    return _control(services.pause_queue, queue)
+
+
+@router.post("/queues/{queue}/resume", auth=OPERATE, response=QueueStatsOut, openapi_extra=_doc())
+def resume_queue(request: HttpRequest, queue: str):
+    """Resume a paused queue: its waiting jobs are picked up at once."""
+    return _control(services.resume_queue, queue)
+
+
+@router.patch("/queues/{queue}", auth=OPERATE, response=QueueStatsOut, openapi_extra=_doc(400, 415))
+def update_queue(request: HttpRequest, queue: str, body: QueuePatch):
+    """Set `max_running` (an integer >= 1, or null for no limit): at most that many of the queue's jobs
+    run at once, across every cluster and host."""
+    return _control(services.set_max_running, queue, body.max_running)
+
+
+# --- operator actions on many jobs ---------------------------------------
+
+
+def _own(request: HttpRequest) -> str | None:
+    """Bulk actions touch only an API key's own jobs; a dashboard session acts on all."""
+    return request.auth.owner if request.auth.owner.startswith("apikey:") else None
+
+
+def _job_selection(request: HttpRequest, body: JobSelection | RetrySelection) -> services.Selection:
+    ids = getattr(body, "ids", None)
+    if ids is not None:
+        return services.Selection(ids=ids, owner=_own(request))
+    return services.Selection(**body.filter.model_dump(exclude_none=True), owner=_own(request))
+
+
+@router.post("/jobs/{job_id}/run-now", auth=OPERATE, response={202: JobOut}, openapi_extra=_doc(404, 409))
+def run_job_now(request: HttpRequest, job_id: UUID):
+    """Run a scheduled or retrying job now (without waiting for its time). 409 in any other state."""
+    owner = request.auth.visible_owner
+    return Status(202, job_out(services.run_job_now(job_id, owner=owner, actor=request.auth.actor)))
+
+
+@router.post("/batches/{batch_id}/cancel", auth=OPERATE, response=Count, openapi_extra=_doc(404))
+def cancel_batch(request: HttpRequest, batch_id: UUID):
+    """Cancel every unfinished job of a batch; returns how many. An API key cancels its own batches only."""
+    return {"count": services.cancel_batch(batch_id, owner=_own(request), actor=request.auth.actor)}
 
 
 # --- batches -------------------------------------------------------------

@@ -60,16 +60,30 @@ SELECT id, pg_notify('{CHANNEL}', %s) FROM r
 # generic plan assumes a parameter LIMIT returns 100 rows and joins the
 # claimed rows back to the table by a sequential scan; planning a custom plan
 # instead, every time, cost more than running the claim.
+#
+# The queue's operator controls (jobs_queuecontrol, see jobs/engine/queues.py):
+# nothing is delivered while it is paused, and no more rows than it has room
+# for while its running jobs are limited (the job's claim takes the place; this
+# only spares deliveries that would be refused). A queue without a control row
+# costs one primary-key probe.
 _CLAIM = """
-WITH picked AS (
+WITH qc AS (
+    SELECT paused, max_running FROM jobs_queuecontrol WHERE name = %s
+), room AS (
+    SELECT max_running - (SELECT count(*) FROM jobs_job WHERE queue = %s AND state = 'running'
+                          AND lease_expires_at > now()) AS n
+    FROM qc WHERE max_running IS NOT NULL
+), picked AS (
     SELECT id, priority, lock FROM django_q_ormq
-    WHERE key = %s AND lock <= now()
+    WHERE key = %s AND lock <= now() AND NOT EXISTS (SELECT 1 FROM qc WHERE paused)
     ORDER BY priority DESC, lock, id
     LIMIT {limit}
     FOR UPDATE SKIP LOCKED
+), ranked AS (
+    SELECT id, priority, lock, row_number() OVER (ORDER BY priority DESC, lock, id) AS rank FROM picked
 ), claimed AS (
     UPDATE django_q_ormq o SET lock = now() + make_interval(secs => %s)
-    FROM picked WHERE o.id = picked.id
+    FROM ranked picked WHERE o.id = picked.id AND picked.rank <= coalesce((SELECT n FROM room), {limit})
     RETURNING o.id, o.payload, picked.priority, picked.lock AS ready_at
 )
 SELECT id, payload FROM claimed ORDER BY priority DESC, ready_at, id
@@ -127,6 +141,15 @@ def ctes() -> str:
 def cte_params(job_id: UUID | str, *, queue: str, timeout: int) -> list:
     key = cluster_for_queue(queue)
     return [key, task_package(job_id, timeout), key]
+
+
+def delay_row(row_id: int, seconds: float) -> None:
+    """Make a delivered row visible again in `seconds` (a claim its queue refused)."""
+    sql.fetchone(
+        "WITH d AS (UPDATE django_q_ormq SET lock = now() + make_interval(secs => %s) WHERE id = %s RETURNING 1)"
+        " SELECT count(*) FROM d",
+        [seconds, row_id],
+    )
 
 
 def delete_rows(ids: list[int]) -> None:
@@ -282,7 +305,9 @@ class PostgresBroker(Broker):
         self._wake.clear()
         try:
             relax_commit_durability()
-            rows = self._run(_CLAIM.format(limit=int(Conf.BULK)), [self.list_key, Conf.RETRY])
+            rows = self._run(
+                _CLAIM.format(limit=int(Conf.BULK)), [self.list_key, self.list_key, self.list_key, Conf.RETRY]
+            )
         except DatabaseError as exc:
             # Postgres restarting: Django-Q2's pusher would log, sleep 10 s and
             # die on an exception; returning nothing keeps it polling instead.

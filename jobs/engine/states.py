@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -23,7 +24,7 @@ from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from jobs.db import events, sql
 from jobs.db.sql import Sql
 from jobs.djangoq import broker
-from jobs.engine import hooks
+from jobs.engine import hooks, queues
 from jobs.models import Attempt, Job, State
 
 W, Q, S, R, T = State.WAITING, State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
@@ -90,10 +91,13 @@ def transition(
     attempt: Sql | None = None,
     watchdog: Sql | None = None,
     ack: int | None = None,
+    around: tuple[Sql, Sql] | None = None,
     **fields: Any,
 ) -> Job | None:
     """Move a job from any of `source` to `target`, log the event and apply
     `attempt` (OPEN_ATTEMPT or close_attempt(...)) in one statement.
+    `around`: CTEs written before and after the job's `j` (a claim's queue
+    gate, `jobs.engine.queues.single_claim`).
 
     Returns the updated job, or None when the job was not in a source state
     (or did not match `where`): another actor won.
@@ -155,6 +159,11 @@ def transition(
     event_type = event or f"job.{target.value}"
     columns = sql.job_columns()[0]
     parts = [f"WITH j AS (UPDATE jobs_job SET {', '.join(sets)} WHERE {condition} RETURNING {columns})"]
+    if around is not None:
+        parts[0] = f"WITH {around[0].expression}, " + parts[0][len("WITH ") :]
+        params = [*around[0].params, *params]
+        parts.append(f", {around[1].expression}")
+        params += around[1].params
     if attempt is not None:
         parts.append(f", a AS ({attempt.expression})")
         params += attempt.params
@@ -252,10 +261,16 @@ def claim_ready(
         finishing, finish_params = _quiet_successes(succeeded, worker)
         parts.append(finishing + ", ")
         params += finish_params
-    params += [key, worker, lease_seconds]
+    # The queue's gate (jobs.engine.queues): nothing while paused, no more
+    # jobs than free places while limited; the places go to the claimed jobs.
+    gate_before, gate_after = queues.claim_gate("%s")
+    parts.append(gate_before.format(limit=int(limit)) + ", ")
+    params += [key, key, key, worker, lease_seconds]
     within = ""
     if max_timeout is not None:
         within = " AND jobs_job.timeout <= %s"
+        # once in `pn`, once in `j`; the key, worker and lease go between
+        params[-2:-2] = [max_timeout]
         params.append(max_timeout)
     params += rearm.params
     # The limit is part of the text (one prepared statement per limit): bound
@@ -263,16 +278,24 @@ def claim_ready(
     # jobs_job and django_q_ormq by sequential scans, so Postgres planned a
     # custom plan each time instead, which took longer than the claim itself.
     parts.append(
-        "picked AS (SELECT id AS row_id, job_id, lock AS ready_at FROM django_q_ormq"
-        " WHERE key = %s AND lock <= now() AND job_id IS NOT NULL"
+        "picked AS (SELECT id AS row_id, job_id, lock AS ready_at, priority AS row_priority FROM django_q_ormq"
+        f" WHERE key = %s AND lock <= now() AND job_id IS NOT NULL AND {queues.NOT_PAUSED}"
         f" ORDER BY priority DESC, lock, id LIMIT {int(limit)} FOR UPDATE SKIP LOCKED),"
+        # Ranked among the claimable ones only: a place is for a job that will run.
+        " pn AS (SELECT picked.*, row_number() OVER (ORDER BY row_priority DESC, ready_at, row_id) AS rank"
+        " FROM picked JOIN jobs_job ON jobs_job.id = picked.job_id"
+        f" WHERE jobs_job.state IN ({ready}) AND (jobs_job.run_after IS NULL OR jobs_job.run_after <= now())"
+        f" AND jobs_job.kind IN ({sql.literals(tuple(kinds))}){within}),"
         " j AS (UPDATE jobs_job SET state = 'running', updated_at = now(), attempts = attempts + 1,"
         " lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), started_at = now(),"
-        " cancel_requested_at = NULL FROM picked WHERE jobs_job.id = picked.job_id"
+        " cancel_requested_at = NULL FROM pn AS picked WHERE jobs_job.id = picked.job_id"
         f" AND jobs_job.state IN ({ready}) AND (jobs_job.run_after IS NULL OR jobs_job.run_after <= now())"
         f" AND jobs_job.kind IN ({sql.literals(tuple(kinds))}){within}"
-        f" RETURNING {qualified}, picked.ready_at, picked.row_id),"
+        f" AND {queues.UNLIMITED_OR_PLACE.format(rank='picked.rank')}"
+        f" RETURNING {qualified}, picked.ready_at, picked.row_id, picked.rank),"
         f" a AS ({OPEN_ATTEMPT.expression}),"
+        " jn AS (SELECT id, row_number() OVER (ORDER BY rank) AS k FROM j),"
+        f" {gate_after},"
         f" w AS (UPDATE django_q_ormq SET lock = {rearm.expression} FROM j WHERE django_q_ormq.id = j.row_id)"
         + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)")
     )
@@ -383,3 +406,160 @@ def release_unstarted(jobs: Sequence[tuple[UUID, int]], worker: str) -> None:
                 lease_owner="",
                 lease_expires_at=None,
             )
+
+
+# --- operator actions on many jobs at once -------------------------------------
+#
+# Set-based: one statement moves every selected job (with its events, its
+# notifications and its broker rows), so 10,000 jobs take one round trip. Only
+# jobs a finish hook must hear of one by one (`hooks.quiet_condition`) go
+# through `transition`, each in the caller's transaction.
+
+WAITING = frozenset({Q, S, T})
+
+
+def _cancel_many_sql(selection: Sql, quiet: Sql) -> tuple[str, list[Any]]:
+    statement = (
+        "WITH j AS (UPDATE jobs_job SET state = 'cancelled', updated_at = now(), finished_at = now()"
+        f" WHERE state IN ({state_literals(WAITING)}) AND ({selection.expression}) AND ({quiet.expression})"
+        " RETURNING id, queue, state, attempts),"
+        # A semi-join the planner hashes (the rows have no index on job_id).
+        " d AS (DELETE FROM django_q_ormq WHERE job_id IN (SELECT id FROM j))"
+        + _bulk_event_ctes("jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb")
+        + " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM n)"
+    )
+    return statement, [*selection.params, *quiet.params]
+
+
+def _no_nested_loops(cursor) -> None:
+    """The CTEs' row counts are unknown to the planner, which guesses one row:
+    for this transaction only, prefer hashing to nested loops."""
+    cursor.execute("SET LOCAL enable_nestloop = off")
+
+
+def _bulk_event_ctes(data_sql: str) -> str:
+    """`events.ctes` for thousands of rows: the notifications read each job's
+    queue through its primary key, not by joining the two CTEs (which the
+    planner, guessing one row each, made a quadratic nested loop)."""
+    plain = events.ctes(data_sql=data_sql)
+    joined = " FROM e JOIN j ON j.id = e.job_id)"
+    assert plain.endswith(joined), "events.ctes changed shape"
+    return plain[: -len(joined)].replace("j.queue)::text)", "q.queue)::text)") + (
+        " FROM e JOIN jobs_job q ON q.id = e.job_id)"
+    )
+
+
+def cancel_many(selection: Sql, *, actor: str = "") -> int:
+    """Cancel every waiting job `selection` (SQL over jobs_job) names, and ask
+    every running one to stop; returns how many. Their broker rows go with them."""
+    data = json.dumps({"actor": actor} if actor else {})
+    quiet = hooks.quiet_condition(CXL) if CXL in hooks.finish_states() else Sql("true")
+    moved = 0
+    with transaction.atomic(), connection.cursor() as cursor:
+        _no_nested_loops(cursor)
+        if quiet is not None:
+            statement, params = _cancel_many_sql(selection, quiet)
+            cursor.execute(statement, [*params, "job.cancelled", data, "job.cancelled"])
+            moved += cursor.fetchone()[0]
+        # Those a hook must hear of, one by one.
+        cursor.execute(
+            f"SELECT id FROM jobs_job WHERE state IN ({state_literals(WAITING)}) AND ({selection.expression})",
+            selection.params,
+        )
+        for (job_id,) in cursor.fetchall():
+            moved += (
+                transition(
+                    job_id,
+                    target=CXL,
+                    source=WAITING,
+                    event_data={"actor": actor} if actor else None,
+                    finished_at=Sql("now()"),
+                )
+                is not None
+            )
+        # Not a transition: running jobs stay running until their handler stops.
+        cursor.execute(
+            "WITH j AS (UPDATE jobs_job SET cancel_requested_at = now(), updated_at = now()"
+            f" WHERE state = 'running' AND cancel_requested_at IS NULL AND ({selection.expression})"
+            " RETURNING id, queue)"
+            + _bulk_event_ctes("%s::jsonb")
+            + " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM n)",
+            [*selection.params, "job.cancel_requested", data, "job.cancel_requested"],
+        )
+        moved += cursor.fetchone()[0]
+    return moved
+
+
+_RETRY_MANY = (
+    "WITH j AS (UPDATE jobs_job SET state = 'queued', updated_at = now(), attempts = 0, run_after = now(),"
+    " finished_at = NULL, cancel_requested_at = NULL, progress_percent = 0, progress_message = '', result = NULL,"
+    " error_type = '', error_message = '', error_traceback = '', lease_owner = '', lease_expires_at = NULL"
+    " WHERE id = ANY(%s::uuid[]) AND state IN ({sources}) RETURNING id, queue, state, attempts)"
+    "{events} SELECT (SELECT array_agg(id) FROM j), (SELECT count(*) FROM n), now()"
+)
+
+
+def retry_many(selection: Sql, *, sources: frozenset[State], actor: str = "") -> int:
+    """Queue again every job of `sources` (dead, cancelled) that `selection`
+    names, attempts counted anew, each with its broker row; returns how many.
+
+    As a batch's submission does (`jobs.engine.batches`): a thread signs the
+    broker tasks while the jobs' statement runs, and the rows go in by COPY."""
+    if not sources <= ALLOWED[Q]:
+        raise ValueError(f"illegal transition {sorted(sources - ALLOWED[Q])} -> {Q}")
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, timeout, queue, priority FROM jobs_job WHERE state IN ({state_literals(sources)})"
+            f" AND ({selection.expression})",
+            selection.params,
+        )
+        rows = cursor.fetchall()
+        if not rows:
+            return 0
+        _no_nested_loops(cursor)
+        statement = _RETRY_MANY.format(
+            sources=state_literals(sources),
+            events=_bulk_event_ctes("jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb"),
+        )
+        data = json.dumps({"reason": "retry", "actor": actor})
+        with ThreadPoolExecutor(max_workers=1) as signer:
+            tasks = signer.submit(lambda: [broker.task_package(job_id, timeout) for job_id, timeout, _, _ in rows])
+            cursor.execute(statement, [[row[0] for row in rows], "job.queued", data, "job.queued"])
+            ids, _, visible_at = cursor.fetchone()  # the rows are visible from the database's now()
+            moved = set(ids or ())
+            packages = tasks.result()
+        keys = set()
+        with cursor.copy("COPY django_q_ormq (key, payload, lock, priority, job_id) FROM STDIN") as copy:
+            for (job_id, _, queue, priority), package in zip(rows, packages, strict=True):
+                if job_id in moved:
+                    keys.add(broker.cluster_for_queue(queue))
+                    copy.write_row([broker.cluster_for_queue(queue), package, visible_at, priority, job_id])
+        cursor.execute("SELECT pg_notify(%s, key) FROM unnest(%s::text[]) AS key", [broker.CHANNEL, sorted(keys)])
+    return len(moved)
+
+
+def run_now(job_id: UUID | str, *, actor: str = "") -> bool:
+    """Make a `scheduled` or `retrying` job due now, with a broker row visible
+    at once and a wake-up for its clusters. Not a change of state: the claim
+    moves it on. False when the job is in another state."""
+    columns = "id, queue, state, attempts, priority, run_after"
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT queue, timeout FROM jobs_job WHERE id = %s", [str(job_id)])
+        found = cursor.fetchone()
+        if found is None:
+            return False
+        cursor.execute(
+            "WITH j AS (UPDATE jobs_job SET run_after = now(), updated_at = now()"
+            f" WHERE id = %s AND state IN ({state_literals(frozenset({S, T}))}) RETURNING {columns})"
+            + broker.ctes()
+            + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts) || %s::jsonb")
+            + " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM n), (SELECT count(*) FROM bn)",
+            [
+                str(job_id),
+                *broker.cte_params(job_id, queue=found[0], timeout=found[1]),
+                "job.run_now",
+                json.dumps({"actor": actor} if actor else {}),
+                "job.run_now",
+            ],
+        )
+        return cursor.fetchone()[0] == 1

@@ -19,6 +19,8 @@ class QueueStats(TypedDict):
     oldest_queued_age_seconds: float | None
     succeeded_last_minute: int
     failed_last_minute: int
+    paused: bool  # operator controls (jobs/engine/queues.py)
+    max_running: int | None
 
 
 # Active counts come from the partial index on active states; the dead count
@@ -59,9 +61,11 @@ WITH active AS (
 )
 SELECT q.queue,
        coalesce(a.queued, 0), coalesce(a.scheduled, 0), coalesce(a.running, 0), coalesce(a.retrying, 0),
-       coalesce(d.dead, 0), a.oldest, coalesce(r.succeeded, 0), coalesce(f.failed, 0), coalesce(w.waiting, 0)
+       coalesce(d.dead, 0), a.oldest, coalesce(r.succeeded, 0), coalesce(f.failed, 0), coalesce(w.waiting, 0),
+       coalesce(c.paused, false), c.max_running
 FROM (SELECT queue FROM active UNION SELECT queue FROM waiting UNION SELECT queue FROM dead UNION SELECT queue FROM recent
-      UNION SELECT queue FROM failures UNION SELECT unnest(%s::text[])) q
+      UNION SELECT queue FROM failures UNION SELECT name FROM jobs_queuecontrol UNION SELECT unnest(%s::text[])) q
+LEFT JOIN jobs_queuecontrol c ON c.name = q.queue
 LEFT JOIN active a USING (queue)
 LEFT JOIN waiting w USING (queue)
 LEFT JOIN dead d USING (queue)
@@ -72,8 +76,8 @@ ORDER BY q.queue
 
 
 def queue_stats(*, always: list[str] | None = None) -> list[QueueStats]:
-    """One row per queue that has active, dead or recently finished jobs, plus
-    the queues named in `always`."""
+    """One row per queue that has active, dead or recently finished jobs or
+    operator controls, plus the queues named in `always`."""
     with connection.cursor() as cursor:
         cursor.execute(_QUEUE_STATS, [always or []])
         rows = cursor.fetchall()
@@ -89,6 +93,8 @@ def queue_stats(*, always: list[str] | None = None) -> list[QueueStats]:
             oldest_queued_age_seconds=round(float(row[6]), 3) if row[6] is not None else None,
             succeeded_last_minute=row[7],
             failed_last_minute=row[8],
+            paused=row[10],
+            max_running=row[11],
         )
         for row in rows
     ]

@@ -12,7 +12,7 @@ from django.db import DatabaseError
 
 from jobs.db import sql
 from jobs.djangoq import broker
-from jobs.engine import states
+from jobs.engine import queues, states
 from jobs.engine.registry import async_kinds, get_handler
 from jobs.engine.states import OPEN_ATTEMPT, QuietSuccess, Sql, transition
 from jobs.models import Job, State
@@ -22,10 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def claim(job_id: str, worker: str, *, delivery: int | None = None) -> Job | None:
+    """Claim a delivered job: due, its queue not paused, a place free if the
+    queue is limited (`jobs.engine.queues`), taken in the same statement."""
+    before, gate, after = queues.single_claim(job_id)
     return transition(
         job_id,
         target=State.RUNNING,
-        where=Sql("run_after IS NULL OR run_after <= now()"),
+        where=Sql(f"(run_after IS NULL OR run_after <= now()) AND {gate.expression}"),
+        around=(before, after),
         event="job.started",
         attempt=OPEN_ATTEMPT,
         watchdog=_lane_watchdog(job_id, delivery),

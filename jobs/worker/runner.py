@@ -102,7 +102,7 @@ def run_job(job_id: str) -> None:
     job = claim(job_id, worker, delivery=delivery.ack_id)
     claimed = time.monotonic()
     if job is None:
-        _look_after_unclaimed(job_id)
+        _look_after_unclaimed(job_id, delivery)
         return
     handler = get_handler(job.kind)
     if handler is not None and handler.is_async:
@@ -126,11 +126,21 @@ def run_job(job_id: str) -> None:
     delivery.settled()
 
 
-def _look_after_unclaimed(job_id: str) -> None:
-    """The delivery did not claim the job: it may be the watchdog of a running one."""
-    job = Job.objects.filter(id=job_id).only("state", "lease_expires_at", "queue", "timeout").first()
+# A delivery refused by its queue's controls comes back this much later
+# (a resume makes it visible at once).
+HELD_RECHECK_SECONDS = 1
+
+
+def _look_after_unclaimed(job_id: str, delivery: _Delivery | None = None) -> None:
+    """The delivery did not claim the job: it may be the watchdog of a running
+    one, or the job's queue held it (paused, or no place free)."""
+    job = Job.objects.filter(id=job_id).only("state", "lease_expires_at", "queue", "timeout", "run_after").first()
+    if job is not None and job.state in (State.QUEUED, State.SCHEDULED, State.RETRYING):
+        if job.run_after is None or job.run_after <= timezone.now():
+            _hold(job, delivery)
+        return  # not yet due: a duplicate delivery, its own row comes later
     if job is None or job.state != State.RUNNING:
-        return  # duplicate delivery of a finished or not-yet-due job
+        return  # duplicate delivery of a finished job
     if job.lease_expires_at and job.lease_expires_at <= timezone.now():
         rescue_job(job.id)
     else:
@@ -139,3 +149,19 @@ def _look_after_unclaimed(job_id: str) -> None:
             broker.enqueue(
                 job.id, queue=job.queue, timeout=job.timeout, run_at=job.lease_expires_at + timedelta(seconds=1)
             )
+
+
+def _hold(job: Job, delivery: _Delivery | None) -> None:
+    """A due job its queue held back: its delivery's row comes back a moment
+    later instead of being acknowledged (or, without one, a new row)."""
+    if delivery is not None and delivery.ack_id is not None:
+        broker.delay_row(delivery.ack_id, HELD_RECHECK_SECONDS)
+        delivery.settled()
+        return
+    with transaction.atomic():
+        broker.enqueue(
+            job.id,
+            queue=job.queue,
+            timeout=job.timeout,
+            run_at=timezone.now() + timedelta(seconds=HELD_RECHECK_SECONDS),
+        )

@@ -433,3 +433,30 @@ def test_api_keys_are_listed_and_revoked_in_the_admin(client, db):
     assert f"cvk_{created.api_key.prefix}…" in html and created.key not in html
     client.post("/admin/jobs/apikey/", {"action": "revoke_keys", "_selected_action": [created.api_key.pk]})
     assert ApiKey.objects.get(pk=created.api_key.pk).revoked_at is not None
+
+
+def test_a_job_of_a_paused_or_full_queue_says_so(reader_client, make_job, heartbeat):
+    from jobs import services
+    from jobs.worker import claims
+
+    job = make_job("demo.noop", queue="held")
+    services.pause_queue("held")
+    html = reader_client.get(f"/jobs/{job.id}/").content.decode()
+    assert "Queue “held” is paused by an operator" in html
+    services.resume_queue("held")
+    services.set_max_running("held", 1)
+    claims.claim(str(make_job("demo.noop", queue="held").id), "w:1")
+    html = reader_client.get(f"/jobs/{job.id}/").content.decode()
+    assert "runs at most 1 jobs at once" in html
+
+
+def test_the_queue_cards_offer_controls_to_operators_only(client, operator, reader):
+    from jobs import services
+
+    services.pause_queue("default")
+    client.force_login(operator)
+    html = client.get("/").content.decode()
+    assert "Resume</button>" in html and 'name="max_running"' in html and "paused</span>" in html
+    client.force_login(reader)
+    html = client.get("/").content.decode()
+    assert "paused</span>" in html and "Resume</button>" not in html

@@ -226,3 +226,15 @@ def test_the_counters_table_is_small_and_indexed():
         cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'conveyor_counter'")
         (index,) = [row[0] for row in cursor.fetchall()]
     assert "(metric, kind, queue, label, shard)" in index
+
+
+def test_it_reports_paused_queues_and_their_limits(client):
+    from jobs import services
+
+    services.pause_queue("llm")
+    services.set_max_running("default", 3)
+    samples = scrape(client)
+    assert value(samples, "conveyor_queue_paused", queue="llm") == 1
+    assert value(samples, "conveyor_queue_paused", queue="default") == 0
+    assert value(samples, "conveyor_queue_max_running", queue="default") == 3
+    assert ("conveyor_queue_max_running", (("queue", "llm"),)) not in samples  # no limit: no sample

@@ -1,4 +1,4 @@
-"""`manage.py jobs submit|kinds|list|show|cancel|retry|stats|schedules`: the operators' CLI."""
+"""`manage.py jobs submit|kinds|list|show|cancel|retry|stats|schedules|pause|resume`: the operators' CLI."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ class Command(BaseCommand):
         sub.add_parser("stats", help="queue statistics", called_from_command_line=True)
         schedules = sub.add_parser("schedules", help="list the schedules", called_from_command_line=True)
         schedules.add_argument("--run", metavar="NAME", help="submit that schedule's job now and print its id")
+        for name, text in (("pause", "pause a queue: nothing of it is claimed"), ("resume", "resume a paused queue")):
+            control = sub.add_parser(name, help=text, called_from_command_line=True)
+            control.add_argument("queue")
 
     def handle(self, *args, action: str, **options) -> None:
         try:
@@ -124,6 +127,14 @@ class Command(BaseCommand):
     def _retry(self, *, id, **_):
         job = services.retry_job(id, actor="cli")
         self.stdout.write(f"{job.id} {job.state}")
+
+    def _pause(self, *, queue, **_):
+        control = services.pause_queue(queue)
+        self.stdout.write(f"{control.name} paused")
+
+    def _resume(self, *, queue, **_):
+        control = services.resume_queue(queue)
+        self.stdout.write(f"{control.name} resumed")
 
     def _stats(self, **_):
         header = f"{'queue':<12}{'queued':>8}{'sched':>7}{'running':>8}{'retry':>7}{'dead':>6}{'oldest s':>10}{'ok/min':>8}{'fail/min':>9}"

@@ -248,7 +248,10 @@ def test_queues_lists_counts_per_queue(api, make_job):
         "oldest_queued_age_seconds",
         "succeeded_last_minute",
         "failed_last_minute",
+        "paused",
+        "max_running",
     }
+    assert (default["paused"], default["max_running"]) == (False, None)
 
 
 def test_an_internal_kind_is_a_422_naming_the_kind(api):

@@ -71,6 +71,8 @@ def test_the_queues_asked_for_are_listed_even_when_empty():
             "oldest_queued_age_seconds": None,
             "succeeded_last_minute": 0,
             "failed_last_minute": 0,
+            "paused": False,
+            "max_running": None,
         }
         for name in ("default", "llm")
     ]

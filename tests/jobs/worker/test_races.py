@@ -175,3 +175,38 @@ def test_the_rescue_sweep_never_takes_a_job_from_a_slow_worker_that_renews_its_l
     assert "job.retrying" not in types and types.count("job.started") == 1
     # The job outlived its first lease by far: the heartbeat renewed it.
     assert job.finished_at > first_expiry + timedelta(seconds=2)
+
+
+def test_claims_racing_on_a_limited_queue_never_run_more_than_its_limit(make_job):
+    """Eight workers (own connections), released together, each claiming by the
+    chain's statement and by single deliveries, again and again while places
+    free up: never more than `max_running` of the queue run at once."""
+    from jobs.engine.states import Sql, transition
+    from jobs.services import set_max_running
+    from jobs.worker import claims
+
+    jobs = [make_job("demo.noop", queue="narrow") for _ in range(40)]
+    set_max_running("narrow", 3)
+    peak = []
+
+    def worker(index: int) -> int:
+        claimed = 0
+        for round_ in range(6):
+            if (index + round_) % 2:
+                rows, _ = claims.claim_ready("narrow", f"w{index}:1", 4, ["demo.noop"])
+                claimed += len(rows)
+            else:
+                job = jobs[(index * 5 + round_) % len(jobs)]
+                claimed += claims.claim(str(job.id), f"w{index}:1") is not None
+            peak.append(Job.objects.filter(queue="narrow", state=State.RUNNING).count())
+            # Free a place now and then: finish this worker's oldest running job.
+            mine = Job.objects.filter(queue="narrow", state=State.RUNNING, lease_owner=f"w{index}:1").first()
+            if mine is not None and round_ % 2:
+                transition(mine.id, target=State.SUCCEEDED, finished_at=Sql("now()"))
+        return claimed
+
+    results = on_threads(*[lambda i=i: worker(i) for i in range(8)])
+    assert all(isinstance(r, int) for r in results), results
+    assert max(peak) <= 3, peak
+    assert sum(results) >= 3  # the queue did run
+    assert Job.objects.filter(queue="narrow", state=State.RUNNING).count() <= 3
