@@ -156,6 +156,9 @@ class Attempt(models.Model):
     output = models.TextField(
         blank=True, default="", help_text="Text a streaming handler produced (kept if it failed)."
     )
+    logs = models.TextField(
+        blank=True, default="", help_text="Lines the handler logged (the last 1,000 lines or 64 KiB)."
+    )
 
     class Meta:
         ordering = ["id"]

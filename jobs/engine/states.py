@@ -47,8 +47,8 @@ ALLOWED: dict[State, frozenset[State]] = {
 # What a transition does to the attempt rows, in the same statement. `j` is
 # the updated job row.
 OPEN_ATTEMPT = Sql(
-    "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message, traceback, output) "
-    "SELECT id, attempts, lease_owner, started_at, '', '', '', '', '' FROM j"
+    "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message, traceback, output, logs) "
+    "SELECT id, attempts, lease_owner, started_at, '', '', '', '', '', '' FROM j"
 )
 
 
