@@ -53,17 +53,26 @@ OPEN_ATTEMPT = Sql(
 
 
 def close_attempt(
-    outcome: str, *, error_type: str = "", message: str = "", tb: str = "", output: str | None = None
+    outcome: str,
+    *,
+    error_type: str = "",
+    message: str = "",
+    tb: str = "",
+    output: str | None = None,
+    logs: str | None = None,
 ) -> Sql:
-    """End the job's open attempt; `output` (streamed text) is kept when given."""
+    """End the job's open attempt; `output` (streamed text) and `logs` (its
+    log lines) are kept when given."""
     return Sql(
         "UPDATE jobs_attempt SET finished_at = now(), outcome = %s, error_type = %s, error_message = %s,"
-        " traceback = %s, output = coalesce(%s, output) WHERE job_id = (SELECT id FROM j) AND finished_at IS NULL",
+        " traceback = %s, output = coalesce(%s, output), logs = coalesce(%s, logs)"
+        " WHERE job_id = (SELECT id FROM j) AND finished_at IS NULL",
         outcome,
         error_type[:200],
         message,
         tb,
         output,
+        logs,
     )
 
 

@@ -29,6 +29,7 @@ class Progress(NamedTuple):
     logs: str | None = None
     lines: tuple[str, ...] = ()
     first: int = 0
+    report: bool = True  # False: only output or logs changed, no `job.progress` event
 
 
 _OUTPUT_DATA = "jsonb_build_object('attempt', j.attempts, 'offset', j.out_offset, 'text', j.delta)"
@@ -36,11 +37,11 @@ _LOG_DATA = "jsonb_build_object('attempt', j.attempts, 'first', j.first, 'lines'
 
 _PROGRESS = (
     "WITH p AS (SELECT * FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid, percent int, message text, worker text,"
-    " output text, out_offset int, delta text, logs text, lines jsonb, first int)),"
+    " output text, out_offset int, delta text, logs text, lines jsonb, first int, report boolean)),"
     " j AS (UPDATE jobs_job SET progress_percent = p.percent, progress_message = p.message, updated_at = now()"
     "  FROM p WHERE jobs_job.id = p.id AND jobs_job.state = 'running' AND jobs_job.lease_owner = p.worker"
     "  RETURNING jobs_job.id, jobs_job.queue, jobs_job.cancel_requested_at, jobs_job.attempts, p.percent, p.message,"
-    "  p.output, p.out_offset, p.delta, p.logs, p.lines, p.first),"
+    "  p.output, p.out_offset, p.delta, p.logs, p.lines, p.first, p.report),"
     # Only the attempt this worker holds: a lost (re-claimed) attempt's late
     # flush matches no row of j, so it cannot overwrite the new attempt's text.
     " o AS (UPDATE jobs_attempt a SET output = CASE WHEN j.output <> '' THEN j.output ELSE a.output END,"
@@ -49,7 +50,7 @@ _PROGRESS = (
     "  AND (j.output <> '' OR j.logs IS NOT NULL))"
     + events.ctes(
         data_sql="jsonb_build_object('percent', j.percent, 'message', j.message)",
-        when="cancel_requested_at IS NULL",
+        when="cancel_requested_at IS NULL AND j.report",
     )
     + events.ctes(data_sql=_OUTPUT_DATA, when="j.delta <> ''", prefix="out_")
     + events.ctes(data_sql=_LOG_DATA, when="jsonb_array_length(j.lines) > 0", prefix="log_")
@@ -79,6 +80,7 @@ def record_progress(reports: dict[UUID, Progress]) -> dict[UUID, bool]:
             "logs": p.logs,
             "lines": list(p.lines),
             "first": p.first,
+            "report": p.report,
         }
         for job_id, p in reports.items()
     ]
