@@ -28,6 +28,7 @@ from jobs.api.schemas import (
     DeadSelection,
     EventFilters,
     EventOut,
+    JobDetailOut,
     JobFilters,
     JobIn,
     JobOut,
@@ -37,7 +38,7 @@ from jobs.api.schemas import (
     QueueStatsOut,
     UsageOut,
 )
-from jobs.engine.representation import batch_out, job_out, tokens_out
+from jobs.engine.representation import batch_out, job_detail_out, job_out, tokens_out
 
 router = Router()
 
@@ -118,10 +119,10 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilters]):
     return {"items": [job_out(job) for job in jobs], "next_cursor": next_cursor}
 
 
-@router.get("/jobs/{job_id}", auth=READ, response=JobOut, openapi_extra=_doc(404))
+@router.get("/jobs/{job_id}", auth=READ, response=JobDetailOut, openapi_extra=_doc(404))
 def get_job(request: HttpRequest, job_id: UUID):
-    """A job with its attempts."""
-    return job_out(services.get_job(job_id, owner=request.auth.visible_owner))
+    """A job with its attempts, their streamed text (`output`) and log lines."""
+    return job_detail_out(services.get_job(job_id, owner=request.auth.visible_owner))
 
 
 @router.get("/jobs/{job_id}/events", auth=READ, response=list[EventOut], openapi_extra=_doc(404))

@@ -102,7 +102,7 @@ def test_get_job_shows_the_job_with_its_attempt_history(api, make_job):
 
     body = api.get(f"/jobs/{job.id}").json()
 
-    assert set(body) == JOB_FIELDS
+    assert set(body) == JOB_FIELDS | {"output"}
     assert body["id"] == str(job.id)
     assert body["progress"] == {"percent": 0, "message": ""}
     assert body["attempt_history"] == [
@@ -112,6 +112,8 @@ def test_get_job_shows_the_job_with_its_attempt_history(api, make_job):
             "started_at": body["attempt_history"][0]["started_at"],
             "finished_at": body["attempt_history"][0]["finished_at"],
             "error": {"type": "E", "message": ""},
+            "output": "",
+            "logs": [],
         }
     ]
 
