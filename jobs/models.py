@@ -168,6 +168,14 @@ class Attempt(models.Model):
         return f"attempt {self.number} of {self.job_id}: {self.outcome or 'running'}"
 
 
+# Events a running job sends many of (every flush, ~4 a second): the live
+# view's, not the job's history (timelines and the admin leave them out).
+PROGRESS_EVENT = "job.progress"
+OUTPUT_EVENT = "job.output"  # {"attempt", "offset", "text"}: the attempt's new text from `offset`
+LOG_EVENT = "job.log"  # {"attempt", "first", "lines"}: new log lines, the first the `first`-th of the attempt
+LIVE_TEXT_EVENTS = frozenset({OUTPUT_EVENT, LOG_EVENT})
+
+
 class JobEvent(models.Model):
     id = models.BigAutoField(primary_key=True)
     # No index of its own: jobevent_job_id (job, id) serves every lookup by

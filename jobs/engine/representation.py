@@ -33,9 +33,7 @@ class AttemptOut(Schema):
 
 
 class AttemptDetailOut(AttemptOut):
-    output: str = Field(
-        description="Text the attempt streamed: so far while it runs; kept when it failed or was lost."
-    )
+    output: str = Field(description="Text the attempt streamed: so far while it runs; kept when it failed or was lost.")
     logs: list[str] = Field(description="Lines its handler logged (the last 1,000 lines, at most 64 KiB).")
 
 

@@ -10,6 +10,7 @@ from uuid import UUID
 
 from jobs.db import events, sql
 from jobs.db.durability import engine_statements
+from jobs.models import LOG_EVENT, OUTPUT_EVENT, PROGRESS_EVENT
 
 
 class Progress(NamedTuple):
@@ -84,7 +85,7 @@ def record_progress(reports: dict[UUID, Progress]) -> dict[UUID, bool]:
         }
         for job_id, p in reports.items()
     ]
-    types = ["job.progress", "job.progress", "job.output", "job.output", "job.log", "job.log"]
+    types = [PROGRESS_EVENT, PROGRESS_EVENT, OUTPUT_EVENT, OUTPUT_EVENT, LOG_EVENT, LOG_EVENT]
     with engine_statements(), sql.cursor() as cursor:
         cursor.execute(_PROGRESS, [json.dumps(rows), *types])
         return dict(cursor.fetchall())
