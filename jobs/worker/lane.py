@@ -240,13 +240,13 @@ class Lane:
             self.slots.release()
 
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
-        # Progress still buffered for this job would arrive after its end:
-        # only the text and log lines not yet sent go out, ahead of the outcome.
-        self.pending.pop(job.id, None)
+        # What is still buffered for this job (its last report, text and log
+        # lines not yet sent) goes out ahead of the outcome, not after it.
+        entry = self.pending.pop(job.id, None)
         ctx = self._context(job.id)
-        if ctx is not None and ctx.unsent():
+        if ctx is not None and (entry is not None or ctx.unsent()):
             with contextlib.suppress(DatabaseError):  # the outcome keeps the whole text and log anyway
-                await self._db(record_progress, {job.id: _report(None, ctx)})
+                await self._db(record_progress, {job.id: _report(entry, ctx)})
         delay = FLUSH_SECONDS
         while True:
             try:
