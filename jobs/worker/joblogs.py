@@ -23,7 +23,6 @@ MAX_BYTES = 64 * 1024
 MAX_LINE = 2000  # characters of one line
 
 _current: contextvars.ContextVar[JobLog | None] = contextvars.ContextVar("conveyor_job_log", default=None)
-_installed = False
 _install_lock = threading.Lock()
 
 
@@ -96,16 +95,18 @@ class _CaptureHandler(logging.Handler):
             self.handleError(record)
 
 
+_HANDLER = _CaptureHandler(level=logging.INFO)
+_HANDLER.setFormatter(FORMATTER)
+
+
 def install() -> None:
-    """Add the capturing handler to the root logger (once per process)."""
-    global _installed
-    with _install_lock:
-        if _installed:
-            return
-        handler = _CaptureHandler(level=logging.INFO)
-        handler.setFormatter(FORMATTER)
-        logging.getLogger().addHandler(handler)
-        _installed = True
+    """Make sure the capturing handler is on the root logger (a logging
+    reconfiguration, `dictConfig`, replaces the root's handlers)."""
+    root = logging.getLogger()
+    if _HANDLER not in root.handlers:
+        with _install_lock:
+            if _HANDLER not in root.handlers:
+                root.addHandler(_HANDLER)
 
 
 @contextmanager

@@ -23,8 +23,9 @@ Everything that makes a job safe stays the same:
   The claim itself arms it, re-arming the delivery's own row (no extra round
   trip); rows of finished jobs are deleted in one statement per 250 ms;
 - progress reports are coalesced: the latest report of each job is written
-  every 250 ms in one statement, so streaming output does not make the
-  database the bottleneck;
+  every 250 ms in one statement, with the text streamed since the last one
+  (a `job.output` event) and the lines logged since (a `job.log` event), so
+  streaming output does not make the database the bottleneck;
 - on exit (recycle or cluster stop) the process waits for in-flight jobs.
 
 Database work runs on one executor thread with its own Django connection

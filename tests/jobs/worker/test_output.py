@@ -104,3 +104,21 @@ def test_a_job_log_keeps_the_last_1000_lines_and_at_most_64_kib():
         joblog.add("x" * 1000)
     logs, new, first = joblog.take()
     assert len(logs.encode()) <= 64 * 1024 and len(new) == 65 and first == 1535
+
+
+def test_the_admin_shows_each_attempt_s_output_and_logs_read_only(client, make_job):
+    from django.contrib.auth.models import User
+
+    job = make_job("demo.noop", max_attempts=3)
+    assert claims.claim(str(job.id), "w")
+    assert record_progress(
+        {job.id: Progress(10, "m", "w", "Once upon <a> time", attempt=1, logs="12:00:00 INFO x: hello", lines=("a",))}
+    )
+    client.force_login(User.objects.create_superuser("ada", password="pw"))
+
+    page = client.get(f"/admin/jobs/job/{job.id}/change/").content.decode()
+
+    assert "Once upon &lt;a&gt; time" in page and "18 characters" in page
+    assert "12:00:00 INFO x: hello" in page and "1 lines" in page
+    assert 'name="attempt_set-0-output"' not in page  # shown, not editable
+    assert '"job.output"' not in page and "job.log<" not in page  # not in the events inline
