@@ -83,7 +83,12 @@ def _doc(*statuses: int, created: bool = False, body: dict | None = None) -> dic
 # --- jobs ----------------------------------------------------------------
 
 
-@router.post("/jobs", auth=SUBMIT, response={202: JobOut, 200: JobOut}, openapi_extra=_doc(400, 413, 415, created=True))
+@router.post(
+    "/jobs",
+    auth=SUBMIT,
+    response={202: JobDetailOut, 200: JobDetailOut},
+    openapi_extra=_doc(400, 413, 415, created=True),
+)
 def submit_job(
     request: HttpRequest, body: JobIn, response: HttpResponse, idempotency_key: KeyText | None = IdempotencyKey
 ):
@@ -99,8 +104,8 @@ def submit_job(
     response["Location"] = reverse("api-v1:get_job", args=[job.id])
     if not submitted.created:
         response["Idempotent-Replayed"] = "true"
-        return Status(200, job_out(job))
-    return Status(202, job_out(job, attempts=[]))
+        return Status(200, job_detail_out(job))
+    return Status(202, job_detail_out(job, attempts=[]))
 
 
 @router.get("/jobs", auth=READ, response=JobPage, openapi_extra=_doc())

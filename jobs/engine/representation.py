@@ -116,9 +116,9 @@ def job_out(job: Job, *, attempts: list[Attempt] | None = None) -> dict[str, Any
     }
 
 
-def job_detail_out(job: Job) -> dict[str, Any]:
+def job_detail_out(job: Job, *, attempts: list[Attempt] | None = None) -> dict[str, Any]:
     """`job_out` with each attempt's output and logs, and the latest attempt's output."""
-    attempts = sorted(job.attempt_set.all(), key=lambda a: a.number)
+    attempts = sorted(job.attempt_set.all() if attempts is None else attempts, key=lambda a: a.number)
     body = job_out(job, attempts=attempts)
     body["attempt_history"] = [
         {**attempt_out(a), "output": a.output, "logs": a.logs.splitlines() if a.logs else []} for a in attempts

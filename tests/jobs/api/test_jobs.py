@@ -40,7 +40,8 @@ def test_submitting_answers_202_with_the_job_and_its_location(api):
 
     assert response.status_code == 202
     job = response.json()
-    assert set(job) == JOB_FIELDS
+    assert set(job) == JOB_FIELDS | {"output"}  # as GET /jobs/{id} shows it
+    assert job["output"] == ""
     assert response["Location"] == f"/api/v1/jobs/{job['id']}"
     assert job["state"] == "queued"
     assert job["payload"] == {"seconds": 1.0, "steps": 10}
