@@ -128,3 +128,29 @@ async def test_a_hundred_streaming_jobs_cost_the_hub_the_same_reads_for_one_view
     assert len(received) == 100
     for messages in received:
         assert _joined(messages, then) == _text(range(2 * FLUSHES))
+
+
+async def test_a_job_page_that_reconnects_with_last_event_id_gets_the_rest_of_the_text_once(operator):
+    cookie = await sync_to_async(session_cookie)(operator)
+    (job,) = await sync_to_async(_running_jobs)(1)
+    output = f"job-output-{job.id}"
+    async with running_hub():
+        page = await SSEClient(f"/events/jobs/{job.id}", cookie=cookie).open()
+        try:
+            for round in range(3):
+                await sync_to_async(_flush)([job], round)
+            before = await page.events(3, names={output})
+        finally:
+            await page.close()
+        for round in range(3, 6):  # while the page is away
+            await sync_to_async(_flush)([job], round)
+        again = await SSEClient(
+            f"/events/jobs/{job.id}", cookie=cookie, headers=[(b"last-event-id", str(before[-1]["id"]).encode())]
+        ).open()
+        try:
+            await sync_to_async(_flush)([job], 6)
+            after = await again.events(4, names={output})
+        finally:
+            await again.close()
+    # The deltas of both connections join up, none repeated, none missing.
+    assert _joined(before + after, range(0, 7)) == _text(range(7))
