@@ -112,15 +112,17 @@ class Watch:
         self.cursor = conn.execute("SELECT coalesce(max(id), 0) FROM jobs_jobevent").fetchone()[0]
         if self.job is not None:
             self._header(f"{self.job.kind} {self.job.id}")
-            # The job's past events, silently: where its text and log stand.
-            self.quiet = True
-            self._read(conn, after=0)
-            self.quiet = False
+        else:
+            self._header(f"batch {self.batch.name} {self.batch.id} ({len(self.jobs)} jobs)")
+        # The past events, silently: where the states, the text and the log
+        # stand, and none of them taken for news by a later re-read.
+        self.quiet = True
+        self._read(conn, after=0)
+        self.quiet = False
+        if self.job is not None:
             for line in self.backlog:  # its log so far, then its text so far
                 self._line(line)
             self._emit(self.jobs[self.job.id].text)
-        else:
-            self._header(f"batch {self.batch.name} {self.batch.id} ({len(self.jobs)} jobs)")
         self._draw()
 
     def _read(self, conn: psycopg.Connection, *, margin: bool = False, after: int | None = None) -> None:
