@@ -25,12 +25,13 @@ def connect() -> psycopg.Connection:
 def test_a_re_read_below_the_cursor_does_not_take_old_events_for_news(make_job):
     batch = submit_batch("two", [{"kind": "demo.noop", "payload": {}}] * 2).batch
     first = Job.objects.filter(batch=batch).first()
-    assert claims.claim(str(first.id), "w")
     out = io.StringIO()
     watch = Watch(out, tty=False, batch=batch)
     with connect() as conn:
         watch._start(conn)
-        watch._read(conn, margin=True)  # what a wake-up without notification does
+        assert claims.claim(str(first.id), "w")
+        watch._read(conn)  # its job.started
+        watch._read(conn, margin=True)  # what a wake-up without notification does: job.created again?
 
     assert sorted(shown.state for shown in watch.jobs.values()) == ["queued", "running"]
     assert out.getvalue().splitlines()[-1].endswith("0/2 finished: 1 queued, 1 running")
