@@ -17,7 +17,7 @@ from django.utils import timezone
 
 # The pages read these here; they live in dashboard.live, which imports nothing of the dashboard.
 from dashboard.live.publisher import clusters_online, dead_total  # noqa: F401
-from jobs.models import FINISHED_STATES, Attempt, Batch, Job, JobEvent, State
+from jobs.models import FINISHED_STATES, LIVE_TEXT_EVENTS, LOG_EVENT, Attempt, Batch, Job, JobEvent, State
 from jobs.services import Selection, count_matching
 
 JOBS_PER_PAGE = 50
@@ -48,13 +48,27 @@ def stats_history() -> list[tuple[datetime, dict]]:
 
 
 def job_timeline(job_id: uuid.UUID, *, limit: int = TIMELINE_LIMIT) -> tuple[list[JobEvent], int]:
-    """The job's newest `limit` events, oldest first, and how many older ones were left out."""
-    events = list(JobEvent.objects.filter(job_id=job_id).order_by("-id")[: limit + 1])
+    """The job's newest `limit` events, oldest first, and how many older ones
+    were left out (its streamed text and log lines are not timeline entries)."""
+    history = JobEvent.objects.filter(job_id=job_id).exclude(type__in=LIVE_TEXT_EVENTS)
+    events = list(history.order_by("-id")[: limit + 1])
     hidden = 0
     if len(events) > limit:
         events = events[:limit]
-        hidden = JobEvent.objects.filter(job_id=job_id, id__lt=events[-1].id).count()
+        hidden = history.filter(id__lt=events[-1].id).count()
     return list(reversed(events)), hidden
+
+
+def next_log_line(job_id: uuid.UUID, attempt: int) -> int:
+    """The number the attempt's next log line will have (its latest `job.log`
+    event says how many it sent): where the page's live log continues."""
+    data = (
+        JobEvent.objects.filter(job_id=job_id, type=LOG_EVENT, data__attempt=attempt)
+        .order_by("-id")
+        .values_list("data", flat=True)
+        .first()
+    )
+    return data["first"] + len(data["lines"]) if data else 0
 
 
 def job_attempts(job_id: uuid.UUID) -> list[Attempt]:

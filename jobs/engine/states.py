@@ -51,23 +51,32 @@ ALLOWED: dict[State, frozenset[State]] = {
 # What a transition does to the attempt rows, in the same statement. `j` is
 # the updated job row.
 OPEN_ATTEMPT = Sql(
-    "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message, traceback, output) "
-    "SELECT id, attempts, lease_owner, started_at, '', '', '', '', '' FROM j"
+    "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message, traceback, output, logs) "
+    "SELECT id, attempts, lease_owner, started_at, '', '', '', '', '', '' FROM j"
 )
 
 
 def close_attempt(
-    outcome: str, *, error_type: str = "", message: str = "", tb: str = "", output: str | None = None
+    outcome: str,
+    *,
+    error_type: str = "",
+    message: str = "",
+    tb: str = "",
+    output: str | None = None,
+    logs: str | None = None,
 ) -> Sql:
-    """End the job's open attempt; `output` (streamed text) is kept when given."""
+    """End the job's open attempt; `output` (streamed text) and `logs` (its
+    log lines) are kept when given."""
     return Sql(
         "UPDATE jobs_attempt SET finished_at = now(), outcome = %s, error_type = %s, error_message = %s,"
-        " traceback = %s, output = coalesce(%s, output) WHERE job_id = (SELECT id FROM j) AND finished_at IS NULL",
+        " traceback = %s, output = coalesce(%s, output), logs = coalesce(%s, logs)"
+        " WHERE job_id = (SELECT id FROM j) AND finished_at IS NULL",
         outcome,
         error_type[:200],
         message,
         tb,
         output,
+        logs,
     )
 
 
