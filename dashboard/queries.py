@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.core.paginator import Page, Paginator
@@ -85,11 +85,17 @@ class JobFilters:
     kind: str = ""
     batch: str = ""
     q: str = ""
+    since: str = ""  # "YYYY-MM-DDTHH:MM" (UTC): jobs changed since then (for a dead job: since it died)
     errors: list[str] = field(default_factory=list)
 
     @classmethod
     def from_query(cls, query) -> JobFilters:
-        filters = cls(**{name: query.get(name, "").strip()[:255] for name in ("state", "queue", "kind", "batch", "q")})
+        filters = cls(
+            **{name: query.get(name, "").strip()[:255] for name in ("state", "queue", "kind", "batch", "q", "since")}
+        )
+        if filters.since and filters.since_time is None:
+            filters.errors.append(f"{filters.since!r} is not a time (YYYY-MM-DDTHH:MM, UTC)")
+            filters.since = ""
         if filters.state and filters.state not in State.values:
             filters.errors.append(f"unknown state {filters.state!r}")
             filters.state = ""
@@ -100,7 +106,15 @@ class JobFilters:
 
     @property
     def active(self) -> bool:
-        return any((self.state, self.queue, self.kind, self.batch, self.q))
+        return any((self.state, self.queue, self.kind, self.batch, self.q, self.since))
+
+    @property
+    def since_time(self) -> datetime | None:
+        try:
+            moment = datetime.fromisoformat(self.since)
+        except ValueError:
+            return None
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def find_jobs(filters: JobFilters, *, page: str | int | None = 1) -> Page:
@@ -115,6 +129,8 @@ def find_jobs(filters: JobFilters, *, page: str | int | None = 1) -> Page:
         query = query.filter(batch_id=filters.batch)
     if filters.q:
         query = query.filter(_search(filters.q))
+    if filters.since:
+        query = query.filter(updated_at__gte=filters.since_time)
     query = query.order_by("-created_at", "-id").defer("payload", "result", "error_traceback")
     return Paginator(query, JOBS_PER_PAGE).get_page(page)
 
@@ -292,6 +308,7 @@ def selection_of(filters: JobFilters) -> Selection | None:
         queue=filters.queue or None,
         kind=filters.kind or None,
         batch=as_uuid(filters.batch) if filters.batch else None,
+        since=filters.since_time if filters.since else None,
     )
 
 
