@@ -13,7 +13,9 @@ rows it deletes and the sums it adds commit together, so a scrape (which
 sums all shards) sees the same totals before and after. It never waits:
 rows locked by a writer (a new backend that got a reused pid) are skipped
 until the next run, and a run that finds another one in progress (its
-advisory lock) returns None. The table holds about one row per counter and
+advisory lock) returns None. The one wait left is the other way round and
+short: a new backend whose pid is being folded right now waits for that one
+statement, not for anyone's open transaction. The table holds about one row per counter and
 live backend, plus the folded ones.
 """
 

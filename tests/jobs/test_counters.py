@@ -366,3 +366,16 @@ def test_the_migration_folds_the_old_shards_and_back():
         assert sums == {("attempt_seconds", "0.5"): [3, 0.75], ("submitted", ""): [10, 0.0]}
     finally:
         migrate("0019_counter_shards")
+
+
+def test_compaction_is_a_maintenance_schedule():
+    from django.utils.module_loading import import_string
+    from django_q.models import Schedule
+
+    from jobs.djangoq.schedules import ensure_schedules
+    from jobs.engine import counters
+
+    ensure_schedules()
+    schedule = Schedule.objects.get(name="conveyor.compact_counters")
+    assert import_string(schedule.func) is counters.compact
+    assert (schedule.schedule_type, schedule.minutes, schedule.repeats) == (Schedule.MINUTES, 1, -1)
