@@ -1,6 +1,6 @@
 """`make bench` (with bench/api_submit.py and bench/sse_bench.py): every benchmark,
 Conveyor against the stock alternative in the same run, medians of 3.
-Usage: python -m bench [w1 w2 w3 compete w4 fanin ...]"""
+Usage: python -m bench [w1 w2 w3 compete w4 fanin counters ...]"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bench.harness import Table, setup_django
 
 def main(argv: list[str]) -> int:
     setup_django()
-    from bench import fanin, llm_bench, queue_bench
+    from bench import counters_bench, fanin, llm_bench, queue_bench
 
     benchmarks = {
         "w1": queue_bench.w1_submission,
@@ -22,6 +22,7 @@ def main(argv: list[str]) -> int:
         "compete": queue_bench.competing_clusters,
         "w4": llm_bench.w4_llm,
         "fanin": fanin.fanin,
+        "counters": counters_bench.counters,
     }
     chosen = argv or list(benchmarks)
     unknown = [name for name in chosen if name not in benchmarks]
