@@ -181,7 +181,9 @@ class _Chain:
                     self.kinds or [""],
                     rearm=Sql(VISIBLE_AGAIN, Conf.RETRY),
                     max_timeout=left,
-                    succeeded=[QuietSuccess(i.job.id, i.value, i.began, i.took, i.row) for i in done],
+                    succeeded=[
+                        QuietSuccess(i.job.id, i.value, i.began, i.took, i.row, i.job.has_dependents) for i in done
+                    ],
                 )
             except DatabaseError as exc:  # nothing claimed: the rows are delivered as usual
                 log.warning("could not claim the next jobs (%s)", exc)
