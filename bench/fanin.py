@@ -13,7 +13,7 @@ own timestamps, so no clock but Postgres's is read:
 latency = the waiting job's `started_at` - the latest `finished_at` of its
 dependencies; drain rate = N / (the latest `finished_at` - the earliest
 `started_at` of the N jobs). Usage: python -m bench fanin
-(BENCH_FANIN_N and BENCH_FANIN_RUNS change N and the number of runs.)
+(BENCH_FANIN_N changes N; BENCH_RUNS=1 makes one run instead of the median of 3.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bench.harness import Cluster, Table, analyze, reset, wait_for
 
 TARGET_SECONDS = 1.0
 TARGET_RATIO = 0.5
-RUNS = int(os.environ.get("BENCH_FANIN_RUNS", "3"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 N = int(os.environ.get("BENCH_FANIN_N", "10000"))
 
 
