@@ -470,6 +470,11 @@ def _claim_all(worker: str = "w:1") -> dict:
     return {row[0]: row[-1] for row in rows}
 
 
+def _shape(statement: str) -> str:
+    """The statement with its ids, and its arrays of any length, made alike."""
+    return re.sub(r"'\{[^}]*\}'", "'{…}'", UUID_TEXT.sub("<id>", statement))
+
+
 def _succeeded(rows: dict, ids) -> list[QuietSuccess]:
     return [QuietSuccess(job_id, {"n": 1}, 0.0, 0.001, rows[job_id], dependents=True) for job_id in ids]
 
@@ -495,7 +500,10 @@ def test_a_chain_records_jobs_with_dependents_in_its_batch_and_the_last_batch_qu
     for part in (ids[:1], ids[1:4]):
         with CaptureQueriesContext(connection) as recording:
             assert _record(rows, part) == set(part)
-        statements.append([UUID_TEXT.sub("<id>", q["sql"]) for q in recording.captured_queries])
+        # Less the webhooks' per-process cache of subscriptions, read once a second.
+        statements.append(
+            [_shape(q["sql"]) for q in recording.captured_queries if "jobs_webhookendpoint" not in q["sql"]]
+        )
         assert (state_of(then), _broker_rows(then)) == ("waiting", 0)
     assert statements[0] == statements[1]  # one statement for the edges and the counter, whatever the batch
     assert Job.objects.get(id=then.id).pending_dependencies == 2
