@@ -612,3 +612,25 @@ def test_a_submission_naming_a_waiting_job_and_its_finishing_dependency_never_de
         a.id: True,
     }
     assert Job.objects.filter(id__in=[x.id, a.id], has_dependents=True).count() == 2
+
+
+@pytest.mark.processes
+def test_a_real_cluster_records_a_then_batch_s_jobs_many_to_a_statement(processes):
+    """The chain keeps jobs with dependents in its batches: their `job.succeeded`
+    events come many to a statement (one statement's now()), not one each."""
+    n = 300
+    batch = submit_batch(
+        "fan-in", [{"kind": "demo.noop", "payload": {}}] * n, then={"kind": "demo.noop", "payload": {}}
+    )
+    then_id = Batch.objects.get(id=batch.batch.id).then_job_id
+    processes.qcluster()
+
+    wait_until(lambda: Job.objects.get(id=then_id).state == "succeeded", timeout=120, interval=0.2)
+
+    events = JobEvent.objects.filter(job__batch_id=batch.batch.id, type="job.succeeded")
+    assert events.count() == n
+    statements = events.values("created_at").distinct().count()
+    assert statements < n / 4, f"{statements} statements recorded the {n} successes"
+    then = Job.objects.get(id=then_id)
+    assert then.started_at >= max(Job.objects.filter(batch_id=batch.batch.id).values_list("finished_at", flat=True))
+    assert JobEvent.objects.filter(job_id=then_id, type="job.queued").count() == 1
