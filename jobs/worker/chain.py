@@ -165,9 +165,12 @@ class _Chain:
         return 1 << (max(fit, 1).bit_length() - 1)  # a power of two: few statement texts to prepare
 
     def _record_and_claim(self, done: list[Ran], size: int) -> list[tuple]:
-        """Record `done` and claim up to `size` more jobs in one statement;
-        what that statement could not record (it asks for a webhook message
-        after all, or is no longer ours) goes through the usual transition."""
+        """Record `done` and claim up to `size` more jobs in one statement
+        (in a transaction with the workflows' one for the batch's edges, when
+        jobs with dependents are among them: `states.claim_ready`); what that
+        statement could not record (it asks for a webhook message after all,
+        gained a dependent since its claim, or is no longer ours) goes through
+        the usual transition."""
         left = self._left()
         claim = size if self.seconds and self.kinds and time.monotonic() < self.deadline and left >= 1 else 0
         if not claim and not done:
