@@ -83,6 +83,16 @@ def release_lane_connection(*, timeout: float = 30) -> None:
     lane.db.submit(connections.close_all).result(10)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_claim_floors():
+    """Each test's claims start without the floors an earlier test's left (jobs/djangoq/broker.py)."""
+    from jobs.djangoq import broker
+
+    broker._floors.clear()
+    yield
+    broker._floors.clear()
+
+
 @pytest.fixture
 def make_job(db):
     """`make_job(kind="demo.noop", payload={}, **options)` submits through the real service."""
