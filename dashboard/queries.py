@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.core.paginator import Page, Paginator
@@ -17,7 +17,7 @@ from django.utils import timezone
 
 # The pages read these here; they live in dashboard.live, which imports nothing of the dashboard.
 from dashboard.live.publisher import clusters_online, dead_total, horizon  # noqa: F401
-from jobs.models import FINISHED_STATES, Attempt, Batch, Job, JobEvent, State
+from jobs.models import FINISHED_STATES, LIVE_TEXT_EVENTS, LOG_EVENT, Attempt, Batch, Job, JobEvent, State
 from jobs.services import Selection, count_matching
 
 JOBS_PER_PAGE = 50
@@ -48,13 +48,27 @@ def stats_history() -> list[tuple[datetime, dict]]:
 
 
 def job_timeline(job_id: uuid.UUID, *, limit: int = TIMELINE_LIMIT) -> tuple[list[JobEvent], int]:
-    """The job's newest `limit` events, oldest first, and how many older ones were left out."""
-    events = list(JobEvent.objects.filter(job_id=job_id).order_by("-id")[: limit + 1])
+    """The job's newest `limit` events, oldest first, and how many older ones
+    were left out (its streamed text and log lines are not timeline entries)."""
+    history = JobEvent.objects.filter(job_id=job_id).exclude(type__in=LIVE_TEXT_EVENTS)
+    events = list(history.order_by("-id")[: limit + 1])
     hidden = 0
     if len(events) > limit:
         events = events[:limit]
-        hidden = JobEvent.objects.filter(job_id=job_id, id__lt=events[-1].id).count()
+        hidden = history.filter(id__lt=events[-1].id).count()
     return list(reversed(events)), hidden
+
+
+def next_log_line(job_id: uuid.UUID, attempt: int) -> int:
+    """The number the attempt's next log line will have (its latest `job.log`
+    event says how many it sent): where the page's live log continues."""
+    data = (
+        JobEvent.objects.filter(job_id=job_id, type=LOG_EVENT, data__attempt=attempt)
+        .order_by("-id")
+        .values_list("data", flat=True)
+        .first()
+    )
+    return data["first"] + len(data["lines"]) if data else 0
 
 
 def job_attempts(job_id: uuid.UUID) -> list[Attempt]:
@@ -71,11 +85,17 @@ class JobFilters:
     kind: str = ""
     batch: str = ""
     q: str = ""
+    since: str = ""  # "YYYY-MM-DDTHH:MM" (UTC): jobs changed since then (for a dead job: since it died)
     errors: list[str] = field(default_factory=list)
 
     @classmethod
     def from_query(cls, query) -> JobFilters:
-        filters = cls(**{name: query.get(name, "").strip()[:255] for name in ("state", "queue", "kind", "batch", "q")})
+        filters = cls(
+            **{name: query.get(name, "").strip()[:255] for name in ("state", "queue", "kind", "batch", "q", "since")}
+        )
+        if filters.since and filters.since_time is None:
+            filters.errors.append(f"{filters.since!r} is not a time (YYYY-MM-DDTHH:MM, UTC)")
+            filters.since = ""
         if filters.state and filters.state not in State.values:
             filters.errors.append(f"unknown state {filters.state!r}")
             filters.state = ""
@@ -86,7 +106,15 @@ class JobFilters:
 
     @property
     def active(self) -> bool:
-        return any((self.state, self.queue, self.kind, self.batch, self.q))
+        return any((self.state, self.queue, self.kind, self.batch, self.q, self.since))
+
+    @property
+    def since_time(self) -> datetime | None:
+        try:
+            moment = datetime.fromisoformat(self.since)
+        except ValueError:
+            return None
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def find_jobs(filters: JobFilters, *, page: str | int | None = 1) -> Page:
@@ -101,6 +129,8 @@ def find_jobs(filters: JobFilters, *, page: str | int | None = 1) -> Page:
         query = query.filter(batch_id=filters.batch)
     if filters.q:
         query = query.filter(_search(filters.q))
+    if filters.since:
+        query = query.filter(updated_at__gte=filters.since_time)
     query = query.order_by("-created_at", "-id").defer("payload", "result", "error_traceback")
     return Paginator(query, JOBS_PER_PAGE).get_page(page)
 
@@ -278,6 +308,7 @@ def selection_of(filters: JobFilters) -> Selection | None:
         queue=filters.queue or None,
         kind=filters.kind or None,
         batch=as_uuid(filters.batch) if filters.batch else None,
+        since=filters.since_time if filters.since else None,
     )
 
 

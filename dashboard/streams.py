@@ -31,9 +31,9 @@ from dashboard.live.sse import Message
 from dashboard.templatetags.conveyor import page_title, short_id
 from dashboard.waiting import waiting_reason
 from jobs import services
-from jobs.models import Job, JobEvent
+from jobs.models import LIVE_TEXT_EVENTS, OUTPUT_EVENT, PROGRESS_EVENT, Job, JobEvent
 
-PROGRESS = "job.progress"
+PROGRESS = PROGRESS_EVENT
 # Events after which the dead-letter queue may look different.
 DEAD_LETTER_EVENTS = frozenset({"job.dead", "job.discarded", "job.queued"})
 
@@ -212,6 +212,8 @@ class JobsStream(DashboardStream):
     def wants(self, update: Update) -> bool:
         if update.job is None:
             return super().wants(update)
+        if update.type in LIVE_TEXT_EVENTS:  # a row shows none of it
+            return False
         return update.job.id in self.ids or (update.type == "job.created" and self._matches(update))
 
     def _matches(self, update: Update) -> bool:
@@ -301,6 +303,12 @@ class JobStream(DashboardStream):
             self.job = update.job
         if self.job is None:
             return []  # purged while someone watched
+        if update.type in LIVE_TEXT_EVENTS:
+            # The event itself: the page appends it at its offset (static/conveyor.js).
+            # No read and no rendering beyond the JSON, shared by every viewer.
+            name = "job-output" if update.type == OUTPUT_EVENT else "job-logs"
+            body = update.memo("live-text", lambda: json.dumps(update.event.data))
+            return [shared(update, Message(f"{name}-{self.job_id}", body, update.id, mode="append"))]
         messages = [self._summary(update, update.id)]
         entry = fragment(update, "dashboard/partials/job.html#job-event", {"event": update.event})
         messages.append(Message(f"job-timeline-{self.job_id}", entry, update.id, mode="append"))
@@ -393,7 +401,7 @@ class BatchesStream(DashboardStream):
     def wants(self, update: Update) -> bool:
         if update.job is None:
             return super().wants(update)
-        return update.job.batch_id in self.ids
+        return update.job.batch_id in self.ids and update.type not in LIVE_TEXT_EVENTS
 
     def replay_events(self) -> QuerySet[JobEvent]:
         return JobEvent.objects.filter(job__batch_id__in=self.ids)
@@ -428,7 +436,7 @@ class BatchStream(DashboardStream):
     def wants(self, update: Update) -> bool:
         if update.job is None:
             return super().wants(update)
-        return update.job.batch_id == self.batch_id
+        return update.job.batch_id == self.batch_id and update.type not in LIVE_TEXT_EVENTS
 
     def replay_events(self) -> QuerySet[JobEvent]:
         return JobEvent.objects.filter(job__batch_id=self.batch_id)

@@ -119,11 +119,15 @@ def job(request: HttpRequest, job_id: UUID) -> HttpResponse:
         job = services.get_job(job_id)
     except JobNotFound:
         raise Http404("no such job") from None
+    attempts = list(job.attempt_set.all())
+    latest = max(attempts, key=lambda a: a.number) if attempts else None
     context = {
         "job": job,
         "events": events,
         "hidden_events": hidden,
-        "attempts": list(job.attempt_set.all()),
+        "attempts": attempts,
+        "latest": latest,
+        "log_next": queries.next_log_line(job.id, latest.number) if latest else 0,
         "waiting": _waiting(job),
         "deliveries": services.job_deliveries(job.id),
         "workflow": services.workflow_of(job.id),

@@ -16,6 +16,8 @@ from django.utils.html import format_html
 from jobs import services
 from jobs.errors import ConveyorError
 from jobs.models import (
+    LIVE_TEXT_EVENTS,
+    PROGRESS_EVENT,
     ApiKey,
     Attempt,
     Batch,
@@ -52,19 +54,35 @@ class AttemptInline(ReadOnlyInline):
         "outcome",
         "error_type",
         "error_message",
+        "output_text",
+        "log_lines",
     )
+
+    @admin.display(description="output")
+    def output_text(self, attempt: Attempt) -> str:
+        return _folded(attempt.output, f"{len(attempt.output)} characters")
+
+    @admin.display(description="logs")
+    def log_lines(self, attempt: Attempt) -> str:
+        return _folded(attempt.logs, f"{len(attempt.logs.splitlines())} lines")
+
+
+def _folded(text: str, summary: str) -> str:
+    if not text:
+        return "–"
+    return format_html('<details><summary>{}</summary><pre class="attempt-text">{}</pre></details>', summary, text)
 
 
 class JobEventInline(ReadOnlyInline):
     model = JobEvent
     fields = readonly_fields = ("id", "type", "data", "created_at")
     ordering = ("id",)
-    verbose_name_plural = "events (progress reports are on the job's live page)"
+    verbose_name_plural = "events (progress, output and log reports are on the job's live page)"
 
     def get_queryset(self, request):
         # A job may report progress thousands of times; its state changes are
         # bounded by its attempts.
-        return super().get_queryset(request).exclude(type="job.progress")
+        return super().get_queryset(request).exclude(type__in=[PROGRESS_EVENT, *LIVE_TEXT_EVENTS])
 
 
 class DependencyInline(ReadOnlyInline):

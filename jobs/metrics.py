@@ -10,10 +10,14 @@ multiprocess mode, and nothing lost when a worker is recycled or killed):
   running-lease index), and Django-Q2 clusters and workers online per queue
   (their heartbeats, which live in the database cache);
 - counters and the attempt-duration histogram are sums over
-  `conveyor_counter`, a table of at most a few thousand rows that triggers
-  (migration 0009) add to in the transaction of each submission, finish and
-  attempt: exact across processes, never counting a rolled-back change, and
-  untouched by the retention purge;
+  `conveyor_counter`, a table that triggers (migrations 0009, 0019) add to in
+  the transaction of each submission, finish and attempt: exact across
+  processes, never counting a rolled-back change, and untouched by the
+  retention purge. Each writer adds to rows of its own backend pid, so a
+  transaction held open never makes another wait; the rows of gone backends
+  are folded into one per counter (`jobs.engine.counters.compact`, every
+  minute), which leaves every sum as it was. About one row per counter and
+  live backend;
 - the age of the database's oldest open transaction (and of the oldest one
   idle in transaction, and the xid age of the oldest snapshot), one statement
   on pg_stat_activity (`jobs.engine.stats.oldest_transaction`): while it is

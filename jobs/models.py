@@ -198,6 +198,9 @@ class Attempt(models.Model):
     output = models.TextField(
         blank=True, default="", help_text="Text a streaming handler produced (kept if it failed)."
     )
+    logs = models.TextField(
+        blank=True, default="", help_text="Lines the handler logged (the last 1,000 lines or 64 KiB)."
+    )
 
     class Meta:
         ordering = ["id"]
@@ -205,6 +208,14 @@ class Attempt(models.Model):
 
     def __str__(self) -> str:
         return f"attempt {self.number} of {self.job_id}: {self.outcome or 'running'}"
+
+
+# Events a running job sends many of (every flush, ~4 a second): the live
+# view's, not the job's history (timelines and the admin leave them out).
+PROGRESS_EVENT = "job.progress"
+OUTPUT_EVENT = "job.output"  # {"attempt", "offset", "text"}: the attempt's new text from `offset`
+LOG_EVENT = "job.log"  # {"attempt", "first", "lines"}: new log lines, the first the `first`-th of the attempt
+LIVE_TEXT_EVENTS = frozenset({OUTPUT_EVENT, LOG_EVENT})
 
 
 class JobEvent(models.Model):

@@ -34,6 +34,74 @@
     source.setAttribute("sse-connect", url.pathname + url.search);
   });
 
+  // A job's streamed text and log lines arrive as job.output / job.log events
+  // (JSON, not HTML): append each at its place, ignoring what the page already
+  // shows (a replay after a reconnection overlaps), starting over for a new attempt.
+  // Offsets count code points, as the server does.
+  function newAttempt(el, attempt) {
+    var current = +el.dataset.attempt || 0;
+    if (attempt < current) return null;
+    var panel = el.closest(".panel");
+    if (attempt > current) {
+      el.dataset.attempt = attempt;
+      el.textContent = "";
+      el.dataset.length = el.dataset.next = "0";
+      panel.querySelectorAll("[data-attempt-label]").forEach(function (label) {
+        label.textContent = "attempt " + attempt;
+      });
+    }
+    return panel;
+  }
+  function follow(el, apply) {
+    var atBottom = el.scrollHeight - el.scrollTop - el.clientHeight < 24;
+    apply();
+    el.closest(".panel").hidden = false;
+    if (atBottom) el.scrollTop = el.scrollHeight;
+  }
+  function appendOutput(el, data) {
+    if (!newAttempt(el, data.attempt)) return;
+    var length = +el.dataset.length || 0;
+    var text = Array.from(data.text);
+    if (data.offset > length || data.offset + text.length <= length) return;  // a gap (never sent) or already shown
+    var fresh = text.slice(length - data.offset);
+    follow(el, function () { el.append(fresh.join("")); });
+    el.dataset.length = length + fresh.length;
+  }
+  function appendLogs(el, data) {
+    if (!newAttempt(el, data.attempt)) return;
+    var next = +el.dataset.next || 0;
+    follow(el, function () {
+      data.lines.forEach(function (line, i) {
+        if (data.first + i < next) return;
+        var item = document.createElement("li");
+        item.textContent = line;
+        el.appendChild(item);
+      });
+      while (el.children.length > 1000) el.removeChild(el.firstChild);
+    });
+    el.dataset.next = Math.max(next, data.first + data.lines.length);
+  }
+  document.addEventListener("htmx:sseBeforeMessage", function (evt) {
+    var el = evt.target;
+    var apply = el.matches("[data-live-output]") ? appendOutput : el.matches("[data-live-logs]") ? appendLogs : null;
+    if (!apply) return;
+    evt.preventDefault();  // not an HTML fragment to swap
+    apply(el, JSON.parse(evt.detail.data));
+  });
+
+  // Copy buttons: the text of the element they name.
+  document.addEventListener("click", function (evt) {
+    var button = evt.target.closest("button[data-copy]");
+    if (!button) return;
+    var source = document.querySelector(button.dataset.copy);
+    if (!source) return;
+    var text = source.matches("ol") ? Array.from(source.children).map(function (li) { return li.textContent; }).join("\n") : source.textContent;
+    navigator.clipboard.writeText(text).then(function () {
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = "Copy"; }, 1500);
+    });
+  });
+
   function setLive(state) {
     var el = document.getElementById("live");
     if (!el) return;

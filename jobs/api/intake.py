@@ -15,8 +15,8 @@ common case itself and hands everything else to Django, unchanged:
    statement (`submission.insert_jobs`): a group commit. A lone request
    waits for nothing; under load, one statement and one WAL flush serve
    dozens of requests.
-3. Back on the loop: render the job as the view does (`views.job_out`,
-   `JobOut`, django-ninja's renderer) with the headers Django's middleware
+3. Back on the loop: render the job as the view does (`views.job_detail_out`,
+   `JobDetailOut`, django-ninja's renderer) with the headers Django's middleware
    would add (tests/jobs/api/test_intake.py holds the two answers equal).
 
 Anything else — no or a bad key, a missing scope, a session caller, a body
@@ -296,13 +296,14 @@ _CONTENT_TYPE = b"application/json; charset=utf-8"  # django-ninja's JSONRendere
 
 
 def job_json(job) -> bytes:
-    """The body `POST /jobs` answers with, as django-ninja renders `JobOut`
-    from `views.job_out`. What `job_out` builds is already what `JobOut` holds,
-    so it is not validated again (django-ninja's validation of it took three
-    times as long as the rest); tests/jobs/api/test_intake.py holds the two equal."""
-    from jobs.api.views import job_out
+    """The body `POST /jobs` answers with, as django-ninja renders `JobDetailOut`
+    from `views.job_detail_out`. What `job_detail_out` builds is already what
+    `JobDetailOut` holds, so it is not validated again (django-ninja's
+    validation of it took three times as long as the rest);
+    tests/jobs/api/test_intake.py holds the two equal."""
+    from jobs.api.views import job_detail_out
 
-    return json.dumps(job_out(job, attempts=[]), cls=NinjaJSONEncoder).encode()
+    return json.dumps(job_detail_out(job, attempts=[]), cls=NinjaJSONEncoder).encode()
 
 
 @functools.cache

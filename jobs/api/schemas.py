@@ -18,9 +18,11 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, model
 
 from jobs.engine.batches import MAX_JOBS
 from jobs.engine.representation import (  # noqa: F401 - the API's names for the representation's schemas
+    AttemptDetailOut,
     AttemptOut,
     BatchOut,
     ErrorOut,
+    JobDetailOut,
     JobOut,
     Progress,
     TokensOut,

@@ -28,6 +28,7 @@ from jobs.api.schemas import (
     DeadSelection,
     EventFilters,
     EventOut,
+    JobDetailOut,
     JobFilters,
     JobOut,
     JobPage,
@@ -40,7 +41,7 @@ from jobs.api.schemas import (
     SubmitJobIn,
     UsageOut,
 )
-from jobs.engine.representation import batch_out, job_out, tokens_out
+from jobs.engine.representation import batch_out, job_detail_out, job_out, tokens_out
 
 router = Router()
 
@@ -85,7 +86,12 @@ def _doc(*statuses: int, created: bool = False, body: dict | None = None) -> dic
 # --- jobs ----------------------------------------------------------------
 
 
-@router.post("/jobs", auth=SUBMIT, response={202: JobOut, 200: JobOut}, openapi_extra=_doc(400, 413, 415, created=True))
+@router.post(
+    "/jobs",
+    auth=SUBMIT,
+    response={202: JobDetailOut, 200: JobDetailOut},
+    openapi_extra=_doc(400, 413, 415, created=True),
+)
 def submit_job(
     request: HttpRequest, body: SubmitJobIn, response: HttpResponse, idempotency_key: KeyText | None = IdempotencyKey
 ):
@@ -103,8 +109,8 @@ def submit_job(
     response["Location"] = reverse("api-v1:get_job", args=[job.id])
     if not submitted.created:
         response["Idempotent-Replayed"] = "true"
-        return Status(200, job_out(job))
-    return Status(202, job_out(job, attempts=[]))
+        return Status(200, job_detail_out(job))
+    return Status(202, job_detail_out(job, attempts=[]))
 
 
 @router.get("/jobs", auth=READ, response=JobPage, openapi_extra=_doc())
@@ -138,10 +144,10 @@ def retry_jobs(request: HttpRequest, body: RetrySelection):
     return {"count": services.retry_matching(_job_selection(request, body), actor=request.auth.actor)}
 
 
-@router.get("/jobs/{job_id}", auth=READ, response=JobOut, openapi_extra=_doc(404))
+@router.get("/jobs/{job_id}", auth=READ, response=JobDetailOut, openapi_extra=_doc(404))
 def get_job(request: HttpRequest, job_id: UUID):
-    """A job with its attempts."""
-    return job_out(services.get_job(job_id, owner=request.auth.visible_owner))
+    """A job with its attempts, their streamed text (`output`) and log lines."""
+    return job_detail_out(services.get_job(job_id, owner=request.auth.visible_owner))
 
 
 @router.get("/jobs/{job_id}/events", auth=READ, response=list[EventOut], openapi_extra=_doc(404))

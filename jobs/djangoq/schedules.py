@@ -26,6 +26,14 @@ SCHEDULES = [
         "schedule_type": Schedule.MINUTES,
         "minutes": 1,
     },
+    # Folds the /metrics counter rows of backends that are gone into one row
+    # per counter (it also holds an advisory lock and never waits on a writer).
+    {
+        "name": "conveyor.compact_counters",
+        "func": "jobs.engine.counters.compact",
+        "schedule_type": Schedule.MINUTES,
+        "minutes": 1,
+    },
 ]
 
 

@@ -19,10 +19,17 @@ transaction) so that `FINISH_HOOK` hears of it:
 Every state change goes through `jobs.engine.states.transition`. A finish is
 resolved once per edge (`resolved`), so dead -> discarded does not count twice.
 
-Submission locks the dependency rows (`FOR UPDATE`, in id order) before it
-reads their states and marks them `has_dependents`: a dependency finishing at
-the same moment either committed first (and is seen finished) or waits for
-the submission to commit and then finds the new edge.
+Submission locks the dependency rows (`FOR UPDATE`, all or none: it never
+waits while holding one, `lock_dependencies`) before it reads their states
+and marks them `has_dependents`: a dependency finishing at the same moment
+either committed first (and is seen finished) or waits for the submission to
+commit and then finds the new edge.
+
+The worker's chain records a batch of successes in one statement
+(`jobs.engine.states.claim_ready`); when some had dependents it does so in a
+transaction and hands the ids to `Dependencies.jobs_finished`, which resolves
+all their edges and counts each dependent down by its share in one more
+statement, then queues those that reached 0, before the commit.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import BooleanField, Case, When
 
 from jobs.db import events
@@ -81,21 +88,47 @@ def parse_ids(depends_on: Sequence[Any]) -> list[uuid.UUID]:
 
 
 def lock_dependencies(ids: list[uuid.UUID], *, visible_to: str | None) -> dict[uuid.UUID, str]:
-    """Lock the dependency rows (in id order) and return their states; call in
-    the submission's transaction. Mark them `has_dependents`.
+    """Lock the dependency rows and return their states; call in the
+    submission's transaction. Mark them `has_dependents`.
+
+    All or none: the rows are taken with SKIP LOCKED, and when one is busy
+    (a dependency finishing) the submission lets go of the others and waits
+    for that one alone before it tries again. It never waits while holding
+    one of them, so it cannot deadlock with a finish, which holds its job's
+    row and then takes its dependents' (a waiting job named beside its own
+    dependency, in any id order).
 
     `visible_to`: only that owner's jobs count (another tenant's id is unknown).
     Raises InvalidJob naming each unknown id."""
+    owner = [visible_to, visible_to]
     with connection.cursor() as cursor:
-        cursor.execute(
-            "WITH l AS (SELECT id, state, owner FROM jobs_job WHERE id = ANY(%s::uuid[])"
-            " AND (%s::text IS NULL OR owner = %s) ORDER BY id FOR UPDATE)"
-            " , u AS (UPDATE jobs_job SET has_dependents = true FROM l WHERE jobs_job.id = l.id"
-            " AND NOT jobs_job.has_dependents)"
-            " SELECT id, state FROM l",
-            [ids, visible_to, visible_to],
-        )
-        found = dict(cursor.fetchall())
+        while True:
+            attempt = transaction.savepoint()
+            cursor.execute(
+                "WITH l AS (SELECT id, state FROM jobs_job WHERE id = ANY(%s::uuid[])"
+                " AND (%s::text IS NULL OR owner = %s) ORDER BY id FOR UPDATE SKIP LOCKED)"
+                " , u AS (UPDATE jobs_job SET has_dependents = true FROM l WHERE jobs_job.id = l.id"
+                " AND NOT jobs_job.has_dependents)"
+                " SELECT id, state FROM l",
+                [ids, *owner],
+            )
+            found = dict(cursor.fetchall())
+            missing = [job_id for job_id in ids if job_id not in found]
+            if missing:
+                cursor.execute(
+                    "SELECT id FROM jobs_job WHERE id = ANY(%s::uuid[]) AND (%s::text IS NULL OR owner = %s)"
+                    " ORDER BY id LIMIT 1",
+                    [missing, *owner],
+                )
+                busy = cursor.fetchone()
+                if busy is not None:
+                    transaction.savepoint_rollback(attempt)  # lets go of the rows it took
+                    waiting = transaction.savepoint()
+                    cursor.execute("SELECT 1 FROM jobs_job WHERE id = %s FOR UPDATE", [busy[0]])
+                    transaction.savepoint_rollback(waiting)
+                    continue
+            transaction.savepoint_commit(attempt)
+            break
     unknown = [
         {"field": f"depends_on[{index}]", "message": f"no job with id {job_id}"}
         for index, job_id in enumerate(ids)
@@ -146,6 +179,17 @@ class Dependencies:
         if job.has_dependents:
             resolve(job)
 
+    @staticmethod
+    def batch_condition(target: State) -> Sql | None:
+        # Successes only: a failure may cancel dependents, naming the one
+        # dependency that did (`resolve`).
+        return Sql("true") if target == State.SUCCEEDED else Sql("NOT jobs_job.has_dependents")
+
+    @staticmethod
+    def jobs_finished(target: State, ids: list[uuid.UUID]) -> None:
+        if target == State.SUCCEEDED:
+            _resolve(ids, State.SUCCEEDED)
+
 
 FINISH_HOOK = Dependencies()
 
@@ -154,23 +198,38 @@ def resolve(job: Job) -> None:
     """`job` finished (its state is final for now): resolve its open edges,
     count down its dependents and queue or cancel those it decides.
     Call inside the transaction of its transition."""
-    outcome = State(job.state)
+    _resolve([job.id], State(job.state))
+
+
+# Every open edge of the finished jobs, and each dependent's counter down by
+# the number of its edges among them: one statement for a whole batch of the
+# worker's successes. The dependents are locked in id order, as every path
+# that changes their counters locks them.
+_RESOLVE = (
+    "WITH e AS (UPDATE jobs_jobdependency SET resolved = true, outcome = %s"
+    " WHERE depends_on_id = ANY(%s::uuid[]) AND NOT resolved RETURNING job_id),"
+    " c AS (SELECT job_id, count(*) AS n FROM e GROUP BY job_id),"
+    " l AS (SELECT jobs_job.id, c.n FROM jobs_job JOIN c ON c.job_id = jobs_job.id"
+    " ORDER BY jobs_job.id FOR UPDATE OF jobs_job)"
+    " UPDATE jobs_job SET pending_dependencies = greatest(pending_dependencies - l.n, 0)"
+    " FROM l WHERE jobs_job.id = l.id"
+    " RETURNING jobs_job.id, jobs_job.pending_dependencies, jobs_job.state, jobs_job.on_dependency_failure"
+)
+
+
+def _resolve(ids: list[uuid.UUID], outcome: State) -> None:
+    """The jobs `ids` all ended `outcome` (a failure: one job, whose id the
+    cancelled dependents' reason names)."""
+    if outcome in FAILED and len(ids) != 1:
+        raise ValueError("failed dependencies are resolved one at a time")
     with connection.cursor() as cursor:
-        cursor.execute(
-            "WITH e AS (UPDATE jobs_jobdependency SET resolved = true, outcome = %s"
-            " WHERE depends_on_id = %s AND NOT resolved RETURNING job_id),"
-            " l AS (SELECT id FROM jobs_job WHERE id IN (SELECT job_id FROM e) ORDER BY id FOR UPDATE)"
-            " UPDATE jobs_job SET pending_dependencies = greatest(pending_dependencies - 1, 0)"
-            " FROM l WHERE jobs_job.id = l.id"
-            " RETURNING jobs_job.id, jobs_job.pending_dependencies, jobs_job.state, jobs_job.on_dependency_failure",
-            [outcome.value, str(job.id)],
-        )
+        cursor.execute(_RESOLVE, [outcome.value, [str(job_id) for job_id in ids]])
         dependents = sorted(cursor.fetchall())
     for dependent, pending, state, policy in dependents:
         if state != State.WAITING:
             continue
         if outcome in FAILED and policy == "cancel":
-            _cancel(dependent, job.id, outcome)
+            _cancel(dependent, ids[0], outcome)
         elif pending == 0:
             _release(dependent, reason="dependencies finished")
 

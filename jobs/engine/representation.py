@@ -32,6 +32,11 @@ class AttemptOut(Schema):
     error: ErrorOut | None
 
 
+class AttemptDetailOut(AttemptOut):
+    output: str = Field(description="Text the attempt streamed: so far while it runs; kept when it failed or was lost.")
+    logs: list[str] = Field(description="Lines its handler logged (the last 1,000 lines, at most 64 KiB).")
+
+
 class TokensOut(Schema):
     prompt_tokens: int
     completion_tokens: int
@@ -59,6 +64,13 @@ class JobOut(Schema):
     finished_at: datetime | None
     attempt_history: list[AttemptOut]
     usage: TokensOut = Field(description="Tokens of every provider call the job made, failed attempts included.")
+
+
+class JobDetailOut(JobOut):
+    """A job as `GET /jobs/{id}` shows it: with the text and log lines of its attempts."""
+
+    output: str = Field(description="The latest attempt's text: so far while it streams, else its final text.")
+    attempt_history: list[AttemptDetailOut]
 
 
 class BatchOut(Schema):
@@ -102,6 +114,17 @@ def job_out(job: Job, *, attempts: list[Attempt] | None = None) -> dict[str, Any
         "attempt_history": [attempt_out(a) for a in (job.attempt_set.all() if attempts is None else attempts)],
         "usage": tokens_out(job),
     }
+
+
+def job_detail_out(job: Job, *, attempts: list[Attempt] | None = None) -> dict[str, Any]:
+    """`job_out` with each attempt's output and logs, and the latest attempt's output."""
+    attempts = sorted(job.attempt_set.all() if attempts is None else attempts, key=lambda a: a.number)
+    body = job_out(job, attempts=attempts)
+    body["attempt_history"] = [
+        {**attempt_out(a), "output": a.output, "logs": a.logs.splitlines() if a.logs else []} for a in attempts
+    ]
+    body["output"] = attempts[-1].output if attempts else ""
+    return body
 
 
 def batch_out(batch: Batch, progress: BatchProgress | None = None) -> dict[str, Any]:

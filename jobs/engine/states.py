@@ -13,6 +13,7 @@ outside a transaction and costs one round trip on the workers' hot path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,23 +53,32 @@ ALLOWED: dict[State, frozenset[State]] = {
 # What a transition does to the attempt rows, in the same statement. `j` is
 # the updated job row.
 OPEN_ATTEMPT = Sql(
-    "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message, traceback, output) "
-    "SELECT id, attempts, lease_owner, started_at, '', '', '', '', '' FROM j"
+    "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message, traceback, output, logs) "
+    "SELECT id, attempts, lease_owner, started_at, '', '', '', '', '', '' FROM j"
 )
 
 
 def close_attempt(
-    outcome: str, *, error_type: str = "", message: str = "", tb: str = "", output: str | None = None
+    outcome: str,
+    *,
+    error_type: str = "",
+    message: str = "",
+    tb: str = "",
+    output: str | None = None,
+    logs: str | None = None,
 ) -> Sql:
-    """End the job's open attempt; `output` (streamed text) is kept when given."""
+    """End the job's open attempt; `output` (streamed text) and `logs` (its
+    log lines) are kept when given."""
     return Sql(
         "UPDATE jobs_attempt SET finished_at = now(), outcome = %s, error_type = %s, error_message = %s,"
-        " traceback = %s, output = coalesce(%s, output) WHERE job_id = (SELECT id FROM j) AND finished_at IS NULL",
+        " traceback = %s, output = coalesce(%s, output), logs = coalesce(%s, logs)"
+        " WHERE job_id = (SELECT id FROM j) AND finished_at IS NULL",
         outcome,
         error_type[:200],
         message,
         tb,
         output,
+        logs,
     )
 
 
@@ -224,13 +234,15 @@ def resume_waiting(*, batch_id: UUID | str, error_type: str, reason: str) -> int
 class QuietSuccess(NamedTuple):
     """A job that succeeded, to be recorded in a batch: `began` and `took`
     are the seconds from its claim's answer to its handler's start and end;
-    `row`, its broker row."""
+    `row`, its broker row; `dependents`, whether it had dependents when it
+    was claimed (`has_dependents`)."""
 
     job_id: UUID
     result: Any
     began: float
     took: float
     row: int
+    dependents: bool = False
 
 
 def claim_ready(
@@ -254,14 +266,20 @@ def claim_ready(
     only rows whose lock is at least this (`jobs.djangoq.broker.ClaimFloor`).
 
     `succeeded`: in the same statement, move these jobs running -> succeeded
-    (`_quiet_successes`); the ids of those it moved come back second."""
+    (`_quiet_successes`); the ids of those it moved come back second. When
+    one of them had dependents, the statement runs in a transaction that
+    then tells the finish hooks of them all at once (`hooks.jobs_finished`:
+    the workflows resolve the batch's edges and count down its dependents in
+    one more statement, and queue those whose last dependency this was), so
+    a job with a dependent keeps the batched path."""
+    in_batch = any(item.dependents for item in succeeded)
     columns = sql.job_columns()[0]
     names = columns.split(", ")
     qualified = ", ".join(f"jobs_job.{column}" for column in names)
     ready = state_literals(ALLOWED[State.RUNNING])
     parts, params = ["WITH "], []
     if succeeded:
-        finishing, finish_params = _quiet_successes(succeeded, worker)
+        finishing, finish_params = _quiet_successes(succeeded, worker, in_batch=in_batch)
         parts.append(finishing + ", ")
         params += finish_params
     # The queue's gate (jobs.engine.queues): nothing while paused, no more
@@ -315,19 +333,24 @@ def claim_ready(
             " LEFT JOIN j ON true, (SELECT count(*) FROM n) AS notified, (SELECT count(*) FROM fn) AS f_notified"
             + order
         )
-    with sql.cursor() as cursor:
+    with transaction.atomic() if in_batch else contextlib.nullcontext(), sql.cursor() as cursor:
         cursor.execute("".join(parts), params)
         rows = cursor.fetchall()
-    if not succeeded:
-        return rows, set()
-    return [row[:-1] for row in rows if row[-2] is not None], set(rows[0][-1] or ()) if rows else set()
+        if not succeeded:
+            return rows, set()
+        finished = set(rows[0][-1] or ()) if rows else set()
+        if in_batch and finished:
+            hooks.jobs_finished(State.SUCCEEDED, sorted(finished))
+    return [row[:-1] for row in rows if row[-2] is not None], finished
 
 
-def _quiet_successes(done: Sequence[QuietSuccess], worker: str) -> tuple[str, list[Any]]:
+def _quiet_successes(done: Sequence[QuietSuccess], worker: str, *, in_batch: bool) -> tuple[str, list[Any]]:
     """CTEs (v, f, fa, fd, fe, fn) that move the jobs of `done` running ->
     succeeded as `transition` does (the worker's `finish_succeeded`), and
     delete their broker rows, for the jobs still this worker's that no finish
-    hook needs to hear of (`hooks.quiet_condition`).
+    hook needs to hear of (`hooks.quiet_condition`), or, `in_batch` (in a
+    transaction that calls `hooks.jobs_finished`), that no hook needs to hear
+    of one by one (`hooks.batch_condition`).
 
     Their times are those the worker measured, counted from the claim's
     `started_at`: a batch's successes are written together, after its last
@@ -337,7 +360,7 @@ def _quiet_successes(done: Sequence[QuietSuccess], worker: str) -> tuple[str, li
     same amount: their order and run times are as measured."""
     # None (a hook may need any row) records none here: the worker then
     # records each through `transition`.
-    quiet = hooks.quiet_condition(State.SUCCEEDED) or Sql("false")
+    quiet = (hooks.batch_condition if in_batch else hooks.quiet_condition)(State.SUCCEEDED) or Sql("false")
     db = connections[DEFAULT_DB_ALIAS]
     field = Job._meta.get_field("result")
     statement = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Literal
 
@@ -9,6 +10,8 @@ from pydantic import Field
 
 from jobs.engine.registry import Payload, handler
 from jobs.errors import PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
 
 
 class NoopPayload(Payload):
@@ -32,6 +35,7 @@ def sleep(ctx, payload: SleepPayload) -> dict:
     step = payload.seconds / payload.steps
     for done in range(1, payload.steps + 1):
         time.sleep(step)
+        log.info("step %d of %d done", done, payload.steps)
         ctx.report_progress(100 * done // payload.steps, f"step {done} of {payload.steps}")
     return {"slept": payload.seconds}
 
@@ -75,6 +79,7 @@ async def async_sleep(ctx, payload: AsyncSleepPayload) -> dict:
     for done in range(1, payload.steps + 1):
         await asyncio.sleep(payload.seconds / payload.steps)
         output += f"step {done}\n"
+        log.info("step %d of %d done", done, payload.steps)
         ctx.report_progress(100 * done // payload.steps, f"step {done} of {payload.steps}", output=output)
     if payload.fail:
         raise DemoTransientError("failed after its last step")

@@ -5,6 +5,7 @@ process keeps many provider calls in flight."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 from typing import Literal
@@ -15,6 +16,8 @@ from pydantic_core import PydanticCustomError
 
 from jobs.engine.registry import Payload, handler
 from jobs.llm.prompts import PromptTooLong, TemplateError, check_length, parse_template, render_prompt
+
+log = logging.getLogger(__name__)
 
 LLM_QUEUE = "llm"
 
@@ -117,6 +120,7 @@ async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperat
         ctx.report_progress(percent, f"streaming, {len(text)} characters", output=text)
 
     permit = await _permit(ctx, provider)
+    log.info("calling %s (model %s)%s", provider.name, model, ", the fallback" if on_fallback else "")
     result = None
     try:
         result = await chat(
@@ -138,6 +142,14 @@ async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperat
             used = (0, 0)
         await ctx.run_db(limits.release, permit, prompt_tokens=used[0], completion_tokens=used[1], account=any(used))
     ctx.output = result.text
+    log.info(
+        "%s finished (%s): %d prompt + %d completion tokens in %.2f s",
+        provider.name,
+        result.finish_reason,
+        result.prompt_tokens,
+        result.completion_tokens,
+        result.latency_seconds,
+    )
     return {
         "text": result.text,
         "finish_reason": result.finish_reason,

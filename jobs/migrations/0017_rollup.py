@@ -6,7 +6,7 @@ class Migration(migrations.Migration):
     """The per-minute rollup of finished attempts behind the 1 h / 24 h / 7 d
     charts and the per-kind table (jobs/engine/rollup.py), and its cursor."""
 
-    dependencies = [("jobs", "0015_queue_controls")]
+    dependencies = [("jobs", "0016_job_logs")]
 
     operations = [
         migrations.CreateModel(

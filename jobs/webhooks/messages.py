@@ -279,7 +279,7 @@ def _now_text() -> str:
 
 
 def _job_data(job: Job) -> dict[str, Any]:
-    """The job as GET /api/v1/jobs/{id} shows it."""
+    """The job as GET /api/v1/jobs lists it (without the attempts' text and logs that GET /api/v1/jobs/{id} adds)."""
     return _as_api(JobOut, job_out(job))
 
 

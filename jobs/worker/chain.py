@@ -165,9 +165,12 @@ class _Chain:
         return 1 << (max(fit, 1).bit_length() - 1)  # a power of two: few statement texts to prepare
 
     def _record_and_claim(self, done: list[Ran], size: int) -> list[tuple]:
-        """Record `done` and claim up to `size` more jobs in one statement;
-        what that statement could not record (it asks for a webhook message
-        after all, or is no longer ours) goes through the usual transition."""
+        """Record `done` and claim up to `size` more jobs in one statement
+        (in a transaction with the workflows' one for the batch's edges, when
+        jobs with dependents are among them: `states.claim_ready`); what that
+        statement could not record (it asks for a webhook message after all,
+        gained a dependent since its claim, or is no longer ours) goes through
+        the usual transition."""
         left = self._left()
         claim = size if self.seconds and self.kinds and time.monotonic() < self.deadline and left >= 1 else 0
         if not claim and not done:
@@ -181,7 +184,9 @@ class _Chain:
                     self.kinds or [""],
                     rearm=Sql(VISIBLE_AGAIN, Conf.RETRY),
                     max_timeout=left,
-                    succeeded=[QuietSuccess(i.job.id, i.value, i.began, i.took, i.row) for i in done],
+                    succeeded=[
+                        QuietSuccess(i.job.id, i.value, i.began, i.took, i.row, i.job.has_dependents) for i in done
+                    ],
                 )
             except DatabaseError as exc:  # nothing claimed: the rows are delivered as usual
                 log.warning("could not claim the next jobs (%s)", exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -10,6 +11,7 @@ from jobs.engine import dependencies
 from jobs.errors import Cancelled, LeaseLost
 from jobs.models import Job
 from jobs.worker.heartbeat import Progress, record_progress
+from jobs.worker.joblogs import JobLog
 
 
 class Context:
@@ -22,16 +24,35 @@ class Context:
         self.attempt = job.attempts
         self.worker = worker
         self.lease_lost = threading.Event()
+        self.joblog = JobLog()  # what the job logs (jobs/worker/joblogs.py)
+        self.percent = job.progress_percent
+        self.message = job.progress_message
 
     def report_progress(self, percent: int, message: str = "") -> None:
         """Record progress (0-100) and a message; raises Cancelled if an
         operator cancelled the job, LeaseLost if it was taken from this worker."""
-        percent = max(0, min(100, int(percent)))
-        answer = record_progress({self.job_id: Progress(percent, message[:500], self.worker)})
+        self.percent, self.message = max(0, min(100, int(percent))), message[:500]
+        answer = self._write(report=True)
         if self.job_id not in answer:
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
         if answer[self.job_id]:
             raise Cancelled("cancelled by an operator")
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        """A line for the job's log, written with the next progress report."""
+        self.joblog.log(message, level)
+
+    def flush_logs(self) -> None:
+        """Write log lines not yet written (the runner, when the handler returns)."""
+        if self.joblog.changed:
+            self._write(report=False)
+
+    def _write(self, *, report: bool) -> dict:
+        logs, lines, first = self.joblog.take()
+        progress = Progress(
+            self.percent, self.message, self.worker, attempt=self.attempt, logs=logs, lines=lines, first=first
+        )
+        return record_progress({self.job_id: progress._replace(report=report)})
 
     def check_cancelled(self) -> None:
         """Raise Cancelled when an operator asked this job to stop."""

@@ -17,6 +17,7 @@ from jobs.errors import Cancelled, LeaseLost
 from jobs.models import Job
 from jobs.worker.context import Context
 from jobs.worker.finish import finish_cancelled, finish_failed, finish_succeeded
+from jobs.worker.joblogs import capture
 from jobs.worker.leases import sync_leases
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def execute(job: Job, handler, worker: str) -> tuple[str, Any]:
     ("failed", exception), ("cancelled", None) or ("lost", None)."""
     ctx = Context(job, worker)
     sync_leases.hold(job.id, worker, ctx.lease_lost)
-    with job_log_context(job):
+    with job_log_context(job), capture(ctx.joblog):
         try:
             if handler is None:
                 raise _UnknownKind(f"no handler is registered for kind {job.kind!r} on this worker")
@@ -41,6 +42,8 @@ def execute(job: Job, handler, worker: str) -> tuple[str, Any]:
         except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
             return "failed", exc
         finally:
+            with contextlib.suppress(DatabaseError):  # lines not written are lost, not the outcome
+                ctx.flush_logs()
             _handler_done(job.id)
             with contextlib.suppress(DatabaseError):  # then the outcome's own statement fails, and says so
                 relax_commit_durability()  # the handler may have restored the server's setting

@@ -66,13 +66,15 @@ def _error(error_type: str, message: str, tb: str) -> dict[str, Any]:
     return {"error_type": error_type[:200], "error_message": message, "error_traceback": tb}
 
 
-def finish_succeeded(job: Job, worker: str, result: Any, *, output: str | None = None, ack: int | None = None) -> None:
+def finish_succeeded(
+    job: Job, worker: str, result: Any, *, output: str | None = None, logs: str | None = None, ack: int | None = None
+) -> None:
     done = transition(
         job.id,
         target=State.SUCCEEDED,
         source=frozenset({State.RUNNING}),
         where=_mine(worker),
-        attempt=close_attempt(Attempt.Outcome.SUCCEEDED, output=output or None),
+        attempt=close_attempt(Attempt.Outcome.SUCCEEDED, output=output or None, logs=logs),
         ack=ack,
         result=result,
         progress_percent=100,
@@ -83,22 +85,34 @@ def finish_succeeded(job: Job, worker: str, result: Any, *, output: str | None =
         log.warning("job %s: finished, but it was no longer ours (lease lost); result dropped", job.id)
 
 
-def finish_cancelled(job: Job, worker: str, *, ack: int | None = None) -> None:
+def finish_cancelled(job: Job, worker: str, *, logs: str | None = None, ack: int | None = None) -> None:
     transition(
         job.id,
         target=State.CANCELLED,
         where=_mine(worker),
         ack=ack,
-        attempt=close_attempt(Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled by an operator"),
+        attempt=close_attempt(
+            Attempt.Outcome.CANCELLED, error_type="Cancelled", message="cancelled by an operator", logs=logs
+        ),
         **ended(),
     )
 
 
-def finish_failed(job: Job, worker: str, exc: Exception, *, output: str | None = None, ack: int | None = None) -> None:
+def finish_failed(
+    job: Job,
+    worker: str,
+    exc: Exception,
+    *,
+    output: str | None = None,
+    logs: str | None = None,
+    ack: int | None = None,
+) -> None:
     error_type = type(exc).__name__
     message = str(exc) or error_type
     tb = "".join(traceback.format_exception(exc))
-    failed = close_attempt(Attempt.Outcome.FAILED, error_type=error_type, message=message, tb=tb, output=output or None)
+    failed = close_attempt(
+        Attempt.Outcome.FAILED, error_type=error_type, message=message, tb=tb, output=output or None, logs=logs
+    )
     decision = retries.decide(
         exc, attempts=job.attempts, max_attempts=job.max_attempts, base=job.backoff_base, maximum=job.backoff_max
     )

@@ -23,8 +23,9 @@ Everything that makes a job safe stays the same:
   The claim itself arms it, re-arming the delivery's own row (no extra round
   trip); rows of finished jobs are deleted in one statement per 250 ms;
 - progress reports are coalesced: the latest report of each job is written
-  every 250 ms in one statement, so streaming output does not make the
-  database the bottleneck;
+  every 250 ms in one statement, with the text streamed since the last one
+  (a `job.output` event) and the lines logged since (a `job.log` event), so
+  streaming output does not make the database the bottleneck;
 - on exit (recycle or cluster stop) the process waits for in-flight jobs.
 
 Database work runs on one executor thread with its own Django connection
@@ -34,6 +35,7 @@ Database work runs on one executor thread with its own Django connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -52,10 +54,13 @@ from jobs.errors import Cancelled, LeaseLost
 from jobs.worker.execute import storable
 from jobs.worker.finish import finish_cancelled, finish_failed, finish_succeeded
 from jobs.worker.heartbeat import Progress, record_progress, renew_leases
+from jobs.worker.joblogs import JobLog, start_capture
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.25
+# The most text one `job.output` event carries; more waits for the next flush.
+MAX_OUTPUT_DELTA = 16 * 1024
 
 _lane: Lane | None = None
 _lane_lock = threading.Lock()
@@ -82,6 +87,10 @@ class AsyncContext:
         self.batch_id = job.batch_id
         self.worker = worker
         self.output = ""  # text produced so far (kept in the attempt if it fails)
+        self.sent = 0  # how much of `output` went out in `job.output` events
+        self.joblog = JobLog()
+        self.percent = job.progress_percent
+        self.message = job.progress_message
         self.cancel_reason: str | None = None
 
     def report_progress(self, percent: int, message: str = "", *, output: str | None = None) -> None:
@@ -91,7 +100,15 @@ class AsyncContext:
             raise Cancelled(self.cancel_reason) if self.cancel_reason == "cancelled" else LeaseLost(self.cancel_reason)
         if output is not None:
             self.output = output
-        self._lane.pending[self.job_id] = (max(0, min(100, int(percent))), message[:500], self)
+        self.percent, self.message = max(0, min(100, int(percent))), message[:500]
+        self._lane.pending[self.job_id] = (self.percent, self.message, self)
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        """A line for the job's log (as a `logging` call inside the job would give)."""
+        self.joblog.log(message, level)
+
+    def unsent(self) -> bool:
+        return self.sent != len(self.output) or self.joblog.changed
 
     async def run_db(self, func, *args, **kwargs):
         """Run synchronous ORM code on the lane's database thread (committing
@@ -132,7 +149,8 @@ class Lane:
         self.waiting: dict[UUID, _Waiting] = {}
         self.watchdogs: dict[UUID, int] = {}
         self.disarm: list[int] = []
-        self.pending: dict[UUID, tuple[int, str, AsyncContext]] = {}
+        # Latest report of each job, or None for one with only new log lines.
+        self.pending: dict[UUID, tuple[int, str, AsyncContext] | None] = {}
         self.stopping = False
 
     # --- worker thread side ---------------------------------------------------
@@ -192,6 +210,7 @@ class Lane:
             self.slots.release()
             return
         ctx = AsyncContext(self, job, worker)
+        ctx.joblog.on_add = lambda: self.pending.setdefault(job.id, None)
         # Its own context: the task's log lines carry its job's fields.
         task = self.loop.create_task(self._run_job(job, handler, ctx), context=job_log_contextvars(job))
         self.tasks[job.id] = (task, ctx)
@@ -202,26 +221,27 @@ class Lane:
         return await self.loop.run_in_executor(self.db, lambda: _in_db_thread(func, *args, **kwargs))
 
     async def _run_job(self, job, handler, ctx: AsyncContext) -> None:
+        start_capture(ctx.joblog)  # this task's context: its log records are the job's
         try:
             try:
                 payload = handler.parse(job.payload)
                 result = storable(await handler.func(ctx, payload))
             except asyncio.CancelledError:
                 if ctx.cancel_reason == "cancelled":
-                    await self._finish(finish_cancelled, job, ctx.worker)
+                    await self._finish(finish_cancelled, job, ctx.worker, logs=_logs(ctx))
                 else:
                     log.warning("job %s: lease lost in the lane (%s)", job.id, ctx.cancel_reason)
                 return
             except Cancelled:
-                await self._finish(finish_cancelled, job, ctx.worker)
+                await self._finish(finish_cancelled, job, ctx.worker, logs=_logs(ctx))
                 return
             except LeaseLost:
                 log.warning("job %s: lease lost in the lane", job.id)
                 return
             except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
-                await self._finish(finish_failed, job, ctx.worker, exc, output=ctx.output)
+                await self._finish(finish_failed, job, ctx.worker, exc, output=ctx.output, logs=_logs(ctx))
                 return
-            await self._finish(finish_succeeded, job, ctx.worker, result, output=ctx.output)
+            await self._finish(finish_succeeded, job, ctx.worker, result, output=ctx.output, logs=_logs(ctx))
         finally:
             self.tasks.pop(job.id, None)
             self.pending.pop(job.id, None)
@@ -231,8 +251,13 @@ class Lane:
             self.slots.release()
 
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
-        # Progress still buffered for this job would arrive after its end.
-        self.pending.pop(job.id, None)
+        # What is still buffered for this job (its last report, text and log
+        # lines not yet sent) goes out ahead of the outcome, not after it.
+        entry = self.pending.pop(job.id, None)
+        ctx = self._context(job.id)
+        if ctx is not None and (entry is not None or ctx.unsent()):
+            with contextlib.suppress(DatabaseError):  # the outcome keeps the whole text and log anyway
+                await self._db(record_progress, {job.id: _report(entry, ctx)})
         delay = FLUSH_SECONDS
         while True:
             try:
@@ -258,9 +283,7 @@ class Lane:
                     disarm, self.disarm = self.disarm, []
                     await self._db(broker.delete_rows, disarm)
                 if self.pending:
-                    batch, self.pending = self.pending, {}
-                    cancelled = await self._db(_flush_progress, batch)
-                    self._cancel(cancelled, "cancelled")
+                    await self._flush()
                 if (self.tasks or self.waiting) and self.loop.time() >= next_renewal:
                     waiting = dict(self.waiting)
                     owned = {job_id: entry.worker for job_id, entry in waiting.items()}
@@ -287,8 +310,34 @@ class Lane:
         while self.tasks and self.loop.time() < deadline:
             await asyncio.sleep(0.1)
         if self.pending:
-            batch, self.pending = self.pending, {}
-            await self._db(_flush_progress, batch)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Write the pending reports (with the new output and log lines) in
+        one statement. What a report could not carry (output beyond
+        MAX_OUTPUT_DELTA) stays pending for the next flush."""
+        batch, self.pending = self.pending, {}
+        contexts = {job_id: (entry[2] if entry else self._context(job_id)) for job_id, entry in batch.items()}
+        before = {job_id: (ctx.sent, ctx.joblog.mark()) for job_id, ctx in contexts.items() if ctx is not None}
+        reports = {
+            job_id: _report(entry, ctx) for job_id, entry in batch.items() if (ctx := contexts[job_id]) is not None
+        }
+        try:
+            cancelled = await self._db(record_progress, reports) if reports else {}
+        except BaseException:
+            for job_id, (sent, mark) in before.items():  # sent nothing: send it again next time
+                contexts[job_id].sent = sent
+                contexts[job_id].joblog.rewind(mark)
+                self.pending.setdefault(job_id, batch[job_id])
+            raise
+        self._cancel([job_id for job_id, requested in cancelled.items() if requested], "cancelled")
+        for job_id, ctx in contexts.items():
+            if ctx is not None and job_id in self.tasks and ctx.unsent():
+                self.pending.setdefault(job_id, None)
+
+    def _context(self, job_id: UUID) -> AsyncContext | None:
+        entry = self.tasks.get(job_id)
+        return entry[1] if entry else None
 
 
 # --- database work (on the lane's executor thread) ---------------------------
@@ -308,10 +357,31 @@ def _handlers(func, *args, **kwargs):
         return func(*args, **kwargs)
 
 
-def _flush_progress(batch: dict[UUID, tuple[int, str, AsyncContext]]) -> list[UUID]:
-    """Write the latest progress of each job (and its attempt's output so far)
-    in one statement; return the jobs whose cancellation was requested."""
-    reports = {
-        job_id: Progress(percent, message, ctx.worker, ctx.output) for job_id, (percent, message, ctx) in batch.items()
-    }
-    return [job_id for job_id, cancel_requested in record_progress(reports).items() if cancel_requested]
+def _report(entry: tuple[int, str, AsyncContext] | None, ctx: AsyncContext) -> Progress:
+    """A job's report for the flush: its latest progress (None: unchanged),
+    the output not yet sent (from `ctx.sent`) and the new log lines."""
+    output = ctx.output
+    if len(output) < ctx.sent:  # the handler started its text over
+        ctx.sent = 0
+    offset = ctx.sent
+    delta = output[offset : offset + MAX_OUTPUT_DELTA]
+    ctx.sent = offset + len(delta)
+    logs, lines, first = ctx.joblog.take()
+    percent, message = (entry[0], entry[1]) if entry else (ctx.percent, ctx.message)
+    return Progress(
+        percent,
+        message,
+        ctx.worker,
+        output,
+        attempt=ctx.attempt,
+        offset=offset,
+        delta=delta,
+        logs=logs,
+        lines=lines,
+        first=first,
+        report=entry is not None,
+    )
+
+
+def _logs(ctx: AsyncContext) -> str | None:
+    return ctx.joblog.text() if ctx.joblog.count else None

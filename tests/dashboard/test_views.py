@@ -460,3 +460,32 @@ def test_the_queue_cards_offer_controls_to_operators_only(client, operator, read
     client.force_login(reader)
     html = client.get("/").content.decode()
     assert "paused</span>" in html and "Resume</button>" not in html
+
+
+def test_retry_all_matching_takes_the_dead_jobs_of_a_kind_since_a_time(operator_client, make_job):
+    """Every dead job of a kind since a time, from the jobs list's filters: the count
+    on the button, then exactly those jobs queued again."""
+    old, recent, other_kind = (
+        run_job(make_job("demo.noop")),
+        run_job(make_job("demo.noop")),
+        run_job(make_job("demo.sleep", {"seconds": 1})),
+    )
+    Job.objects.filter(id=old.id).update(updated_at=timezone.now() - timedelta(days=2))
+    since = (timezone.now() - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+
+    page = operator_client.get("/jobs/", {"state": "dead", "kind": "demo.noop", "since": since})
+    assert [row.id for row in page.context["jobs"]] == [recent.id]
+    assert "Retry all matching (1)" in page.content.decode()
+
+    answer = operator_client.post(
+        "/jobs/retry", {"all": "1", "state": "dead", "kind": "demo.noop", "since": since}, **htmx()
+    )
+    assert answer.status_code == 200 and "Queued again: 1 job." in answer.content.decode()
+    states = dict(Job.objects.values_list("id", "state"))
+    assert (states[old.id], states[recent.id], states[other_kind.id]) == ("dead", "queued", "dead")
+
+
+def test_a_since_that_is_not_a_time_is_reported_not_fatal(operator_client, db):
+    page = operator_client.get("/jobs/", {"since": "yesterday"})
+    assert page.status_code == 200
+    assert "&#x27;yesterday&#x27; is not a time (YYYY-MM-DDTHH:MM, UTC)" in page.content.decode()

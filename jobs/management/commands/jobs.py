@@ -1,4 +1,4 @@
-"""`manage.py jobs submit|kinds|list|show|cancel|retry|stats|schedules|pause|resume`: the operators' CLI."""
+"""`manage.py jobs submit|kinds|list|show|watch|cancel|retry|stats|schedules|pause|resume`: the operators' CLI."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from datetime import datetime
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from jobs import services
-from jobs.errors import ConveyorError
+from jobs.errors import ConveyorError, JobNotFound
+from jobs.management.watch import watch
 
 
 class Command(BaseCommand):
@@ -37,6 +38,13 @@ class Command(BaseCommand):
         ):
             action = sub.add_parser(name, help=text, called_from_command_line=True)
             action.add_argument("id")
+        follow = sub.add_parser(
+            "watch",
+            help="follow a job (its progress, streamed text and log) or a batch until it ends;"
+            " exits 0 when it succeeded, 1 when not",
+            called_from_command_line=True,
+        )
+        follow.add_argument("id", help="a job's id or a batch's")
         sub.add_parser("stats", help="queue statistics", called_from_command_line=True)
         schedules = sub.add_parser("schedules", help="list the schedules", called_from_command_line=True)
         schedules.add_argument("--run", metavar="NAME", help="submit that schedule's job now and print its id")
@@ -119,6 +127,21 @@ class Command(BaseCommand):
             ],
         }
         self.stdout.write(json.dumps(data, indent=2, default=str))
+
+    def _watch(self, *, id, **_):
+        try:
+            target = services.get_job(id)
+        except JobNotFound:
+            try:
+                target = services.get_batch(id)
+            except services.BatchNotFound:
+                raise CommandError(f"no job or batch with id {id}", returncode=2) from None
+        try:
+            code = watch(target, self.stdout._out)
+        except KeyboardInterrupt:
+            code = 130
+        if code:
+            raise SystemExit(code)
 
     def _cancel(self, *, id, **_):
         job = services.cancel_job(id, actor="cli")

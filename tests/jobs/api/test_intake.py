@@ -419,12 +419,12 @@ def test_over_https_it_sends_the_hsts_header_django_sends(make_key, secure_setti
     assert by_intake["Strict-Transport-Security"] == by_django["Strict-Transport-Security"]
 
 
-def test_the_job_json_is_django_ninjas_rendering_of_job_out(make_key):
-    """`intake.job_json` skips django-ninja's validation of `job_out`: the
+def test_the_job_json_is_django_ninjas_rendering_of_job_detail_out(make_key):
+    """`intake.job_json` skips django-ninja's validation of `job_detail_out`: the
     bytes must still be what django-ninja renders, for a job with every field set."""
     from jobs.api.app import api
-    from jobs.api.schemas import JobOut
-    from jobs.api.views import job_out
+    from jobs.api.schemas import JobDetailOut
+    from jobs.api.views import job_detail_out
 
     run_after = (timezone.now() + timedelta(days=3)).isoformat()
     post(make_key(), {"kind": "demo.sleep", "payload": {"seconds": 1}, "run_after": run_after})
@@ -443,6 +443,6 @@ def test_the_job_json_is_django_ninjas_rendering_of_job_out(make_key):
     job.refresh_from_db()
 
     rendered = api.renderer.render(
-        None, JobOut.model_validate(job_out(job, attempts=[])).model_dump(), response_status=202
+        None, JobDetailOut.model_validate(job_detail_out(job, attempts=[])).model_dump(), response_status=202
     )
     assert intake.job_json(job) == rendered.encode()

@@ -40,7 +40,8 @@ def test_submitting_answers_202_with_the_job_and_its_location(api):
 
     assert response.status_code == 202
     job = response.json()
-    assert set(job) == JOB_FIELDS
+    assert set(job) == JOB_FIELDS | {"output"}  # as GET /jobs/{id} shows it
+    assert job["output"] == ""
     assert response["Location"] == f"/api/v1/jobs/{job['id']}"
     assert job["state"] == "queued"
     assert job["payload"] == {"seconds": 1.0, "steps": 10}
@@ -102,7 +103,7 @@ def test_get_job_shows_the_job_with_its_attempt_history(api, make_job):
 
     body = api.get(f"/jobs/{job.id}").json()
 
-    assert set(body) == JOB_FIELDS
+    assert set(body) == JOB_FIELDS | {"output"}
     assert body["id"] == str(job.id)
     assert body["progress"] == {"percent": 0, "message": ""}
     assert body["attempt_history"] == [
@@ -112,6 +113,8 @@ def test_get_job_shows_the_job_with_its_attempt_history(api, make_job):
             "started_at": body["attempt_history"][0]["started_at"],
             "finished_at": body["attempt_history"][0]["finished_at"],
             "error": {"type": "E", "message": ""},
+            "output": "",
+            "logs": [],
         }
     ]
 

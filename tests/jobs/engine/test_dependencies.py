@@ -14,11 +14,12 @@ from django.test.utils import CaptureQueriesContext
 
 from jobs.engine import deadletter
 from jobs.engine.batches import submit_batch
-from jobs.engine.states import Sql, transition
+from jobs.engine.states import QuietSuccess, Sql, transition
 from jobs.engine.submission import submit_job
 from jobs.errors import IdempotencyKeyReused, InvalidJob
 from jobs.models import Batch, Job, JobDependency, JobEvent, State
 from jobs.webhooks.messages import subscribed_event_types
+from jobs.worker import claims
 from tests.conftest import wait_until
 
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -458,3 +459,178 @@ def test_an_operator_retrying_a_cancelled_dependent_puts_it_back_to_wait(db, mak
     assert _broker_rows(c) == 0
     run(b.id)
     assert state_of(c) == "queued"
+
+
+# --- the worker's batched finish (the chain's claim statement) ------------------
+
+
+def _claim_all(worker: str = "w:1") -> dict:
+    """Claim every ready demo.noop job of the default queue as a chain does: {job id: broker row}."""
+    rows, _ = claims.claim_ready("default", worker, 100, ["demo.noop"])
+    return {row[0]: row[-1] for row in rows}
+
+
+def _shape(statement: str) -> str:
+    """The statement with its ids, and its arrays of any length, made alike."""
+    return re.sub(r"'\{[^}]*\}'", "'{…}'", UUID_TEXT.sub("<id>", statement))
+
+
+def _succeeded(rows: dict, ids) -> list[QuietSuccess]:
+    return [QuietSuccess(job_id, {"n": 1}, 0.0, 0.001, rows[job_id], dependents=True) for job_id in ids]
+
+
+def _record(rows: dict, ids, worker: str = "w:1") -> set:
+    return claims.claim_ready("default", worker, 0, ["demo.noop"], succeeded=_succeeded(rows, ids))[1]
+
+
+# Transactional: the broker rows are visible from a now() later than the test
+# transaction's own.
+@pytest.mark.django_db(transaction=True)
+def test_a_chain_records_jobs_with_dependents_in_its_batch_and_the_last_batch_queues_the_then_job():
+    """Jobs with a dependent keep the batched success: their edges are resolved
+    and the waiting job's counter goes down by the whole batch in one statement,
+    whatever the batch's size; the batch that resolves the last edge queues it."""
+    batch = submit_batch("b", [{"kind": "demo.noop", "payload": {}}] * 6, then={"kind": "demo.noop", "payload": {}})
+    then = Batch.objects.get(id=batch.batch.id).then_job
+    rows = _claim_all()
+    ids = sorted(rows)
+    assert len(ids) == 6
+
+    statements = []
+    for part in (ids[:1], ids[1:4]):
+        with CaptureQueriesContext(connection) as recording:
+            assert _record(rows, part) == set(part)
+        # Less the webhooks' per-process cache of subscriptions, read once a second.
+        statements.append(
+            [_shape(q["sql"]) for q in recording.captured_queries if "jobs_webhookendpoint" not in q["sql"]]
+        )
+        assert (state_of(then), _broker_rows(then)) == ("waiting", 0)
+    assert statements[0] == statements[1]  # one statement for the edges and the counter, whatever the batch
+    assert Job.objects.get(id=then.id).pending_dependencies == 2
+
+    assert _record(rows, ids[4:]) == set(ids[4:])
+    then.refresh_from_db()
+    assert (then.state, then.pending_dependencies, _broker_rows(then)) == ("queued", 0, 1)
+    assert set(Job.objects.filter(batch=batch.batch).values_list("state", flat=True)) == {"succeeded"}
+    assert list(JobDependency.objects.filter(job=then).values_list("resolved", "outcome").distinct()) == [
+        (True, "succeeded")
+    ]
+    assert JobEvent.objects.filter(job=then, type="job.queued").count() == 1
+    assert Job.objects.filter(id=ids[0]).values_list("result", flat=True).get() == {"n": 1}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_that_got_a_dependent_after_its_claim_is_still_resolved(make_job):
+    """The chain expected no dependent (its claim said so): the batched statement
+    leaves the job to the one-by-one finish, which resolves the new edge."""
+    a = make_job()
+    rows = _claim_all()
+    waiting = make_job(depends_on=[a.id])
+    recorded = claims.claim_ready(
+        "default", "w:1", 0, ["demo.noop"], succeeded=[QuietSuccess(a.id, None, 0.0, 0.001, rows[a.id])]
+    )[1]
+    assert recorded == set()  # the chain records it through `transition` instead
+    assert state_of(a) == "running"
+    transition(a.id, target=State.SUCCEEDED, where=Sql("lease_owner = %s", "w:1"), finished_at=Sql("now()"))
+    assert (state_of(waiting), _broker_rows(waiting)) == ("queued", 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_last_two_dependencies_finishing_in_two_workers_batches_at_once_queue_the_dependent_once():
+    """Worker 1's batch holds the waiting job's row (its counter went from 2 to 1)
+    and has not committed; worker 2's batch, finishing the other last job, waits
+    for it, then takes the counter to 0 and queues the job: once."""
+    batch = submit_batch("b", [{"kind": "demo.noop", "payload": {}}] * 2, then={"kind": "demo.noop", "payload": {}})
+    then = Batch.objects.get(id=batch.batch.id).then_job
+    rows = {**_claim_all("w:1")}
+    first, second = sorted(rows)
+    Job.objects.filter(id=second).update(lease_owner="w:2")
+    with transaction.atomic():
+        assert _record(rows, [first], "w:1") == {first}
+        finishing = _in_thread(lambda: _record(rows, [second], "w:2"))
+        wait_until(lambda: _blocked_on_a_lock() or finishing.error, timeout=10, message=_activity)
+        assert finishing.error is None
+        assert state_of(then) == "waiting"
+    finishing.join(10)
+    assert finishing.error is None
+
+    then.refresh_from_db()
+    assert (then.state, then.pending_dependencies, _broker_rows(then)) == ("queued", 0, 1)
+    assert JobEvent.objects.filter(job=then, type="job.queued").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_and_a_one_by_one_finish_of_the_last_two_dependencies_queue_the_dependent_once(make_job):
+    a, b = make_job(), make_job()
+    c = make_job(depends_on=[a.id, b.id])
+    rows = _claim_all("w:1")
+    with transaction.atomic():
+        assert _record(rows, [a.id]) == {a.id}
+        finishing = _in_thread(lambda: transition(b.id, target=State.SUCCEEDED, finished_at=Sql("now()")))
+        wait_until(lambda: _blocked_on_a_lock() or finishing.error, timeout=10, message=_activity)
+        assert finishing.error is None
+    finishing.join(10)
+    assert finishing.error is None
+
+    c.refresh_from_db()
+    assert (c.state, c.pending_dependencies, _broker_rows(c)) == ("queued", 0, 1)
+    assert JobEvent.objects.filter(job=c, type="job.queued").count() == 1
+
+
+# --- a submission naming a waiting job and its own dependency ------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_submission_naming_a_waiting_job_and_its_finishing_dependency_never_deadlocks(make_job):
+    """X waits on A and X's id sorts before A's. The finish of A holds A and
+    then takes X (to count it down); the submission naming both must not hold
+    X while it waits for A. Here the test's transaction holds A; the submission
+    starts and waits; then A finishes in that transaction."""
+    while True:
+        a = make_job()
+        x = make_job(depends_on=[a.id])
+        if x.id < a.id:
+            break
+    transition(a.id, target=State.RUNNING, attempts=1, lease_owner="w")
+    submitted = {}
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT id FROM jobs_job WHERE id = %s FOR UPDATE", [str(a.id)])
+        submitting = _in_thread(lambda: submitted.update(job=make_job(depends_on=[x.id, a.id])))
+        wait_until(lambda: _blocked_on_a_lock() or submitting.error, timeout=10, message=_activity)
+        # Before the fix the submission held X here: this finish would wait for
+        # it while it waits for A, and Postgres would abort one of the two.
+        assert transition(a.id, target=State.SUCCEEDED, finished_at=Sql("now()")) is not None
+        assert state_of(x) == "queued"
+    submitting.join(30)
+    assert submitting.error is None
+
+    job = Job.objects.get(id=submitted["job"].id)
+    assert (job.state, job.pending_dependencies) == ("waiting", 1)  # A succeeded, X is queued
+    assert dict(JobDependency.objects.filter(job=job).values_list("depends_on_id", "resolved")) == {
+        x.id: False,
+        a.id: True,
+    }
+    assert Job.objects.filter(id__in=[x.id, a.id], has_dependents=True).count() == 2
+
+
+@pytest.mark.processes
+def test_a_real_cluster_records_a_then_batch_s_jobs_many_to_a_statement(processes):
+    """The chain keeps jobs with dependents in its batches: their `job.succeeded`
+    events come many to a statement (one statement's now()), not one each."""
+    n = 300
+    batch = submit_batch(
+        "fan-in", [{"kind": "demo.noop", "payload": {}}] * n, then={"kind": "demo.noop", "payload": {}}
+    )
+    then_id = Batch.objects.get(id=batch.batch.id).then_job_id
+    processes.qcluster()
+
+    wait_until(lambda: Job.objects.get(id=then_id).state == "succeeded", timeout=120, interval=0.2)
+
+    events = JobEvent.objects.filter(job__batch_id=batch.batch.id, type="job.succeeded")
+    assert events.count() == n
+    statements = events.values("created_at").distinct().count()
+    assert statements < n / 4, f"{statements} statements recorded the {n} successes"
+    then = Job.objects.get(id=then_id)
+    assert then.started_at >= max(Job.objects.filter(batch_id=batch.batch.id).values_list("finished_at", flat=True))
+    assert JobEvent.objects.filter(job_id=then_id, type="job.queued").count() == 1
