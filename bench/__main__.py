@@ -1,6 +1,6 @@
 """`make bench` (with bench/api_submit.py and bench/sse_bench.py): every benchmark,
 Conveyor against the stock alternative in the same run, medians of 3.
-Usage: python -m bench [w1 w2 w3 compete w4 fanin counters ...]"""
+Usage: python -m bench [w1 w2 w3 compete w4 fanin counters horizon ...] [--jobs N (horizon's size)]"""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from bench.harness import Table, setup_django
 
 
 def main(argv: list[str]) -> int:
+    from functools import partial
+
+    from bench import horizon
+
+    jobs, argv = _jobs_option(argv)
     setup_django()
     from bench import counters_bench, fanin, llm_bench, queue_bench
 
@@ -23,6 +28,7 @@ def main(argv: list[str]) -> int:
         "w4": llm_bench.w4_llm,
         "fanin": fanin.fanin,
         "counters": counters_bench.counters,
+        "horizon": partial(horizon.horizon, n=jobs) if jobs else horizon.horizon,
     }
     chosen = argv or list(benchmarks)
     unknown = [name for name in chosen if name not in benchmarks]
@@ -50,6 +56,16 @@ def main(argv: list[str]) -> int:
     print(table.render())
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0
+
+
+def _jobs_option(argv: list[str]) -> tuple[int | None, list[str]]:
+    """`--jobs N` (the horizon benchmark's size) taken out of the names."""
+    if "--jobs" not in argv:
+        return None, argv
+    at = argv.index("--jobs")
+    from bench.horizon import parse
+
+    return parse(argv[at : at + 2]), argv[:at] + argv[at + 2 :]
 
 
 if __name__ == "__main__":

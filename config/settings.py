@@ -183,6 +183,9 @@ CONVEYOR_LIVE = {
     # and users its open streams were let in with are still valid.
     "ACCESS_CHECK_SECONDS": env_float("CONVEYOR_SSE_ACCESS_CHECK_SECONDS", 1.0, minimum=0.1),
 }
+# The overview warns when a transaction on the database has been open this
+# long: Postgres cannot remove dead rows while it is, and claims slow down.
+CONVEYOR_HORIZON_WARNING_SECONDS = env_int("CONVEYOR_HORIZON_WARNING_SECONDS", 300, minimum=1)
 
 # --- Security (secure defaults whenever DEBUG is off) -----------------------
 # DEBUG=1 (the default, what `make run` and the tests use) serves plain HTTP on

@@ -281,7 +281,9 @@ class DashboardEventsConsumer(EventStreamConsumer):
         user = await self.user()
         if user is None:
             raise HttpError(401, "sign in to watch live updates")
-        viewer = Viewer(can_operate=await database_sync_to_async(can_operate)(user))
+        viewer = Viewer(
+            can_operate=await database_sync_to_async(can_operate)(user), staff=user.is_staff or user.is_superuser
+        )
         page, query = self.route("page"), self.query()
         if page == "overview":
             return OverviewStream(hub, viewer)

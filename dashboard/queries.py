@@ -16,7 +16,7 @@ from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 # The pages read these here; they live in dashboard.live, which imports nothing of the dashboard.
-from dashboard.live.publisher import clusters_online, dead_total  # noqa: F401
+from dashboard.live.publisher import clusters_online, dead_total, horizon  # noqa: F401
 from jobs.models import FINISHED_STATES, LIVE_TEXT_EVENTS, LOG_EVENT, Attempt, Batch, Job, JobEvent, State
 from jobs.services import Selection, count_matching
 

@@ -41,6 +41,7 @@ DEAD_LETTER_EVENTS = frozenset({"job.dead", "job.discarded", "job.queued"})
 @dataclass(frozen=True)
 class Viewer:
     can_operate: bool = False
+    staff: bool = False  # sees the query of a long-open transaction (the overview's horizon warning)
 
 
 def fragment(update: Update | None, template: str, context: dict[str, Any], *, key: Any = None) -> str:
@@ -151,6 +152,7 @@ class DashboardStream(Stream):
 
 class OverviewStream(DashboardStream):
     title = "Overview"
+    horizon_html: str | None = None  # the horizon warning last sent
 
     async def render_one(self, update: Update, *, replaying: bool) -> list[Message]:
         if update.type != STATS_EVENT:
@@ -176,7 +178,21 @@ class OverviewStream(DashboardStream):
             Message("queue-chart", chart, update.id),
             Message("workers", workers, update.id),
             *self.render_stats(update),
+            *await self._horizon(update),
         ]
+
+    async def _horizon(self, update: Update) -> list[Message]:
+        """The long-open-transaction warning: first, then when it appears,
+        changes or goes; for staff with the query, read once per event for
+        every staff viewer of the process."""
+        held = update.event.data.get("horizon")
+        if held is not None and self.viewer.staff:
+            held = await self.hub.shared.get(("horizon", "query"), update.id, lambda: queries.horizon(with_query=True))
+        html = fragment(update, "dashboard/partials/queue.html#horizon", {"horizon": held}, key=self.viewer.staff)
+        if html == self.horizon_html:
+            return []
+        self.horizon_html = html
+        return [Message("horizon", html, update.id)]
 
 
 ROW = "dashboard/partials/job.html#job-row"

@@ -64,6 +64,7 @@ def overview(request: HttpRequest) -> HttpResponse:
         "backlog": charts.backlog_warnings(history),
         "charts": charts.overview_charts(history),
         "clusters": queries.clusters_online(),
+        "horizon": queries.horizon(with_query=request.user.is_staff or request.user.is_superuser),
     }
     return _page(
         request,

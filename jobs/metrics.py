@@ -17,9 +17,13 @@ multiprocess mode, and nothing lost when a worker is recycled or killed):
   transaction held open never makes another wait; the rows of gone backends
   are folded into one per counter (`jobs.engine.counters.compact`, every
   minute), which leaves every sum as it was. About one row per counter and
-  live backend.
+  live backend;
+- the age of the database's oldest open transaction (and of the oldest one
+  idle in transaction, and the xid age of the oldest snapshot), one statement
+  on pg_stat_activity (`jobs.engine.stats.oldest_transaction`): while it is
+  open Postgres cannot remove dead rows, and claims slow down.
 
-A scrape is three queries plus Django-Q2's reads of its heartbeats from the
+A scrape is four queries plus Django-Q2's reads of its heartbeats from the
 database cache.
 """
 
@@ -41,7 +45,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from jobs.engine.stats import queue_stats
+from jobs.engine.stats import oldest_transaction, queue_stats
 
 # A cluster counts as online when its last heartbeat is this recent. Django-Q2
 # saves one every half second with a 3 s expiry, so in practice a cluster is
@@ -128,6 +132,7 @@ class ConveyorCollector(Collector):
         counters = _counter_rows()
         yield from _counter_families(counters)
         yield from _webhook_families(counters)
+        yield from _horizon_families()
 
 
 def _queue_families(queues: list[str]) -> Iterator[Metric]:
@@ -280,6 +285,28 @@ def _webhook_families(counts: Iterable[_Count]) -> Iterator[Metric]:
     for outcome, n in sorted(tried.items()):
         requests.add_metric([outcome], n)
     yield from (deliveries, requests)
+
+
+def _horizon_families() -> Iterator[Metric]:
+    horizon = oldest_transaction()
+    oldest = GaugeMetricFamily(
+        "conveyor_oldest_transaction_age_seconds",
+        "Age of the oldest open transaction on the database (other than the scrape's own; 0 when none): "
+        "Postgres cannot remove rows that died after it began.",
+    )
+    oldest.add_metric([], horizon["age_seconds"])
+    idle = GaugeMetricFamily(
+        "conveyor_oldest_idle_in_transaction_age_seconds",
+        "Age of the oldest transaction left open by a session that is doing nothing (idle in transaction; 0 when none).",
+    )
+    idle.add_metric([], horizon["idle_in_transaction_age_seconds"])
+    xmin = GaugeMetricFamily(
+        "conveyor_oldest_backend_xmin_age",
+        "Transaction ids assigned since the oldest one a backend of the database still holds "
+        "(its xid or its snapshot's xmin; 0 when none).",
+    )
+    xmin.add_metric([], horizon["xmin_age"])
+    yield from (oldest, idle, xmin)
 
 
 REGISTRY = CollectorRegistry()

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from jobs.engine.deadletter import cancel_job, discard_job, discard_jobs, retry_job, retry_jobs
 from jobs.engine.registry import all_handlers, client_handlers, get_handler, known_kinds, submittable_handler
 from jobs.engine.retention import purge_finished
-from jobs.engine.stats import queue_stats
+from jobs.engine.stats import oldest_transaction, queue_stats
 from jobs.engine.submission import Submitted, submit_job
 from jobs.errors import JobNotFound
 from jobs.models import Job, JobEvent, State
@@ -27,6 +27,7 @@ __all__ = [
     "job_events",
     "known_kinds",
     "list_jobs",
+    "oldest_transaction",
     "purge_finished",
     "queue_stats",
     "retry_job",

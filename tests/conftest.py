@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -80,6 +81,16 @@ def release_lane_connection(*, timeout: float = 30) -> None:
         message="the lane to go idle",
     )
     lane.db.submit(connections.close_all).result(10)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_claim_floors():
+    """Each test's claims start without the floors an earlier test's left (jobs/djangoq/broker.py)."""
+    from jobs.djangoq import broker
+
+    broker._floors.clear()
+    yield
+    broker._floors.clear()
 
 
 @pytest.fixture
@@ -223,6 +234,22 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     users = embedded_db.stop_unless_used(pgdata)
     if users:
         print(f"\nembedded Postgres on {pgdata} left running: in use by pid {', '.join(map(str, users))}")
+
+
+@contextmanager
+def held_transaction(application_name: str = "held-by-test", *, database_url: str | None = None) -> Iterator[int]:
+    """A transaction open on its own connection (`BEGIN; SELECT txid_current();`,
+    then idle in transaction) for the duration of the block; yields its pid."""
+    import psycopg
+
+    with psycopg.connect(database_url or test_database_url(), application_name=application_name) as conn:
+        cursor = conn.execute("BEGIN")
+        cursor.execute("SELECT txid_current(), pg_backend_pid()")
+        pid = cursor.fetchone()[1]
+        try:
+            yield pid
+        finally:
+            conn.rollback()
 
 
 # --- fake cluster heartbeats (the metrics, health and dashboard tests) ---

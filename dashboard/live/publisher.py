@@ -12,6 +12,7 @@ import json
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -68,17 +69,31 @@ def publish_queue_stats(*, min_interval: float = 1.0, heartbeat: float = HEARTBE
 
 def snapshot() -> dict[str, Any]:
     """What a `queue.stats` event carries: per-queue statistics, the clusters
-    online and the dead-letter total."""
+    online, the dead-letter total and the horizon warning."""
     queues = services.queue_stats(always=["default"])
-    return {"queues": queues, "clusters": clusters_online(), "dead": dead_total(queues)}
+    return {"queues": queues, "clusters": clusters_online(), "dead": dead_total(queues), "horizon": horizon()}
+
+
+def horizon(*, with_query: bool = False) -> dict[str, Any] | None:
+    """The oldest open transaction of the database when it has been open for
+    CONVEYOR_HORIZON_WARNING_SECONDS or more, else None. Its query only
+    `with_query` (staff): the event this goes into reaches every viewer and
+    API client, so it never carries the query."""
+    oldest = services.oldest_transaction()
+    if oldest["pid"] is None or oldest["age_seconds"] < settings.CONVEYOR_HORIZON_WARNING_SECONDS:
+        return None
+    shown = ("age_seconds", "pid", "application_name", "state", *(("query",) if with_query else ()))
+    return {key: oldest[key] for key in shown}
 
 
 def _same(previous: dict, current: dict) -> bool:
-    """Equal but for the clusters' uptimes, which change every second."""
+    """Equal but for the clusters' uptimes and the open transaction's age,
+    which change every second."""
 
     def stable(data: dict) -> dict:
         clusters = [{k: v for k, v in c.items() if k != "uptime_seconds"} for c in data.get("clusters", [])]
-        return {**data, "clusters": clusters}
+        held = data.get("horizon")
+        return {**data, "clusters": clusters, "horizon": held and {**held, "age_seconds": None}}
 
     return stable(previous) == stable(current)
 

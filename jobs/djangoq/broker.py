@@ -86,8 +86,74 @@ WITH qc AS (
     FROM ranked picked WHERE o.id = picked.id AND picked.rank <= coalesce((SELECT n FROM room), {limit})
     RETURNING o.id, o.payload, picked.priority, picked.lock AS ready_at
 )
-SELECT id, payload FROM claimed ORDER BY priority DESC, ready_at, id
+SELECT id, payload, ready_at FROM claimed ORDER BY priority DESC, ready_at, id
 """
+
+# The claim's scan, bounded below by a ClaimFloor.
+_UNBOUNDED = "lock <= now()"
+_FLOORED = "lock >= %s AND lock <= now()"
+
+
+def floored(statement: str) -> str:
+    """`statement` (a claim whose scan of django_q_ormq says `lock <= now()`)
+    with its scan starting at a ClaimFloor: one more parameter, after the key."""
+    assert statement.count(_UNBOUNDED) == 1, statement
+    return statement.replace(_UNBOUNDED, _FLOORED)
+
+
+class ClaimFloor:
+    """Where a process's claims of one key may start scanning the broker rows.
+
+    Claims take ready rows in (priority, lock, id) order, and every row they
+    take is re-armed later or deleted, which leaves its old version in the
+    table and in both indexes until VACUUM removes it. VACUUM can remove none
+    while any transaction older than them is open (a session idle in
+    transaction pins the xmin horizon), and then every claim walks, and visits
+    in the heap, the dead entries of every row claimed so far: draining a
+    backlog of N jobs costs O(N²). So after a claim that took all it asked
+    for, the next one starts at the earliest `lock` it took: everything before
+    that was taken already (or is being taken by a concurrent claim).
+
+    A row can still turn up below the floor: a claim that took it rolled back,
+    or an insert committed late with an earlier `lock`. So the floor is
+    dropped, and the next claim scans from the start, after a claim that took
+    fewer rows than it asked for (the queue may be drained up to the floor),
+    and at least every FULL_EVERY seconds: such a row waits at most that long.
+    The same bound holds for order across priorities: once the rows of one
+    priority are all taken, the floor is left by the claim that takes fewer,
+    but a lower-priority row older than the floor can wait up to FULL_EVERY
+    behind newer ones of its priority.
+    """
+
+    FULL_EVERY = 1.0
+
+    def __init__(self) -> None:
+        self.floor: datetime | None = None
+        self.full_due = 0.0
+
+    def bound(self) -> datetime | None:
+        """The floor for the next claim; None: scan from the start."""
+        if self.floor is None or time.monotonic() >= self.full_due:
+            self.floor = None
+            self.full_due = time.monotonic() + self.FULL_EVERY
+        return self.floor
+
+    def claimed(self, ready_at: list[datetime], *, asked: int) -> None:
+        """After a claim: the `lock` of each row it took, before the claim."""
+        self.floor = min(ready_at) if ready_at and len(ready_at) >= asked else None
+
+
+_floors: dict[tuple[str, str], ClaimFloor] = {}
+
+
+def claim_floor(key: str, scope: str) -> ClaimFloor:
+    """This process's floor for the claims of `key` by `scope`: "broker" (its
+    deliveries, any row) or "ready" (chains and lane fills, rows with a job)."""
+    floor = _floors.get((key, scope))
+    if floor is None:
+        floor = _floors[key, scope] = ClaimFloor()
+    return floor
+
 
 _NEXT_DUE = "SELECT extract(epoch FROM min(lock) - now()) FROM django_q_ormq WHERE key = %s AND lock > now()"
 
@@ -305,9 +371,14 @@ class PostgresBroker(Broker):
         self._wake.clear()
         try:
             relax_commit_durability()
-            rows = self._run(
-                _CLAIM.format(limit=int(Conf.BULK)), [self.list_key, self.list_key, self.list_key, Conf.RETRY]
-            )
+            limit = int(Conf.BULK)
+            floor = claim_floor(self.list_key, "broker")
+            bound = floor.bound()
+            statement, params = _CLAIM.format(limit=limit), [self.list_key, self.list_key, self.list_key, Conf.RETRY]
+            if bound is not None:
+                statement, params = floored(statement), [*params[:3], bound, *params[3:]]
+            rows = self._run(statement, params)
+            floor.claimed([row[2] for row in rows], asked=limit)
         except DatabaseError as exc:
             # Postgres restarting: Django-Q2's pusher would log, sleep 10 s and
             # die on an exception; returning nothing keeps it polling instead.

@@ -17,6 +17,7 @@ import contextlib
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -254,13 +255,15 @@ def claim_ready(
     rearm: Sql,
     max_timeout: int | None = None,
     succeeded: Sequence[QuietSuccess] = (),
+    floor: datetime | None = None,
 ) -> tuple[list[tuple], set[UUID]]:
     """Many claims (ready -> running, as `transition` makes one) in one
     statement: up to `limit` ready jobs of `kinds` through their visible broker
     rows of `key`, in the broker's order (priority, then FIFO), for `worker`
     with a lease of `lease_seconds`. Returns the rows of `job_columns()` plus
-    the id of each job's broker row, whose lock is set to `rearm` (SQL over the
-    claimed row `j`).
+    the lock its broker row had (when it became ready) and the id of that row,
+    whose lock is set to `rearm` (SQL over the claimed row `j`). `floor`: scan
+    only rows whose lock is at least this (`jobs.djangoq.broker.ClaimFloor`).
 
     `succeeded`: in the same statement, move these jobs running -> succeeded
     (`_quiet_successes`); the ids of those it moved come back second. When
@@ -283,7 +286,7 @@ def claim_ready(
     # jobs than free places while limited; the places go to the claimed jobs.
     gate_before, gate_after = queues.claim_gate("%s")
     parts.append(gate_before.format(limit=int(limit)) + ", ")
-    params += [key, key, key, worker, lease_seconds]
+    params += [key, key, key, *([floor] if floor is not None else []), worker, lease_seconds]
     within = ""
     if max_timeout is not None:
         within = " AND jobs_job.timeout <= %s"
@@ -297,7 +300,8 @@ def claim_ready(
     # custom plan each time instead, which took longer than the claim itself.
     parts.append(
         "picked AS (SELECT id AS row_id, job_id, lock AS ready_at, priority AS row_priority FROM django_q_ormq"
-        f" WHERE key = %s AND lock <= now() AND job_id IS NOT NULL AND {queues.NOT_PAUSED}"
+        f" WHERE key = %s AND {'lock >= %s AND ' if floor is not None else ''}lock <= now()"
+        f" AND job_id IS NOT NULL AND {queues.NOT_PAUSED}"
         f" ORDER BY priority DESC, lock, id LIMIT {int(limit)} FOR UPDATE SKIP LOCKED),"
         # Ranked among the claimable ones only: a place is for a job that will run.
         " pn AS (SELECT picked.*, row_number() OVER (ORDER BY row_priority DESC, ready_at, row_id) AS rank"
@@ -321,11 +325,11 @@ def claim_ready(
     claimed = ", ".join(f"j.{column}" for column in names)
     order = " ORDER BY j.priority DESC, j.ready_at, j.row_id"
     if not succeeded:
-        parts.append(f" SELECT {claimed}, j.row_id FROM j, (SELECT count(*) FROM n) AS notified{order}")
+        parts.append(f" SELECT {claimed}, j.ready_at, j.row_id FROM j, (SELECT count(*) FROM n) AS notified{order}")
     else:
         # One row even when nothing was claimed: it says which jobs finished.
         parts.append(
-            f" SELECT {claimed}, j.row_id, finished.ids FROM (SELECT array_agg(id) AS ids FROM f) AS finished"
+            f" SELECT {claimed}, j.ready_at, j.row_id, finished.ids FROM (SELECT array_agg(id) AS ids FROM f) AS finished"
             " LEFT JOIN j ON true, (SELECT count(*) FROM n) AS notified, (SELECT count(*) FROM fn) AS f_notified"
             + order
         )

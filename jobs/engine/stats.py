@@ -98,3 +98,59 @@ def queue_stats(*, always: list[str] | None = None) -> list[QueueStats]:
         )
         for row in rows
     ]
+
+
+class Horizon(TypedDict):
+    """The oldest open transaction of the database, which holds back the
+    horizon below which VACUUM may remove dead rows (the xmin horizon)."""
+
+    age_seconds: float  # 0 when no other transaction is open
+    pid: int | None
+    application_name: str
+    state: str  # pg_stat_activity.state: active, idle in transaction, ...
+    query: str  # its current or last statement, cut to QUERY_EXCERPT characters
+    idle_in_transaction_age_seconds: float  # the oldest `idle in transaction` one; 0 when none
+    xmin_age: int  # xids since the oldest xid or snapshot xmin held by a backend of the database; 0 when none
+
+
+QUERY_EXCERPT = 200
+
+# One statement over pg_stat_activity: the client backends of this database
+# with a transaction open, except the one asking. Since Postgres 14 only the
+# backends of the same database hold back its horizon. clock_timestamp(), not
+# now(): the caller may be inside a transaction that began before the others.
+# A session idle in transaction holds its xid (backend_xid), not a snapshot.
+# Postgres reads pg_stat_activity once per transaction: call this outside one.
+_HORIZON = """
+WITH open AS (
+    SELECT pid, application_name, state, query, xact_start, backend_xid, backend_xmin
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND backend_type = 'client backend' AND xact_start IS NOT NULL
+)
+SELECT greatest(extract(epoch FROM clock_timestamp() - o.xact_start), 0), o.pid, o.application_name, o.state,
+       left(o.query, %s),
+       (SELECT greatest(extract(epoch FROM clock_timestamp() - min(xact_start)), 0)
+        FROM open WHERE state LIKE 'idle in transaction%%'),
+       (SELECT max(greatest(age(backend_xid), age(backend_xmin))) FROM open)
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (SELECT * FROM open ORDER BY xact_start LIMIT 1) o ON true
+"""
+
+
+def oldest_transaction() -> Horizon:
+    """The database's oldest open transaction other than the caller's (one
+    statement). Other roles' sessions are visible only to a superuser or a
+    member of pg_read_all_stats."""
+    with connection.cursor() as cursor:
+        cursor.execute(_HORIZON, [QUERY_EXCERPT])
+        age, pid, application, state, query, idle, xmin = cursor.fetchone()
+    return Horizon(
+        age_seconds=round(float(age), 3) if age is not None else 0.0,
+        pid=pid,
+        application_name=application or "",
+        state=state or "",
+        query=query or "",
+        idle_in_transaction_age_seconds=round(float(idle), 3) if idle is not None else 0.0,
+        xmin_age=int(xmin or 0),
+    )

@@ -117,7 +117,8 @@ def claim_ready(
 ) -> tuple[list[tuple], set[UUID]]:
     """`states.claim_ready` with this worker's lease; `rearm` defaults to
     re-arming each job's broker row as its watchdog."""
-    return states.claim_ready(
+    floor = broker.claim_floor(key, "ready")
+    rows, finished = states.claim_ready(
         key,
         worker,
         limit,
@@ -126,4 +127,7 @@ def claim_ready(
         rearm=rearm or Sql(AS_WATCHDOG),
         max_timeout=max_timeout,
         succeeded=succeeded,
+        floor=floor.bound(),
     )
+    floor.claimed([row[-2] for row in rows], asked=limit)
+    return rows, finished

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.models import Job
 from jobs.worker import runner
-from tests.conftest import ROOT, process_env
+from tests.conftest import ROOT, held_transaction, process_env, wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -171,9 +171,9 @@ def test_a_scrape_is_a_handful_of_queries(client, make_job, django_assert_max_nu
     for _ in range(5):
         deliver(make_job("demo.noop"))
     heartbeat("default")
-    # queue stats, expired leases, counters; the cache reads of Django-Q2's
+    # queue stats, expired leases, counters, the oldest transaction; the cache reads of Django-Q2's
     # heartbeats (the key list, each cluster's, and its write-back of the list).
-    with django_assert_max_num_queries(10):
+    with django_assert_max_num_queries(11):
         scrape(client)
 
 
@@ -238,3 +238,33 @@ def test_it_reports_paused_queues_and_their_limits(client):
     assert value(samples, "conveyor_queue_paused", queue="default") == 0
     assert value(samples, "conveyor_queue_max_running", queue="default") == 3
     assert ("conveyor_queue_max_running", (("queue", "llm"),)) not in samples  # no limit: no sample
+
+
+@pytest.mark.django_db(transaction=True)  # pg_stat_activity is read once per transaction
+def test_it_reports_the_oldest_open_transaction_and_the_idle_in_transaction_one(client, make_job):
+    def ages() -> tuple[float, float, float]:
+        samples = scrape(client)
+        return (
+            value(samples, "conveyor_oldest_transaction_age_seconds"),
+            value(samples, "conveyor_oldest_idle_in_transaction_age_seconds"),
+            value(samples, "conveyor_oldest_backend_xmin_age"),
+        )
+
+    with held_transaction("pinned-by-test") as pid:
+        # The test's own transaction (the scrape's connection) is not counted.
+        oldest, idle, _ = wait_until(lambda: (a := ages())[0] >= 1.5 and a, timeout=15, message="an age of 1.5 s")
+        assert idle >= 1.5
+        assert abs(oldest - idle) < 0.5
+        # Its snapshot falls behind as soon as another transaction writes.
+        make_job("demo.noop")
+        assert ages()[2] >= 1
+        from jobs.services import oldest_transaction
+
+        horizon = oldest_transaction()
+        assert horizon["pid"] == pid
+        assert horizon["application_name"] == "pinned-by-test"
+        assert horizon["state"] == "idle in transaction"
+        assert "txid_current" in horizon["query"]
+    oldest, idle, xmin = wait_until(lambda: (a := ages())[0] < 1 and a, timeout=15, message="the age to drop")
+    assert idle < 1
+    assert xmin == 0
