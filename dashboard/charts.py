@@ -58,7 +58,7 @@ def _total(data: dict, *fields: str) -> float:
 
 
 DEPTH = [
-    ("waiting", "s-waiting", lambda d: _total(d, "queued", "scheduled", "retrying")),
+    ("to run", "s-waiting", lambda d: _total(d, "queued", "scheduled", "retrying")),
     ("running", "s-running", lambda d: _total(d, "running")),
 ]
 THROUGHPUT = [

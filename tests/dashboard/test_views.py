@@ -386,7 +386,7 @@ def test_the_chart_draws_steps_over_the_last_fifteen_minutes():
     ]
     depth, throughput = overview_charts(samples, now=now)
     waiting = depth.series[0]
-    assert (waiting.name, waiting.last, depth.y_max) == ("waiting", 8.0, 10.0)
+    assert (waiting.name, waiting.last, depth.y_max) == ("to run", 8.0, 10.0)
     points = waiting.points.split()
     assert len(points) == 4  # left edge (held from before), step, new value, held until now
     assert float(points[-1].split(",")[0]) == pytest.approx(554.0)
