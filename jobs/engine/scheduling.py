@@ -222,7 +222,10 @@ def list_schedules(*, owner: str | None = None) -> list[Schedule]:
 def get_schedule(name: str, *, owner: str | None = None) -> Schedule:
     """Raises ScheduleNotFound (also for another owner's: names do not leak
     beyond what creating one with the same name tells)."""
-    query = Schedule.objects.select_related("last_job")
+    return _find(Schedule.objects.select_related("last_job"), name, owner)
+
+
+def _find(query, name: str, owner: str | None) -> Schedule:
     if owner is not None:
         query = query.filter(owner=owner)
     try:
@@ -290,13 +293,7 @@ def run_now(name: str, *, owner: str | None = None) -> Job:
 
 
 def _locked(name: str, owner: str | None) -> Schedule:
-    query = Schedule.objects.select_for_update()
-    if owner is not None:
-        query = query.filter(owner=owner)
-    try:
-        return query.get(name=name)
-    except Schedule.DoesNotExist:
-        raise ScheduleNotFound(f"no schedule named {name!r}") from None
+    return _find(Schedule.objects.select_for_update(), name, owner)
 
 
 def _first_tick(schedule: Schedule, now: datetime) -> datetime | None:

@@ -58,7 +58,7 @@ def operator(django_user_model):
     return user
 
 
-def sign_in(page, base: str, path: str) -> None:
+def sign_in(page, base: str, path: str = "/") -> None:
     """Sign in as the `operator` fixture's user and land on `path`."""
     page.goto(f"{base}/accounts/login/?next={path}")
     page.fill("input[name=username]", "olga")

@@ -10,21 +10,13 @@ import pytest
 
 from jobs.models import Job
 from tests.conftest import wait_until
-from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
+from tests.e2e.test_browser import browser, context, operator, shot, sign_in  # noqa: F401 - fixtures
 from tests.e2e.test_sse_two_daphnes import start_daphne
 
 pytestmark = pytest.mark.processes
 
 # ~120 tokens at 12 a second: ten seconds of streaming to watch.
 SLOW_MODEL = "simulated@tps=12,ttft_ms=200"
-
-
-def sign_in(page, base: str) -> None:
-    page.goto(f"{base}/accounts/login/")
-    page.fill("input[name=username]", "olga")
-    page.fill("input[name=password]", "conveyor-pw")
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/")
 
 
 def output_length(page, job_id: str) -> int:

@@ -10,18 +10,10 @@ import pytest
 from django.utils import timezone
 
 from tests.conftest import wait_until
-from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
+from tests.e2e.test_browser import browser, context, operator, shot, sign_in  # noqa: F401 - fixtures
 from tests.e2e.test_sse_two_daphnes import start_daphne
 
 pytestmark = pytest.mark.processes
-
-
-def _sign_in(page, base: str) -> None:
-    page.goto(f"{base}/accounts/login/")
-    page.fill("input[name=username]", "olga")
-    page.fill("input[name=password]", "conveyor-pw")
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/")
 
 
 def test_the_workers_page_shows_a_real_clusters_running_job_live(processes, context, operator):  # noqa: F811
@@ -36,7 +28,7 @@ def test_the_workers_page_shows_a_real_clusters_running_job_live(processes, cont
     )
     worker_pid = int(Job.objects.get(id=job.id).lease_owner.rsplit(":", 1)[1])
     page = context.new_page()
-    _sign_in(page, base)
+    sign_in(page, base)
     page.click("nav >> text=Workers")
     page.wait_for_url(f"{base}/workers/")
     page.evaluate("window.__notReloaded = true")
@@ -85,7 +77,7 @@ def test_the_charts_page_switches_range_and_queue(processes, context, operator):
     _finished_attempts()
     base = start_daphne(processes)
     page = context.new_page()
-    _sign_in(page, base)
+    sign_in(page, base)
     page.click("nav >> text=Charts")
     page.wait_for_url(f"{base}/charts/")
     page.evaluate("window.__notReloaded = true")
@@ -120,7 +112,7 @@ def test_the_dead_letter_tables_rows_keep_their_borders(processes, context, oper
             Job.objects.filter(id=job.id).update(error_message="a long error message " * 12)
     base = start_daphne(processes)
     page = context.new_page()
-    _sign_in(page, base)
+    sign_in(page, base)
     page.goto(f"{base}/dead-letter/")
     page.locator("td.actions").first.wait_for()
     shot(page, "observe-dead-letter")

@@ -11,7 +11,7 @@ from django.db import connection
 from django.utils import timezone
 
 from tests.conftest import wait_until
-from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
+from tests.e2e.test_browser import browser, context, operator, shot, sign_in  # noqa: F401 - fixtures
 from tests.e2e.test_sse_two_daphnes import start_daphne
 
 pytestmark = pytest.mark.processes
@@ -45,14 +45,6 @@ def polled_twice_since(moment) -> None:
 
 def keep(page, name: str) -> None:
     shot(page, f"queues-{name}")
-
-
-def sign_in(page, base: str) -> None:
-    page.goto(f"{base}/accounts/login/")
-    page.fill("input[name=username]", "olga")
-    page.fill("input[name=password]", "conveyor-pw")
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/")
 
 
 def test_an_operator_pauses_a_queue_and_cancels_a_batch(processes, context, operator, make_job):  # noqa: F811

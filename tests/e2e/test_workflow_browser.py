@@ -6,18 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_browser import browser, context, operator, shot  # noqa: F401 - fixtures
+from tests.e2e.test_browser import browser, context, operator, shot, sign_in  # noqa: F401 - fixtures
 from tests.e2e.test_sse_two_daphnes import start_daphne
 
 pytestmark = pytest.mark.processes
-
-
-def _sign_in(page, base: str) -> None:
-    page.goto(f"{base}/accounts/login/")
-    page.fill("input[name=username]", "olga")
-    page.fill("input[name=password]", "conveyor-pw")
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/")
 
 
 def test_the_job_page_shows_dependencies_and_dependents_live(processes, context, operator, make_job):  # noqa: F811
@@ -29,7 +21,7 @@ def test_the_job_page_shows_dependencies_and_dependents_live(processes, context,
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    _sign_in(page, base)
+    sign_in(page, base)
 
     page.goto(f"{base}/jobs/{collect.id}/")
     page.locator("#live.on").wait_for()
