@@ -10,6 +10,7 @@ and W2, default 2,000: 5,000 as in `w1`/`w2` takes about 9 minutes)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -187,7 +188,7 @@ def _runs(label: str, measure: Callable[[], float]) -> list[float]:
 # -- Procrastinate ---------------------------------------------------------------
 
 
-class Procrastinate:
+class ProcrastinatePeer:
     """Its own database in the same Postgres cluster, schema applied once per
     bench run (the installed version's), tasks in bench/peer_procrastinate.py."""
 
@@ -205,6 +206,8 @@ class Procrastinate:
         self.conn.execute("CREATE SCHEMA public")
         from bench.peer_procrastinate import app
 
+        # Django's logging says INFO: a line per deferred job would be timed in W1.
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)
         self.app = app
         self.app.open()
         self.app.schema_manager.apply_schema()
@@ -242,6 +245,8 @@ class Procrastinate:
             "procrastinate",
             "--app",
             "bench.peer_procrastinate.app",
+            "--log-level",
+            "warning",
             "worker",
             "--concurrency",
             str(concurrency),
@@ -306,7 +311,7 @@ class Procrastinate:
 # -- Celery ----------------------------------------------------------------------
 
 
-class Celery:
+class CeleryPeer:
     """Redis broker and result backend on a redis-server of our own, tasks in
     bench/peer_celery.py; worker without gossip, mingle and heartbeats."""
 
@@ -406,7 +411,7 @@ class Celery:
 
 
 def peers(table: Table, n: int = JOBS) -> None:
-    procrastinate, celery = Procrastinate(), Celery()
+    procrastinate, celery = ProcrastinatePeer(), CeleryPeer()
     w1 = Row(f"W1 submit {n}, one call each", "jobs/s", True, "ahead of all three (> 1.00x)")
     w2 = Row(f"W2 drain {n} no-ops", "jobs/s", True, "ahead")
     p50 = Row(f"W3 idle pickup p50 ({W3_JOBS})", "ms", False, "ahead")
