@@ -5,7 +5,7 @@ of them. Celery and Procrastinate come from the `bench` extra
 (`pip install -e '.[bench]'`); redis-server from Debian, installed here when
 missing. Every run is checked against the peer's own store: every task done,
 exactly once. Sizes: BENCH_RUNS (median of, default 3), BENCH_PEERS_JOBS (W1
-and W2, default 2,000: 5,000 as in `w1`/`w2` takes about 9 minutes)."""
+and W2, default 2,000: 5,000 as in `w1`/`w2` takes about 10 minutes)."""
 
 from __future__ import annotations
 
@@ -411,6 +411,11 @@ class CeleryPeer:
 
 
 def peers(table: Table, n: int = JOBS) -> None:
+    import importlib.util
+
+    missing = [name for name in ("procrastinate", "celery", "redis") if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"bench peers needs {missing}: `make bench` installs them, or pip install -e '.[bench]'")
     procrastinate, celery = ProcrastinatePeer(), CeleryPeer()
     w1 = Row(f"W1 submit {n}, one call each", "jobs/s", True, "ahead of all three (> 1.00x)")
     w2 = Row(f"W2 drain {n} no-ops", "jobs/s", True, "ahead")
