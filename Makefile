@@ -31,8 +31,14 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-# Every benchmark in bench/, Conveyor against the stock alternative in the same run.
-bench: setup
+# The peers bench/peers.py runs beside Conveyor (Celery, Procrastinate): only here.
+$(VENV)/.installed-bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	touch $@
+
+# Every benchmark in bench/, Conveyor against the stock alternative in the same
+# run, and the peers (Django-Q2, Celery+Redis, Procrastinate) on W1-W4.
+bench: setup $(VENV)/.installed-bench
 	$(BIN)/python -m bench
 	$(BIN)/python bench/api_submit.py
 	$(BIN)/python bench/sse_bench.py

@@ -1,6 +1,6 @@
 """`make bench` (with bench/api_submit.py and bench/sse_bench.py): every benchmark,
 Conveyor against the stock alternative in the same run, medians of 3.
-Usage: python -m bench [w1 w2 w3 compete w4 fanin counters horizon ...] [--jobs N (horizon's size)]"""
+Usage: python -m bench [w1 w2 w3 compete w4 fanin counters horizon peers ...] [--jobs N (horizon's size)]"""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
 
     jobs, argv = _jobs_option(argv)
     setup_django()
-    from bench import counters_bench, fanin, llm_bench, queue_bench
+    from bench import counters_bench, fanin, llm_bench, peers, queue_bench
 
     benchmarks = {
         "w1": queue_bench.w1_submission,
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
         "fanin": fanin.fanin,
         "counters": counters_bench.counters,
         "horizon": partial(horizon.horizon, n=jobs) if jobs else horizon.horizon,
+        "peers": peers.peers,
     }
     chosen = argv or list(benchmarks)
     unknown = [name for name in chosen if name not in benchmarks]

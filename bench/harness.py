@@ -176,6 +176,7 @@ def percentile(values: list[float], p: float) -> float:
 class Table:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str, str, str]] = []
+        self.sections: list[str] = []  # printed after the table (bench/peers.py's own)
 
     def add(
         self, name: str, unit: str, conveyor: float, stock: float | None, *, higher_is_better: bool, detail: str = ""
@@ -194,4 +195,4 @@ class Table:
         lines = [" | ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
         lines.append("-+-".join("-" * w for w in widths))
         lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in self.rows]
-        return "\n".join(lines)
+        return "\n\n".join(["\n".join(lines), *self.sections])

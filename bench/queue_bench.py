@@ -12,43 +12,54 @@ from bench.harness import Cluster, Table, analyze, median_of, percentile, reset,
 RUNS = int(__import__("os").environ.get("BENCH_RUNS", "3"))
 
 
-def w1_submission(table: Table, n: int = 5000) -> None:
-    """One producer, n jobs: Conveyor's submit_job (job + event + broker row in
-    one transaction) vs Django-Q2's async_task on the stock ORM broker."""
+def submit_conveyor(n: int) -> float:
+    """jobs/s of n `submit_job` calls from one producer, on emptied tables."""
+    from jobs.services import submit_job
+
+    reset()
+    started = time.perf_counter()
+    for _ in range(n):
+        submit_job("demo.noop", {})
+    return n / (time.perf_counter() - started)
+
+
+def submit_stock(n: int) -> float:
+    """jobs/s of n Django-Q2 `async_task` calls on the stock ORM broker."""
     from django_q.brokers.orm import ORM
     from django_q.tasks import async_task
 
-    from jobs.services import submit_job
+    reset()
+    broker = ORM(list_key="default")
+    started = time.perf_counter()
+    for _ in range(n):
+        async_task("jobs.worker.runner.run_job", "x", broker=broker)
+    return n / (time.perf_counter() - started)
 
-    def conveyor() -> float:
-        reset()
-        started = time.perf_counter()
-        for _ in range(n):
-            submit_job("demo.noop", {})
-        return n / (time.perf_counter() - started)
 
-    def stock() -> float:
-        reset()
-        broker = ORM(list_key="default")
-        started = time.perf_counter()
-        for _ in range(n):
-            async_task("jobs.worker.runner.run_job", "x", broker=broker)
-        return n / (time.perf_counter() - started)
-
-    c, cs = median_of(RUNS, conveyor)
-    s, ss = median_of(RUNS, stock)
+def w1_submission(table: Table, n: int = 5000) -> None:
+    """One producer, n jobs: Conveyor's submit_job (job + event + broker row in
+    one transaction) vs Django-Q2's async_task on the stock ORM broker."""
+    c, cs = median_of(RUNS, lambda: submit_conveyor(n))
+    s, ss = median_of(RUNS, lambda: submit_stock(n))
     table.add(
         f"W1 submit {n} (service call)", "jobs/s", c, s, higher_is_better=True, detail=f"runs {fmt(cs)} vs {fmt(ss)}"
     )
 
 
 def _drain(broker: str, n: int, *, clusters: int = 1, workers: int = 2) -> float:
-    from jobs.models import Job
     from jobs.services import submit_job
 
     reset()
     for _ in range(n):
         submit_job("demo.noop", {})
+    return drain_queued(broker, n, clusters=clusters, workers=workers)
+
+
+def drain_queued(broker: str, n: int, *, clusters: int = 1, workers: int = 2) -> float:
+    """jobs/s of a cluster started on the n `demo.noop` jobs queued (and nothing
+    else), until all have succeeded; the tables are analyzed first."""
+    from jobs.models import Job
+
     analyze()
     started = time.perf_counter()
     with Cluster(broker, workers=workers, count=clusters):
@@ -66,7 +77,7 @@ def w2_drain(table: Table, n: int = 5000) -> None:
     )
 
 
-def _pickup(broker: str, n: int) -> list[float]:
+def pickup(broker: str, n: int) -> list[float]:
     """Latencies (ms) from submit commit to attempt start for n jobs 20 ms apart."""
     from jobs.models import Job
     from jobs.services import submit_job
@@ -85,8 +96,8 @@ def _pickup(broker: str, n: int) -> list[float]:
 
 
 def w3_pickup(table: Table, n: int = 200) -> None:
-    runs_c = [_pickup("postgres", n) for _ in range(RUNS)]
-    runs_s = [_pickup("orm", n) for _ in range(RUNS)]
+    runs_c = [pickup("postgres", n) for _ in range(RUNS)]
+    runs_s = [pickup("orm", n) for _ in range(RUNS)]
     for label, p in (("p50", 50), ("p95", 95), ("max", 100)):
         c = statistics.median(percentile(r, p) for r in runs_c)
         s = statistics.median(percentile(r, p) for r in runs_s)
