@@ -2,19 +2,25 @@ from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db import migrations, models
 
 
-def _rewrite(old: str, new: str) -> str:
+def _rewrite(*changes: tuple[str, str]) -> str:
     """Rewrites the attempts' counter trigger function (0009, with 0015's
-    enable_nestloop = off, which its definition carries, and 0019's shard) to
-    find each counted row's job by `new` instead of `old`, and nothing else of it."""
+    enable_nestloop = off, which its definition carries, and 0019's shard):
+    each (old, new) fragment of it replaced, and nothing else of it."""
+    steps = "\n".join(
+        f"""
+        IF position($old${old}$old$ IN definition) = 0 THEN
+            RAISE EXCEPTION 'conveyor_count_attempts() does not read as expected: %', $old${old}$old$;
+        END IF;
+        definition := replace(definition, $old${old}$old$, $new${new}$new$);"""
+        for old, new in changes
+    )
     return f"""
     DO $do$
     DECLARE
         definition text := pg_get_functiondef('conveyor_count_attempts()'::regprocedure);
     BEGIN
-        IF position($old${old}$old$ IN definition) = 0 THEN
-            RAISE EXCEPTION 'conveyor_count_attempts() does not read its jobs as expected';
-        END IF;
-        EXECUTE replace(definition, $old${old}$old$, $new${new}$new$);
+        {steps}
+        EXECUTE definition;
     END $do$
     """
 
@@ -30,6 +36,11 @@ _LOOKUP = """FROM (
                    (SELECT jj.queue FROM jobs_job jj WHERE jj.id = counted.job_id) AS queue
             FROM counted
         ) counted CROSS JOIN LATERAL (SELECT counted.kind, counted.queue) j"""
+# The duration bucket: the first bound the attempt fits. "ORDER BY b" named the
+# output column, b::text, so the bounds were ordered as text ('10' < '2.5'): an
+# attempt of 1.5 s was filed under 10 s. An expression orders by the input column.
+_TEXT_ORDER = "ORDER BY b LIMIT 1"
+_NUMERIC_ORDER = "ORDER BY b::float8 LIMIT 1"
 
 
 class Migration(migrations.Migration):
@@ -45,14 +56,19 @@ class Migration(migrations.Migration):
     fails leaves an INVALID index behind; drop it and migrate again.
 
     And the attempts' counter trigger finds a job by its key instead of
-    hashing the whole jobs table (see _LOOKUP)."""
+    hashing the whole jobs table (_LOOKUP), and files a duration under the
+    first bucket bound it fits numerically, not as text (_NUMERIC_ORDER).
+    Counts already in the table stay as they were filed."""
 
     atomic = False
 
     dependencies = [("jobs", "0019_counter_shards")]
 
     operations = [
-        migrations.RunSQL(_rewrite(_JOIN, _LOOKUP), _rewrite(_LOOKUP, _JOIN)),
+        migrations.RunSQL(
+            _rewrite((_JOIN, _LOOKUP), (_TEXT_ORDER, _NUMERIC_ORDER)),
+            _rewrite((_LOOKUP, _JOIN), (_NUMERIC_ORDER, _TEXT_ORDER)),
+        ),
         AddIndexConcurrently(
             model_name="job",
             index=models.Index(

@@ -408,3 +408,29 @@ def test_finishing_an_attempt_does_not_scan_the_jobs_table():
         counted = cursor.fetchall()
     assert after == before
     assert counted == [(KIND, QUEUE, 1)]
+
+
+def test_an_attempt_is_filed_under_the_first_bucket_bound_it_fits_numerically():
+    # Found by bench/history.py's loader, which files attempts set-based: the
+    # trigger ordered the bounds as text ('10' < '2.5'), so an attempt of 1.5 s
+    # went into the 10 s bucket, one of 20 s into 300 s.
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import Attempt, Job
+
+    job = Job.objects.create(kind=KIND, queue=QUEUE)
+    now = timezone.now()
+    for number, seconds in enumerate((1.5, 20, 0.3, 4000), start=1):
+        Attempt.objects.create(job=job, number=number, started_at=now - timedelta(seconds=seconds))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE jobs_attempt SET outcome = 'succeeded', finished_at = started_at + CASE number"
+            " WHEN 1 THEN interval '1.5 s' WHEN 2 THEN interval '20 s' WHEN 3 THEN interval '0.3 s'"
+            " ELSE interval '4000 s' END WHERE job_id = %s",
+            [job.id],
+        )
+        cursor.execute("SELECT label, sum(n) FROM conveyor_counter WHERE metric = 'attempt_seconds' GROUP BY 1")
+        filed = dict(cursor.fetchall())
+    assert filed == {"2.5": 1, "30": 1, "0.5": 1, "+Inf": 1}
