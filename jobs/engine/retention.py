@@ -7,7 +7,8 @@ is never deleted, however old: deleting it would delete the message with it
 
 Set-based: each chunk takes the next `chunk` due jobs along the finished_at
 index (a keyset from where the last chunk ended, so no chunk rescans what
-earlier ones deleted), locks them (`FOR UPDATE SKIP LOCKED`: a dead job an
+earlier ones deleted; their ids go to a temporary table, emptied at each
+commit, which every statement of the chunk reads), locks them (`FOR UPDATE SKIP LOCKED`: a dead job an
 operator retries meanwhile is either retried and skipped here, or deleted,
 never both; a job locked right now waits for the next purge), and deletes
 them with their events and attempts in one statement, after the few rows of
@@ -48,19 +49,32 @@ RELATIONS = {
     ("jobs_schedule", "last_job_id"): "set null",
 }
 
+# The chunk's ids are kept in a temporary table, emptied at each commit, so
+# that each statement of the chunk reads them there rather than from a list
+# of thousands of ids sent again with every statement.
+_CHUNK_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS conveyor_purge (id uuid PRIMARY KEY, state text, finished_at timestamptz)"
+    " ON COMMIT DELETE ROWS"
+)
+
 _DUE = f"""
-SELECT j.id, j.state, j.finished_at FROM jobs_job j
-WHERE j.finished_at >= %(after)s AND j.finished_at < %(horizon)s
-  AND ((j.state IN ({", ".join(f"'{s}'" for s in FINISHED_STATES if s != State.DEAD)}) AND j.finished_at < %(cutoff)s)
-       OR (j.state = 'dead' AND j.finished_at < %(dead_cutoff)s))
-  AND NOT EXISTS (
-    SELECT 1 FROM jobs_webhookdelivery d JOIN jobs_job dj ON dj.id = d.deliver_job_id
-    WHERE d.job_id = j.id AND d.delivered_at IS NULL
-      AND dj.state IN ({", ".join(f"'{s}'" for s in _STILL_DELIVERING)})
-  )
-ORDER BY j.finished_at
-LIMIT %(chunk)s
-FOR UPDATE OF j SKIP LOCKED
+WITH due AS (
+  SELECT j.id, j.state, j.finished_at FROM jobs_job j
+  WHERE j.finished_at >= %(after)s AND j.finished_at < %(horizon)s
+    AND ((j.state IN ({", ".join(f"'{s}'" for s in FINISHED_STATES if s != State.DEAD)}) AND j.finished_at < %(cutoff)s)
+         OR (j.state = 'dead' AND j.finished_at < %(dead_cutoff)s))
+    AND NOT EXISTS (
+      SELECT 1 FROM jobs_webhookdelivery d JOIN jobs_job dj ON dj.id = d.deliver_job_id
+      WHERE d.job_id = j.id AND d.delivered_at IS NULL
+        AND dj.state IN ({", ".join(f"'{s}'" for s in _STILL_DELIVERING)})
+    )
+  ORDER BY j.finished_at
+  LIMIT %(chunk)s
+  FOR UPDATE OF j SKIP LOCKED
+), kept AS (
+  INSERT INTO conveyor_purge SELECT id, state, finished_at FROM due RETURNING state, finished_at
+)
+SELECT state, count(*), max(finished_at) FROM kept GROUP BY state
 """
 
 # The rows of other tables first (rare: webhook messages, workflows, content
@@ -68,24 +82,24 @@ FOR UPDATE OF j SKIP LOCKED
 # row twice (a webhook attempt can be both of a deleted message and of a
 # deleted delivery job).
 _BEFORE = [
-    "UPDATE jobs_webhookattempt SET deliver_job_id = NULL WHERE deliver_job_id = ANY(%(ids)s)",
+    "UPDATE jobs_webhookattempt SET deliver_job_id = NULL WHERE deliver_job_id IN (SELECT id FROM conveyor_purge)",
     "UPDATE jobs_webhookattempt w SET job_attempt_id = NULL FROM jobs_attempt a"
-    " WHERE a.job_id = ANY(%(ids)s) AND w.job_attempt_id = a.id",
+    " WHERE a.job_id IN (SELECT id FROM conveyor_purge) AND w.job_attempt_id = a.id",
     "DELETE FROM jobs_webhookattempt WHERE delivery_id IN"
-    " (SELECT id FROM jobs_webhookdelivery WHERE job_id = ANY(%(ids)s))",
-    "UPDATE jobs_webhookdelivery SET deliver_job_id = NULL WHERE deliver_job_id = ANY(%(ids)s)",
-    "DELETE FROM jobs_webhookdelivery WHERE job_id = ANY(%(ids)s)",
-    "DELETE FROM jobs_jobdependency WHERE job_id = ANY(%(ids)s)",
-    "DELETE FROM jobs_jobdependency WHERE depends_on_id = ANY(%(ids)s)",
-    "UPDATE jobs_batch SET then_job_id = NULL WHERE then_job_id = ANY(%(ids)s)",
-    "UPDATE jobs_page SET job_id = NULL WHERE job_id = ANY(%(ids)s)",
-    "UPDATE jobs_schedule SET last_job_id = NULL WHERE last_job_id = ANY(%(ids)s)",
+    " (SELECT id FROM jobs_webhookdelivery WHERE job_id IN (SELECT id FROM conveyor_purge))",
+    "UPDATE jobs_webhookdelivery SET deliver_job_id = NULL WHERE deliver_job_id IN (SELECT id FROM conveyor_purge)",
+    "DELETE FROM jobs_webhookdelivery WHERE job_id IN (SELECT id FROM conveyor_purge)",
+    "DELETE FROM jobs_jobdependency WHERE job_id IN (SELECT id FROM conveyor_purge)",
+    "DELETE FROM jobs_jobdependency WHERE depends_on_id IN (SELECT id FROM conveyor_purge)",
+    "UPDATE jobs_batch SET then_job_id = NULL WHERE then_job_id IN (SELECT id FROM conveyor_purge)",
+    "UPDATE jobs_page SET job_id = NULL WHERE job_id IN (SELECT id FROM conveyor_purge)",
+    "UPDATE jobs_schedule SET last_job_id = NULL WHERE last_job_id IN (SELECT id FROM conveyor_purge)",
 ]
 
 _DELETE = """
-WITH events AS (DELETE FROM jobs_jobevent WHERE job_id = ANY(%(ids)s)),
-attempts AS (DELETE FROM jobs_attempt WHERE job_id = ANY(%(ids)s))
-DELETE FROM jobs_job WHERE id = ANY(%(ids)s)
+WITH events AS (DELETE FROM jobs_jobevent WHERE job_id IN (SELECT id FROM conveyor_purge)),
+attempts AS (DELETE FROM jobs_attempt WHERE job_id IN (SELECT id FROM conveyor_purge))
+DELETE FROM jobs_job WHERE id IN (SELECT id FROM conveyor_purge)
 """
 
 
@@ -108,19 +122,21 @@ def purge_finished(
         "chunk": chunk,
     }
     by_state: Counter[str] = Counter()
+    with connection.cursor() as cursor:
+        cursor.execute(_CHUNK_TABLE)
     while True:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(_DUE, params)
-            rows = cursor.fetchall()
-            if not rows:
+            counts = cursor.fetchall()
+            if not counts:
                 break
-            ids = {"ids": [job_id for job_id, _, _ in rows]}
+            cursor.execute("ANALYZE conveyor_purge")  # the planner learns how many
             for statement in _BEFORE:
-                cursor.execute(statement, ids)
-            cursor.execute(_DELETE, ids)
-        by_state.update(state for _, state, _ in rows)
+                cursor.execute(statement)
+            cursor.execute(_DELETE)
+        by_state.update({state: n for state, n, _ in counts})
         # Rows deleted are gone, so ">=" the last one rereads only its ties.
-        params["after"] = rows[-1][2]
+        params["after"] = max(last for _, _, last in counts)
     orphan_events, _ = JobEvent.objects.filter(job__isnull=True, created_at__lt=cutoff).delete()
     # In the order of the lifecycle, for a stable report.
     ordered = {state.value: by_state[state] for state in FINISHED_STATES if by_state[state]}
