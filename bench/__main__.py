@@ -1,6 +1,7 @@
 """`make bench` (with bench/api_submit.py and bench/sse_bench.py): every benchmark,
 Conveyor against the stock alternative in the same run, medians of 3.
-Usage: python -m bench [w1 w2 w3 compete w4 fanin counters horizon peers ...] [--jobs N (horizon's size)]"""
+Usage: python -m bench [w1 w2 w3 compete w4 fanin counters horizon history peers ...] [--jobs N (horizon's size)]
+[--history-jobs N (history's size, default 2,000,000)]"""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ def main(argv: list[str]) -> int:
     from bench import horizon
 
     jobs, argv = _jobs_option(argv)
+    history_jobs, argv = _history_jobs_option(argv)
     setup_django()
-    from bench import counters_bench, fanin, llm_bench, peers, queue_bench
+    from bench import counters_bench, fanin, history, llm_bench, peers, queue_bench
 
     benchmarks = {
         "w1": queue_bench.w1_submission,
@@ -29,6 +31,7 @@ def main(argv: list[str]) -> int:
         "fanin": fanin.fanin,
         "counters": counters_bench.counters,
         "horizon": partial(horizon.horizon, n=jobs) if jobs else horizon.horizon,
+        "history": partial(history.history, n=history_jobs) if history_jobs else history.history,
         "peers": peers.peers,
     }
     chosen = argv or list(benchmarks)
@@ -65,6 +68,16 @@ def _jobs_option(argv: list[str]) -> tuple[int | None, list[str]]:
         return None, argv
     at = argv.index("--jobs")
     from bench.horizon import parse
+
+    return parse(argv[at : at + 2]), argv[:at] + argv[at + 2 :]
+
+
+def _history_jobs_option(argv: list[str]) -> tuple[int | None, list[str]]:
+    """`--history-jobs N` (the history benchmark's size) taken out of the names."""
+    if "--history-jobs" not in argv:
+        return None, argv
+    at = argv.index("--history-jobs")
+    from bench.history import parse
 
     return parse(argv[at : at + 2]), argv[:at] + argv[at + 2 :]
 

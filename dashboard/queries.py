@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.core.paginator import Page, Paginator
-from django.db.models import Count, F, Max, Q, Sum, Window
-from django.db.models.functions import RowNumber
+from django.db import connection
+from django.db.models import Count, F, Max, Q, Sum
 from django.utils import timezone
 
 # The pages read these here; they live in dashboard.live, which imports nothing of the dashboard.
@@ -21,7 +21,8 @@ from jobs.models import FINISHED_STATES, LIVE_TEXT_EVENTS, LOG_EVENT, Attempt, B
 from jobs.services import Selection, count_matching
 
 JOBS_PER_PAGE = 50
-DEAD_JOBS_PER_GROUP = 20
+COUNT_CAP = 10_000  # the jobs list counts this many matches at most
+DEAD_JOBS_PER_GROUP = 10  # 20 groups of 20 rows took ~150 ms to render (bench/history.py)
 TIMELINE_LIMIT = 200
 STATS_HISTORY = timedelta(minutes=15)
 
@@ -117,7 +118,26 @@ class JobFilters:
         return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def find_jobs(filters: JobFilters, *, page: str | int | None = 1) -> Page:
+@dataclass
+class JobPage:
+    """One page of the jobs list, by keyset: the jobs, the positions of the
+    pages on either side (None: there is none), and how many jobs match,
+    counted up to COUNT_CAP + 1 (no exact count over millions)."""
+
+    object_list: list[Job]
+    older: str | None
+    newer: str | None
+    count: int
+
+    @property
+    def count_label(self) -> str:
+        return f"{self.count:,}" if self.count <= COUNT_CAP else f"more than {COUNT_CAP:,}"
+
+
+def find_jobs(filters: JobFilters, *, before: str | None = None, after: str | None = None) -> JobPage:
+    """The JOBS_PER_PAGE newest jobs that match, older than the position
+    `before` or, going back, the ones just newer than `after` (positions from
+    a JobPage). A deep page costs what the first does."""
     query = Job.objects.all()
     if filters.state:
         query = query.filter(state=filters.state)
@@ -131,8 +151,55 @@ def find_jobs(filters: JobFilters, *, page: str | int | None = 1) -> Page:
         query = query.filter(_search(filters.q))
     if filters.since:
         query = query.filter(updated_at__gte=filters.since_time)
-    query = query.order_by("-created_at", "-id").defer("payload", "result", "error_traceback")
-    return Paginator(query, JOBS_PER_PAGE).get_page(page)
+    count = query.order_by()[: COUNT_CAP + 1].count()
+    newer_than, older_than = decode_position(after), decode_position(before)
+    if (after and newer_than is None) or (before and older_than is None):
+        filters.errors.append("that page position is not one this list gave; showing the newest jobs")
+    if newer_than is not None:
+        at, job_id = newer_than
+        # "created_at >= at" first: an index range; the tie on the id after it.
+        keys = _keys(query.filter(Q(created_at__gte=at), Q(created_at__gt=at) | Q(id__gt=job_id)), "created_at", "id")
+        more = len(keys) > JOBS_PER_PAGE
+        jobs = _jobs(keys[:JOBS_PER_PAGE][::-1])
+        return JobPage(jobs, _position(jobs[-1]) if jobs else None, _position(jobs[0]) if more else None, count)
+    if older_than is not None:
+        at, job_id = older_than
+        query = query.filter(Q(created_at__lte=at), Q(created_at__lt=at) | Q(id__lt=job_id))
+    keys = _keys(query, "-created_at", "-id")
+    jobs = _jobs(keys[:JOBS_PER_PAGE])
+    older = _position(jobs[-1]) if len(keys) > JOBS_PER_PAGE else None
+    return JobPage(jobs, older, _position(jobs[0]) if older_than is not None and jobs else None, count)
+
+
+def _keys(query, *order: str) -> list[uuid.UUID]:
+    """The ids of the page (and one more), positions only: an index-only scan
+    where an index has the filters and the order (a batch's jobs), which the
+    planner would pass over for a walk of all jobs by time were it to fetch
+    the rows themselves (it does not know an old batch's jobs are old)."""
+    return list(query.order_by(*order).values_list("id", flat=True)[: JOBS_PER_PAGE + 1])
+
+
+def _jobs(ids: list[uuid.UUID]) -> list[Job]:
+    """These jobs, in this order."""
+    found = Job.objects.defer("payload", "result", "error_traceback").in_bulk(ids)
+    return [found[i] for i in ids if i in found]
+
+
+def _position(job: Job) -> str:
+    return f"{job.created_at.isoformat()}~{job.id}"
+
+
+def decode_position(value: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """(created_at, id) of a position `_position` wrote; None if it is not one."""
+    if not value:
+        return None
+    created, _, job_id = value.rpartition("~")
+    try:
+        at = datetime.fromisoformat(created)
+    except ValueError:
+        return None
+    full = as_uuid(job_id)
+    return (at, full) if full is not None and at.tzinfo is not None else None
 
 
 def _search(term: str) -> Q:
@@ -190,34 +257,37 @@ class DeadGroup:
         return self.count - len(self.jobs)
 
 
+_GROUP_JOBS = """
+SELECT j.id FROM unnest(%s::text[], %s::text[]) AS g(kind, error_type)
+CROSS JOIN LATERAL (
+    SELECT id FROM jobs_job
+    WHERE state = 'dead' AND kind = g.kind AND error_type = g.error_type
+    ORDER BY finished_at DESC, id DESC
+    LIMIT %s
+) j
+"""
+
+
 def dead_letter_groups(*, per_group: int = DEAD_JOBS_PER_GROUP) -> list[DeadGroup]:
     """Dead jobs grouped by kind and error type, the group that died last first,
-    with the newest `per_group` jobs of each (two queries on the dead-job index)."""
+    with the newest `per_group` jobs of each: the counts an index-only scan of
+    the dead-group index, each group's jobs a short walk down it."""
     counts = list(
         Job.objects.filter(state=State.DEAD)
         .values("kind", "error_type")
-        .annotate(count=Count("id"), last_died=Max("finished_at"))
+        .annotate(count=Count("*"), last_died=Max("finished_at"))
         .order_by(F("last_died").desc(nulls_last=True), "kind", "error_type")
     )
     if not counts:
         return []
-    ranked = (
-        Job.objects.filter(state=State.DEAD)
-        .annotate(
-            rank=Window(
-                RowNumber(),
-                partition_by=[F("kind"), F("error_type")],
-                order_by=[F("finished_at").desc(nulls_last=True), F("id").desc()],
-            )
-        )
-        .filter(rank__lte=per_group)
-        .defer("payload", "result", "error_traceback")
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(_GROUP_JOBS, [[c["kind"] for c in counts], [c["error_type"] for c in counts], per_group])
+        ids = [row[0] for row in cursor.fetchall()]
     jobs: dict[tuple[str, str], list[Job]] = {}
-    for job in ranked:
+    for job in Job.objects.filter(id__in=ids).defer("payload", "result", "error_traceback"):
         jobs.setdefault((job.kind, job.error_type), []).append(job)
     for group_jobs in jobs.values():
-        group_jobs.sort(key=lambda j: j.finished_at or j.created_at, reverse=True)
+        group_jobs.sort(key=lambda j: (j.finished_at or j.created_at, j.id), reverse=True)
     return [
         DeadGroup(c["kind"], c["error_type"], c["count"], c["last_died"], jobs.get((c["kind"], c["error_type"]), []))
         for c in counts
@@ -267,18 +337,20 @@ class BatchProgress:
 
 
 def batch_progress(batches: list[Batch]) -> list[BatchProgress]:
-    """Each batch with its jobs counted by state (one grouped query for all)."""
+    """Each batch with its jobs counted by state (an index-only scan of the
+    (batch, state) index for all), and the progress of its unfinished ones."""
     counts: dict[Any, dict[str, int]] = {b.id: {} for b in batches}
     sums: dict[Any, int] = dict.fromkeys(counts, 0)
-    rows = (
-        Job.objects.filter(batch_id__in=list(counts))
-        .values("batch_id", "state")
-        .annotate(n=Count("id"), progress=Sum("progress_percent"))
-    )
-    for row in rows:
+    for row in Job.objects.filter(batch_id__in=list(counts)).values("batch_id", "state").annotate(n=Count("*")):
         counts[row["batch_id"]][row["state"]] = row["n"]
-        if row["state"] not in FINISHED_STATES:
-            sums[row["batch_id"]] += row["progress"] or 0
+    unfinished = [s for s in State.values if s not in FINISHED_STATES]
+    progress = (
+        Job.objects.filter(batch_id__in=list(counts), state__in=unfinished)
+        .values("batch_id")
+        .annotate(progress=Sum("progress_percent"))
+    )
+    for row in progress:
+        sums[row["batch_id"]] = row["progress"] or 0
     return [BatchProgress(b, counts[b.id], sums[b.id]) for b in batches]
 
 

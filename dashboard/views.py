@@ -80,8 +80,8 @@ def overview(request: HttpRequest) -> HttpResponse:
 def jobs(request: HttpRequest) -> HttpResponse:
     filters = queries.JobFilters.from_query(request.GET)
     cursor = queries.latest_event_id()
-    page = queries.find_jobs(filters, page=request.GET.get("page"))
-    jobs = list(page.object_list)
+    page = queries.find_jobs(filters, before=request.GET.get("before"), after=request.GET.get("after"))
+    jobs = page.object_list
     context = {
         "page": page,
         "jobs": jobs,
@@ -196,14 +196,14 @@ def batch(request: HttpRequest, batch_id: UUID) -> HttpResponse:
     filters = queries.JobFilters(
         batch=str(batch.id), state=request.GET.get("state", "") if request.GET.get("state") in State.values else ""
     )
-    page = queries.find_jobs(filters, page=request.GET.get("page"))
+    page = queries.find_jobs(filters, before=request.GET.get("before"), after=request.GET.get("after"))
     return _page(
         request,
         "dashboard/batch.html",
         {
             "progress": progress,
             "page": page,
-            "jobs": list(page.object_list),
+            "jobs": page.object_list,
             "filters": filters,
             "deliveries": services.batch_deliveries(batch.id),
             "budget_waiting": services.waiting_on_budget(batch.id),

@@ -147,6 +147,16 @@ class Job(models.Model):
             models.Index(fields=["finished_at"], condition=Q(finished_at__isnull=False), name="job_finished_at"),
             models.Index(fields=["-created_at"], name="job_created_at"),
             models.Index(fields=["state", "-created_at"], name="job_state_created_at"),
+            # Read with millions of finished jobs (bench/history.py, migration 0020): the
+            # dead-letter queue's groups and their newest jobs; a batch's counts by
+            # state (index-only) and its jobs, newest first.
+            models.Index(
+                fields=["kind", "error_type", "-finished_at", "-id"], condition=Q(state="dead"), name="job_dead_group"
+            ),
+            models.Index(fields=["batch", "state"], condition=Q(batch__isnull=False), name="job_batch_state"),
+            models.Index(
+                fields=["batch", "-created_at", "-id"], condition=Q(batch__isnull=False), name="job_batch_created_at"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -268,23 +268,27 @@ def page_batches(
 
 
 def batch_progress(batches: Sequence[Batch]) -> dict[uuid.UUID, BatchProgress]:
-    """Counts by state of each batch's jobs, in one query."""
-    rows = (
-        Job.objects.filter(batch__in=[b.id for b in batches])
-        .values("batch_id", "state")
-        .annotate(n=Count("id"), last=Max("finished_at"))
-    )
+    """Counts by state of each batch's jobs: one index-only scan of the
+    (batch, state) index, and the last finish only of a batch done without
+    its finished_at."""
+    rows = Job.objects.filter(batch__in=[b.id for b in batches]).values("batch_id", "state").annotate(n=Count("*"))
     counts: dict[uuid.UUID, dict[str, int]] = {b.id: dict.fromkeys(State.values, 0) for b in batches}
-    last: dict[uuid.UUID, datetime | None] = {}
     for row in rows:
         counts[row["batch_id"]][row["state"]] = row["n"]
-        if row["last"] and (last.get(row["batch_id"]) is None or row["last"] > last[row["batch_id"]]):
-            last[row["batch_id"]] = row["last"]
-    progress = {}
-    for b in batches:
-        done = sum(counts[b.id].values()) > 0 and not any(counts[b.id][s] for s in ACTIVE_STATES)
-        progress[b.id] = BatchProgress(counts[b.id], done, b.finished_at or (last.get(b.id) if done else None))
-    return progress
+    done = {b.id: sum(counts[b.id].values()) > 0 and not any(counts[b.id][s] for s in ACTIVE_STATES) for b in batches}
+    unstamped = [b.id for b in batches if done[b.id] and b.finished_at is None]
+    last = dict(
+        Job.objects.filter(batch__in=unstamped)
+        .values("batch_id")
+        .annotate(last=Max("finished_at"))
+        .values_list("batch_id", "last")
+        if unstamped
+        else []
+    )
+    return {
+        b.id: BatchProgress(counts[b.id], done[b.id], b.finished_at or (last.get(b.id) if done[b.id] else None))
+        for b in batches
+    }
 
 
 def _prepare(item: Mapping[str, Any]) -> dict[str, Any]:

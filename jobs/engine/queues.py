@@ -43,6 +43,8 @@ SLOT_FREE = (
 )
 
 MAX_NAME = 100
+# The most places a limit may give (one jobs_queueslot row each).
+MAX_RUNNING = 10_000
 
 
 class QueueError(ValueError):
@@ -173,7 +175,7 @@ def resume_queue(name: str) -> Control:
 def set_max_running(name: str, max_running: int | None) -> Control:
     """At most `max_running` jobs of `name` running at once (None: no limit)."""
     if max_running is not None and (
-        isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
+        isinstance(max_running, bool) or not isinstance(max_running, int) or not 1 <= max_running <= MAX_RUNNING
     ):
-        raise QueueError("max_running must be an integer of at least 1, or null", field="max_running")
+        raise QueueError(f"max_running must be an integer from 1 to {MAX_RUNNING:,}, or null", field="max_running")
     return _set(name, max_running=max_running)

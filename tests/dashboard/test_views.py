@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from dashboard import queries
 from jobs.models import Batch, Job, JobEvent, State
 
 
@@ -95,13 +96,49 @@ def test_the_jobs_list_filters_searches_and_streams_its_rows(operator_client, ma
         assert f'id="job-{sleeper.id}"' in html and f'id="job-{noop.id}"' not in html, term
 
 
-def test_the_jobs_list_pages(operator_client, make_job):
-    for _ in range(51):
-        make_job()
+def _link(html: str, label: str) -> str:
+    """The query of the pagination link `label` ("older" or "newer")."""
+    nav = html.split('<nav class="pagination">')[1].split("</nav>")[0]
+    href = nav.split(f">{'← newer' if label == 'newer' else 'older →'}</a>")[0].rsplit('href="', 1)[1].split('"')[0]
+    return href.replace("&amp;", "&")
+
+
+def _rows(html: str) -> list[str]:
+    return [part.split('"')[0] for part in html.split('<tr id="job-')[1:]]
+
+
+def test_the_jobs_list_pages_by_position_both_ways(operator_client, make_job):
+    jobs = [make_job() for _ in range(51)]
+    Job.objects.update(created_at=Job.objects.get(id=jobs[0].id).created_at)  # all tied: the id breaks the tie
+
     first = operator_client.get("/jobs/").content.decode()
-    second = operator_client.get("/jobs/?page=2").content.decode()
-    assert first.count('<tr id="job-') == 50 and second.count('<tr id="job-') == 1
-    assert "1–50 of 51" in first and "older →</a>" in first
+    assert len(_rows(first)) == 50 and "50 of 51" in first and "older →</a>" in first
+    assert '<span class="muted">← newer</span>' in first
+    second = operator_client.get("/jobs/" + _link(first, "older")).content.decode()
+    assert len(_rows(second)) == 1 and set(_rows(second)).isdisjoint(_rows(first))
+    assert {*_rows(first), *_rows(second)} == {str(job.id) for job in jobs}
+    back = operator_client.get("/jobs/" + _link(second, "newer")).content.decode()
+    assert _rows(back) == _rows(first)
+
+
+def test_the_jobs_list_counts_up_to_a_cap(operator_client, make_job, monkeypatch):
+    monkeypatch.setattr(queries, "COUNT_CAP", 3)
+    for _ in range(5):
+        make_job()
+
+    html = operator_client.get("/jobs/").content.decode()
+
+    assert "more than 3 in all" in html
+
+
+def test_a_page_position_the_list_did_not_give_is_an_error_not_a_500(operator_client, make_job):
+    job = make_job()
+
+    response = operator_client.get("/jobs/", {"before": "yesterday~nonsense"})
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "that page position is not one this list gave" in html and f'id="job-{job.id}"' in html
 
 
 def test_htmx_asks_for_the_table_alone(operator_client, make_job):

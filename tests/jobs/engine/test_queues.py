@@ -221,3 +221,14 @@ def test_the_cli_pauses_and_resumes_a_queue():
     assert not services.get_control("bulk").paused
     with pytest.raises(CommandError, match="without spaces"):
         call_command("jobs", "pause", "two words")
+
+
+@pytest.mark.parametrize("limit", [queues.MAX_RUNNING + 1, 2_251_375_896])
+def test_a_limit_above_the_most_places_a_queue_may_have_is_refused(limit):
+    # Found by the API's schema test: 2,251,375,896 overflowed the column (a
+    # 500), and a limit that fits would have written one place row per unit.
+    with pytest.raises(queues.QueueError) as refused:
+        queues.set_max_running("big", limit)
+
+    assert refused.value.field == "max_running" and f"{queues.MAX_RUNNING:,}" in str(refused.value)
+    assert queues.get_control("big").max_running is None

@@ -9,10 +9,11 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.db import models
 from django.utils import timezone
 
-from jobs.engine.retention import purge_finished
-from jobs.models import Job, State, WebhookDelivery
+from jobs.engine.retention import RELATIONS, purge_finished
+from jobs.models import Attempt, Batch, Job, JobDependency, JobEvent, Page, State, WebhookAttempt, WebhookDelivery
 from jobs.webhooks import messages
 
 pytestmark = pytest.mark.django_db
@@ -125,3 +126,70 @@ def test_purge_jobs_takes_the_dead_letter_queues_age(make_job):
 
     assert remaining(dead) == set()
     assert "(dead 1)" in out.getvalue()
+
+
+def test_every_reference_to_a_job_or_an_attempt_is_handled_as_its_model_says():
+    # The purge deletes with SQL, not Django's collector: a foreign key added to
+    # a model must join RELATIONS (and the purge's statements) with it.
+    found = {}
+    for model in (Job, Attempt):
+        for relation in model._meta.get_fields(include_hidden=True):
+            if not relation.auto_created or relation.concrete:
+                continue
+            key = (relation.related_model._meta.db_table, relation.field.column)
+            found[key] = {models.CASCADE: "cascade", models.SET_NULL: "set null"}.get(relation.on_delete, "?")
+    assert found == RELATIONS
+
+
+def _attempt(job: Job) -> Attempt:
+    at = timezone.now() - timedelta(days=30)
+    return Attempt.objects.create(job=job, number=1, started_at=at, finished_at=at, outcome="succeeded")
+
+
+def test_purge_deletes_what_hangs_on_a_job_and_unlinks_what_only_points_at_it(make_job):
+    old = aged(make_job(), State.SUCCEEDED, 30)
+    _attempt(old)
+    delivered = message_for(old)
+    deliver_job = aged(delivered.deliver_job, State.SUCCEEDED, 30)
+    WebhookDelivery.objects.filter(id=delivered.id).update(delivered_at=timezone.now())
+    WebhookAttempt.objects.create(
+        delivery=delivered, deliver_job=deliver_job, job_attempt=_attempt(deliver_job), number=1,
+        started_at=timezone.now(), status_code=200,
+    )  # fmt: skip
+    fresh = make_job()  # its message's delivery job is old and purged: the message stays, unlinked
+    kept_message = message_for(fresh)
+    kept_deliver_job = aged(kept_message.deliver_job, State.SUCCEEDED, 30)
+    WebhookDelivery.objects.filter(id=kept_message.id).update(delivered_at=timezone.now())
+    kept_attempt = WebhookAttempt.objects.create(
+        delivery=kept_message, deliver_job=kept_deliver_job, job_attempt=_attempt(kept_deliver_job), number=1,
+        started_at=timezone.now(), status_code=200,
+    )  # fmt: skip
+    JobDependency.objects.create(job=fresh, depends_on=old, resolved=True, outcome="succeeded")
+    batch = Batch.objects.create(name="b", then_job=old)
+    page = Page.objects.create(job=old, slug="p", title="P", body_markdown="x")
+
+    deleted = purge_finished(older_than_days=14)
+
+    assert deleted["by_state"] == {"succeeded": 3}
+    assert remaining(old, deliver_job, kept_deliver_job, fresh) == {fresh.id}
+    assert not Attempt.objects.filter(job__in=[old, deliver_job, kept_deliver_job]).exists()
+    assert not JobEvent.objects.filter(job__in=[old, deliver_job, kept_deliver_job]).exists()
+    assert not WebhookDelivery.objects.filter(id=delivered.id).exists()
+    assert not JobDependency.objects.exists()
+    kept_message.refresh_from_db()
+    kept_attempt.refresh_from_db()
+    batch.refresh_from_db()
+    page.refresh_from_db()
+    assert kept_message.deliver_job_id is None
+    assert (kept_attempt.deliver_job_id, kept_attempt.job_attempt_id) == (None, None)
+    assert (batch.then_job_id, page.job_id) == (None, None)
+    assert WebhookAttempt.objects.count() == 1
+
+
+def test_purge_goes_oldest_first_and_leaves_younger_jobs(make_job):
+    jobs = [aged(make_job(), State.SUCCEEDED, days) for days in (40, 30, 20, 10)]
+
+    deleted = purge_finished(older_than_days=15, chunk=1)
+
+    assert deleted["jobs"] == 3
+    assert remaining(*jobs) == {jobs[-1].id}
