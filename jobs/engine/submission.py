@@ -11,7 +11,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -264,6 +264,8 @@ def _insert(fields: dict[str, Any], *, owner: str, batch: Batch | None, asked: s
     params += ["job.created", "job.created", key, broker.task_package(row["id"], row["timeout"]), key]
     if sql.fetchone(_insert_one(), params) is None:
         return None
+    if row["run_after"] is not None:  # as the database returns it: in UTC
+        row["run_after"] = row["run_after"].astimezone(UTC)
     job = Job.from_db(DEFAULT_DB_ALIAS, _ATTNAMES, [row[name] for name in _ATTNAMES])
     if batch is not None:
         job.batch = batch

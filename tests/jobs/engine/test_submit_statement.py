@@ -4,7 +4,8 @@ it sent that is, field for field, the row the database stored."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import pytest
 from django.db import connection
@@ -26,6 +27,8 @@ def assert_is_the_stored_row(job: Job) -> None:
     stored = Job.objects.get(id=job.id)
     for field in Job._meta.concrete_fields:
         assert getattr(job, field.attname) == getattr(stored, field.attname), field.name
+        if isinstance(getattr(job, field.attname), datetime):  # the same instant, written the same way
+            assert getattr(job, field.attname).isoformat() == getattr(stored, field.attname).isoformat(), field.name
     assert job._state.adding is False and job._state.db == "default"
 
 
@@ -46,7 +49,8 @@ def assert_defaults_elsewhere(job: Job) -> None:
 
 def test_the_returned_job_is_the_stored_row_with_every_option():
     batch = Batch.objects.create(name="b")
-    run_after = timezone.now() + timedelta(hours=1)
+    # Given with an offset of +02:00: the job returned says it in UTC, as read from the database.
+    run_after = (timezone.now() + timedelta(hours=1)).astimezone(dt_timezone(timedelta(hours=2)))
     job = submit_job(
         "demo.sleep",
         {"seconds": 2},  # normalized to 2.0 with its default steps
