@@ -56,6 +56,11 @@ def prepared(db: Any) -> CursorWrapper | None:
     DatabaseWrapper), or None on a Django it was not written for."""
     if not available():
         return None
+    wrapper = _PreparedDebug if db.queries_logged else _Prepared
+    return wrapper(_server_cursor(db), db)
+
+
+def _server_cursor(db: Any) -> Any:
     from django.db.backends.postgresql.base import ServerBindingCursor
 
     db.close_if_health_check_failed()
@@ -65,6 +70,34 @@ def prepared(db: Any) -> CursorWrapper | None:
         raw = db.connection
         if raw.prepare_threshold is None:
             raw.prepare_threshold = _ONLY_WHEN_ASKED
-        server = ServerBindingCursor(raw)
-    wrapper = _PreparedDebug if db.queries_logged else _Prepared
-    return wrapper(server, db)
+        return ServerBindingCursor(raw)
+
+
+def fetchone(db: Any, sql: str, params: Any) -> tuple | None:
+    """Run `sql` prepared on `db` and return its first row, or None, through
+    one psycopg cursor the connection keeps for this (a fresh cursor looks up
+    a dumper for each parameter type again). No caller holds that cursor
+    between the execute and the fetch, so none can see another's rows. As
+    `prepared(db)`'s cursor otherwise: the connection's transaction applies,
+    errors become Django's, queries are logged when Django logs them and the
+    connection's execute wrappers run.
+    Call only when `available()`."""
+    shared = getattr(db, "_conveyor_shared_cursor", None)
+    if shared is None or shared.connection is not db.connection or db.connection is None:
+        shared = db._conveyor_shared_cursor = _server_cursor(db)
+    else:
+        db.close_if_health_check_failed()
+        if db.connection is None:  # closed by the health check: a cursor of the new connection
+            shared = db._conveyor_shared_cursor = _server_cursor(db)
+        else:
+            db.validate_thread_sharing()
+    if db.queries_logged or db.execute_wrappers:
+        # Django's path, which logs the query and runs the connection's
+        # execute wrappers (jobs.db.durability's, around a handler's writes).
+        wrapper = (_PreparedDebug if db.queries_logged else _Prepared)(shared, db)
+        wrapper.execute(sql, params)
+        return wrapper.fetchone()
+    db.validate_no_broken_transaction()
+    with db.wrap_database_errors:
+        shared.execute(sql, params, prepare=True)
+        return shared.fetchone()

@@ -67,6 +67,11 @@ def literals(values: tuple[str, ...]) -> str:
 
 
 def fetchone(statement: str, params: list[Any] | tuple[Any, ...]) -> tuple | None:
+    """The statement's first row (or None), prepared, through a cursor the
+    connection keeps for these calls (config/server/prepared_cursor.py)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    if settings.CONVEYOR["PREPARED_STATEMENTS"] and db.vendor == "postgresql" and prepared_cursor.available():
+        return prepared_cursor.fetchone(db, statement, params)
     with cursor() as c:
         c.execute(statement, params)
         return c.fetchone()

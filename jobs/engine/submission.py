@@ -11,7 +11,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -98,14 +98,15 @@ def submit_job(
         if errors:
             raise InvalidJob(errors)
         fields["on_dependency_failure"] = on_dependency_failure
-    asked = fingerprint(fields, depends_on=ids if depends_on else ())
+    # Only a replay with the same idempotency key reads the digest.
+    asked = fingerprint(fields, depends_on=ids if depends_on else ()) if idempotency_key is not None else ""
     if depends_on:
         fields["state"] = State.WAITING
         job = _insert_waiting(
             Job(owner=owner, batch=batch, request_fingerprint=asked, **fields), ids, visible_to=visible_to
         )
     else:
-        job = _insert(Job(owner=owner, batch=batch, request_fingerprint=asked, **fields))
+        job = _insert(fields, owner=owner, batch=batch, asked=asked)
     if job is not None:
         return Submitted(job, created=True)
     # The idempotency key was taken: by this request before (a replay) or by
@@ -236,27 +237,99 @@ def fingerprint(fields: dict[str, Any], *, depends_on: Sequence[uuid.UUID] = ())
     return hashlib.sha256(_FINGERPRINT_JSON.encode(asked).encode()).hexdigest()
 
 
-def _insert(job: Job) -> Job | None:
+def _insert(fields: dict[str, Any], *, owner: str, batch: Batch | None, asked: str) -> Job | None:
     """Insert the job, its `job.created` event, its broker row and both
     notifications in one statement (so one round trip, atomic on its own).
 
+    Only the columns a submission sets are parameters; the statement writes
+    every other column's default as a literal and returns no columns: the
+    Job comes from the values sent, not from a row read back.
+
     Returns None when the job's idempotency key is already taken.
     """
-    fields = Job._meta.concrete_fields
-    columns = sql.job_columns()[0]  # the same fields, in the same order
-    db = connections[DEFAULT_DB_ALIAS]  # the proxy `connection` costs a lookup per field
-    values = [f.get_db_prep_save(f.pre_save(job, add=True), db) for f in fields]
-    placeholders = ", ".join(["%s"] * len(fields))
-    statement = (
-        f"WITH j AS (INSERT INTO jobs_job ({columns}) VALUES ({placeholders})"
-        f" ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING {columns})"
+    now = timezone.now()
+    row = {
+        **job_defaults(),
+        **fields,
+        "id": uuid.uuid4(),
+        "owner": owner,
+        "batch_id": batch.pk if batch is not None else None,
+        "request_fingerprint": asked,
+        "created_at": now,
+        "updated_at": now,
+    }
+    params = [row[name] for name in _SUBMITTED]
+    params[_PAYLOAD_AT] = _PAYLOAD_JSON.encode(row["payload"])
+    key = broker.cluster_for_queue(row["queue"])
+    params += ["job.created", "job.created", key, broker.task_package(row["id"], row["timeout"]), key]
+    if sql.fetchone(_insert_one(), params) is None:
+        return None
+    if row["run_after"] is not None:  # as the database returns it: in UTC
+        row["run_after"] = row["run_after"].astimezone(UTC)
+    job = Job.from_db(DEFAULT_DB_ALIAS, _ATTNAMES, [row[name] for name in _ATTNAMES])
+    if batch is not None:
+        job.batch = batch
+    return job
+
+
+# The columns a submission sets, by attribute name, in the order of
+# `_insert_one`'s parameters; every other column takes its field's default.
+_SUBMITTED = (
+    "id",
+    "kind",
+    "queue",
+    "payload",
+    "state",
+    "priority",
+    "max_attempts",
+    "backoff_base",
+    "backoff_max",
+    "timeout",
+    "run_after",
+    "owner",
+    "idempotency_key",
+    "request_fingerprint",
+    "callback_url",
+    "batch_id",
+    "on_dependency_failure",
+    "created_at",
+    "updated_at",
+)
+_PAYLOAD_AT = _SUBMITTED.index("payload")
+_PAYLOAD_JSON = json.JSONEncoder(separators=(",", ":"))
+_ATTNAMES = [f.attname for f in Job._meta.concrete_fields]
+
+
+@functools.cache
+def _insert_one() -> str:
+    """`_insert`'s statement: the same for every submission, so Postgres
+    prepares it once per connection (jobs/db/sql.py)."""
+    by_name = {f.attname: f for f in Job._meta.concrete_fields}
+    rest = [f for f in Job._meta.concrete_fields if f.attname not in _SUBMITTED]
+    names = [by_name[name].column for name in _SUBMITTED] + [f.column for f in rest]
+    values = ["%s::jsonb" if name == "payload" else "%s" for name in _SUBMITTED]
+    values += [_literal(f.get_db_prep_save(f.get_default(), connections[DEFAULT_DB_ALIAS])) for f in rest]
+    return (
+        f"WITH j AS (INSERT INTO jobs_job ({', '.join(names)}) VALUES ({', '.join(values)})"
+        " ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+        " RETURNING id, kind, queue, state, priority, run_after)"
         + events.ctes(data_sql="jsonb_build_object('state', state, 'kind', kind)")
         + broker.ctes()
-        + f" SELECT {columns}, (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) FROM j"
+        + " SELECT (SELECT count(*) FROM n) + (SELECT count(*) FROM bn) FROM j"
     )
-    params = [*values, "job.created", "job.created", *broker.cte_params(job.id, queue=job.queue, timeout=job.timeout)]
-    row = sql.fetchone(statement, params)
-    return sql.job_from_row(row) if row is not None else None
+
+
+def _literal(value: Any) -> str:
+    """A column default as SQL (`%` doubled: the text still carries parameters)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''").replace("%", "%%") + "'"
+    raise TypeError(f"no SQL literal for a default of type {type(value).__name__}")
 
 
 def _insert_waiting(job: Job, ids: list[uuid.UUID], *, visible_to: str | None) -> Job | None:

@@ -17,6 +17,7 @@ from django_q.signals import pre_execute
 from jobs.db.durability import relax_commit_durability
 from jobs.engine import registry
 from jobs.engine.registry import Payload
+from jobs.engine.submission import submit_job
 from jobs.models import Job, JobEvent, State
 from jobs.worker import runner
 from jobs.worker.lane import _in_db_thread, get_lane
@@ -94,12 +95,22 @@ def _handlers_own_write(mode: str) -> str:
     return _setting()
 
 
+def _submits_a_job() -> str:
+    """A handler's submission (one statement through jobs/db/sql.py's shared
+    cursor); the durability its commit had, read past Django's execute
+    wrappers so that reading it restores nothing."""
+    submit_job("demo.noop", {})
+    return connection.connection.execute("SHOW synchronous_commit").fetchone()[0]
+
+
 class Probe(Payload):
     mode: str = "autocommit"
     progress: bool = False
 
 
 def _sync_probe(ctx, payload: Probe) -> dict:
+    if payload.mode == "submit":
+        return {"synchronous_commit": _submits_a_job()}
     if payload.progress:
         ctx.report_progress(50, "half way")  # the engine's statement, before the handler's own
     return {"synchronous_commit": _handlers_own_write(payload.mode)}
@@ -135,6 +146,15 @@ def test_a_sync_handlers_own_writes_commit_durably(probes, make_job, mode, progr
     assert _result(job) == {"synchronous_commit": "on"}
     # The worker's own bookkeeping stays relaxed.
     assert _setting() == "off"
+
+
+def test_a_job_a_sync_handler_submits_commits_durably(probes, make_job):
+    job = make_job("test.durability_sync", {"mode": "submit"})
+
+    runner.run_job(str(job.id))
+
+    assert _result(job) == {"synchronous_commit": "on"}
+    assert Job.objects.filter(kind="demo.noop", state=State.QUEUED).count() == 1
 
 
 def test_every_handler_of_a_chain_writes_durably(probes, make_job, settings):
