@@ -66,6 +66,10 @@ FLUSH_SECONDS = 0.25
 # thread the handlers' statements queued behind the engine's: a full lane of
 # 256 LLM calls a second waited on it, not on the provider.
 HANDLER_DB_THREADS = 3
+# Threads that write jobs' outcomes (each job's last report, then its
+# finishing transition, in that order). One thread finished at most about 40
+# jobs a second per process, and a lane of 256 one-second calls wants 250.
+FINISH_DB_THREADS = 3
 # The most text one `job.output` event carries; more waits for the next flush.
 MAX_OUTPUT_DELTA = 16 * 1024
 
@@ -152,6 +156,10 @@ class Lane:
         self.loop = asyncio.new_event_loop()
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lane-db")
         self.handler_db = ThreadPoolExecutor(max_workers=HANDLER_DB_THREADS, thread_name_prefix="lane-handler-db")
+        self.finish_db = ThreadPoolExecutor(max_workers=FINISH_DB_THREADS, thread_name_prefix="lane-finish-db")
+        # Set while no progress flush is being written: a finish waits for it,
+        # so a job's last reported text is written before its outcome.
+        self.flush_idle: asyncio.Event | None = None
         self.thread = threading.Thread(target=self._run_loop, name="conveyor-lane", daemon=True)
         self.tasks: dict[UUID, tuple[asyncio.Task, AsyncContext]] = {}
         self.waiting: dict[UUID, _Waiting] = {}
@@ -235,22 +243,32 @@ class Lane:
     async def _handler_db(self, func, *args, **kwargs):
         return await self.loop.run_in_executor(self.handler_db, lambda: _in_db_thread(func, *args, **kwargs))
 
+    async def _finish_db(self, func, *args, **kwargs):
+        return await self.loop.run_in_executor(self.finish_db, lambda: _in_db_thread(func, *args, **kwargs))
+
+    def _idle_event(self) -> asyncio.Event:
+        if self.flush_idle is None:  # created on the loop's thread
+            self.flush_idle = asyncio.Event()
+            self.flush_idle.set()
+        return self.flush_idle
+
     def close_connections(self, timeout: float = 10) -> None:
         """Close the connection of every lane database thread (the engine's and
         each handler thread's), from outside the lane; used when it is idle."""
         from django.db import connections
 
         self.db.submit(connections.close_all).result(timeout)
-        # One task per handler thread: each waits at the barrier until all are
-        # taken, so no thread runs two and every thread closes its own.
-        barrier = threading.Barrier(HANDLER_DB_THREADS)
+        for pool, threads in ((self.handler_db, HANDLER_DB_THREADS), (self.finish_db, FINISH_DB_THREADS)):
+            # One task per thread: each waits at the barrier until all are
+            # taken, so no thread runs two and every thread closes its own.
+            barrier = threading.Barrier(threads)
 
-        def close() -> None:
-            barrier.wait(timeout)
-            connections.close_all()
+            def close(barrier=barrier) -> None:
+                barrier.wait(timeout)
+                connections.close_all()
 
-        for future in [self.handler_db.submit(close) for _ in range(HANDLER_DB_THREADS)]:
-            future.result(timeout + 5)
+            for future in [pool.submit(close) for _ in range(threads)]:
+                future.result(timeout + 5)
 
     async def _run_job(self, job, handler, ctx: AsyncContext) -> None:
         start_capture(ctx.joblog)  # this task's context: its log records are the job's
@@ -308,15 +326,17 @@ class Lane:
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
         # What is still buffered for this job (its last report, text and log
         # lines not yet sent) goes out ahead of the outcome, not after it.
+        # A flush being written may carry this job's report: it goes first.
+        await self._idle_event().wait()
         entry = self.pending.pop(job.id, None)
         ctx = self._context(job.id)
         if ctx is not None and (entry is not None or ctx.unsent()):
             with contextlib.suppress(DatabaseError):  # the outcome keeps the whole text and log anyway
-                await self._db(record_progress, {job.id: _report(entry, ctx)})
+                await self._finish_db(record_progress, {job.id: _report(entry, ctx)})
         delay = FLUSH_SECONDS
         while True:
             try:
-                await self._db(finish, job, worker, *args, **kwargs)
+                await self._finish_db(finish, job, worker, *args, **kwargs)
                 return
             except DatabaseError as exc:
                 # Postgres restarting: the outcome is known and the job still
@@ -377,6 +397,8 @@ class Lane:
         reports = {
             job_id: _report(entry, ctx) for job_id, entry in batch.items() if (ctx := contexts[job_id]) is not None
         }
+        idle = self._idle_event()
+        idle.clear()
         try:
             cancelled = await self._db(record_progress, reports) if reports else {}
         except BaseException:
@@ -385,6 +407,8 @@ class Lane:
                 contexts[job_id].joblog.rewind(mark)
                 self.pending.setdefault(job_id, batch[job_id])
             raise
+        finally:
+            idle.set()
         self._cancel([job_id for job_id, requested in cancelled.items() if requested], "cancelled")
         for job_id, ctx in contexts.items():
             if ctx is not None and job_id in self.tasks and ctx.unsent():
