@@ -1025,3 +1025,35 @@ def test_a_batchs_finished_jobs_keep_their_leases_while_a_slow_batch_mate_runs(m
     assert [(a.number, a.outcome) for a in attempts_of(quick)] == [(1, "succeeded")]
     assert event_types(quick) == ["job.created", "job.started", "job.succeeded"]
     assert broker_rows(quick) == []
+
+
+def test_a_lane_finish_waits_for_a_progress_flush_in_progress():
+    """Outcomes are written on threads of their own: one must not overtake the
+    flush that carries its job's last text, which would then match nothing."""
+    import asyncio
+    import types
+
+    from jobs.worker.lane import Lane
+
+    lane = Lane(capacity=1)
+    lane.thread.start()
+    written: list[str] = []
+
+    def finish(job, worker) -> None:
+        written.append("outcome")
+
+    async def scenario() -> None:
+        idle = lane._idle_event()
+        idle.clear()  # as `_flush` does while its statement runs
+        finishing = asyncio.ensure_future(lane._finish(finish, types.SimpleNamespace(id="job"), "w"))
+        await asyncio.sleep(0.2)
+        written.append("flush")
+        idle.set()
+        await finishing
+
+    try:
+        asyncio.run_coroutine_threadsafe(scenario(), lane.loop).result(10)
+        assert written == ["flush", "outcome"]
+    finally:
+        lane.close_connections()
+        lane.loop.call_soon_threadsafe(lane.loop.stop)
