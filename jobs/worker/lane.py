@@ -28,8 +28,12 @@ Everything that makes a job safe stays the same:
   streaming output does not make the database the bottleneck;
 - on exit (recycle or cluster stop) the process waits for in-flight jobs.
 
-Database work runs on one executor thread with its own Django connection
-(Django's ORM is synchronous).
+Database work runs on executor threads, each with its own Django connection
+(Django's ORM is synchronous): the lane's claims, flushes and renewals on one,
+in order; the handlers' `ctx.run_db` on HANDLER_DB_THREADS; outcomes on
+FINISH_DB_THREADS, each after any flush in progress. While a delivery's fill
+found a backlog, the lane claims the queue's next ready jobs itself as places
+free (`_refill`), rather than one Django-Q2 delivery per place.
 """
 
 from __future__ import annotations
