@@ -1,7 +1,7 @@
 """`make bench` (with bench/api_submit.py and bench/sse_bench.py): every benchmark,
 Conveyor against the stock alternative in the same run, medians of 3.
-Usage: python -m bench [w1 w2 w3 compete w4 fanin counters horizon history peers ...] [--jobs N (horizon's size)]
-[--history-jobs N (history's size, default 2,000,000)]"""
+Usage: python -m bench [w1 w2 w3 compete w4 fanin counters horizon history content peers ...]
+       [--jobs N (horizon's size)] [--history-jobs N (history's size, default 2,000,000)] [--rows N (content's size)]"""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def main(argv: list[str]) -> int:
 
     jobs, argv = _jobs_option(argv)
     history_jobs, argv = _history_jobs_option(argv)
+    rows, argv = _rows_option(argv)
     setup_django()
-    from bench import counters_bench, fanin, history, llm_bench, peers, queue_bench
+    from bench import content_bench, counters_bench, fanin, history, llm_bench, peers, queue_bench
 
     benchmarks = {
         "w1": queue_bench.w1_submission,
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> int:
         "counters": counters_bench.counters,
         "horizon": partial(horizon.horizon, n=jobs) if jobs else horizon.horizon,
         "history": partial(history.history, n=history_jobs) if history_jobs else history.history,
+        "content": partial(content_bench.content, rows=rows) if rows else content_bench.content,
         "peers": peers.peers,
     }
     chosen = argv or list(benchmarks)
@@ -80,6 +82,17 @@ def _history_jobs_option(argv: list[str]) -> tuple[int | None, list[str]]:
     from bench.history import parse
 
     return parse(argv[at : at + 2]), argv[:at] + argv[at + 2 :]
+
+
+def _rows_option(argv: list[str]) -> tuple[int | None, list[str]]:
+    """`--rows N` (the content benchmark's size) taken out of the names."""
+    if "--rows" not in argv:
+        return None, argv
+    at = argv.index("--rows")
+    value = argv[at + 1] if at + 1 < len(argv) else ""
+    if not value.isdigit() or not 1 <= int(value) <= 10_000:
+        sys.exit(f"--rows wants a number of rows from 1 to 10000, not {value!r}")
+    return int(value), argv[:at] + argv[at + 2 :]
 
 
 if __name__ == "__main__":

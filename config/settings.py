@@ -250,7 +250,7 @@ CONVEYOR = {
     "MAX_PAYLOAD_BYTES": 256 * 1024,
     "DEFAULT_QUEUE": "default",
     # Async (I/O-bound) jobs one worker process runs at once (jobs/worker/lane.py).
-    "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 100, minimum=1),
+    "LANE_CAPACITY": env_int("CONVEYOR_LANE_CAPACITY", 256, minimum=1),
     # At most this many more ready async jobs a delivery claims for its lane's
     # free places, in one statement (jobs/worker/claims.py `fill_lane`); 0: none.
     "LANE_FILL": env_int("CONVEYOR_LANE_FILL", 32, minimum=0),

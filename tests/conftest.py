@@ -61,16 +61,15 @@ def _poll(predicate: Callable[[], object], deadline: float, timeout: float, mess
 
 
 def release_lane_connection(*, timeout: float = 30) -> None:
-    """Wait until this process's asyncio lane is idle, then close the connection
-    its database thread keeps (it would hold the test database open)."""
-    from django.db import connections
-
+    """Wait until this process's asyncio lane is idle, then close the connections
+    its database threads keep (they would hold the test database open)."""
     from jobs.worker.lane import get_lane
 
     lane = get_lane()
+    lane.refill = None  # the next test's jobs are its own to deliver
 
     async def idle() -> bool:
-        return not (lane.tasks or lane.waiting or lane.disarm or lane.pending)
+        return not (lane.tasks or lane.waiting or lane.disarm or lane.pending or lane.refilling)
 
     # Asked on the lane's own loop, between two of its steps: whatever the
     # housekeeping took from these is then already queued on the database
@@ -80,7 +79,7 @@ def release_lane_connection(*, timeout: float = 30) -> None:
         timeout=timeout,
         message="the lane to go idle",
     )
-    lane.db.submit(connections.close_all).result(10)
+    lane.close_connections()
 
 
 @pytest.fixture(autouse=True)

@@ -350,8 +350,9 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 class Load:
-    """What this process is answering: calls in flight, their peak and when each
-    started (the last 10,000), so tests can check the limits a client claims to keep.
+    """What this process is answering: calls in flight, their peak, how many
+    started in all (`total`) and when each started (the last 10,000), so tests
+    and benchmarks can check the limits a client claims to keep and count calls.
     `GET /simulated/v1/load` reads it (bare ASGI app only); `DELETE` resets it."""
 
     def __init__(self) -> None:
@@ -360,12 +361,14 @@ class Load:
     def reset(self) -> None:
         self.in_flight = getattr(self, "in_flight", 0)
         self.peak = self.in_flight
+        self.total = 0
         self.started: deque[float] = deque(maxlen=10_000)
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
+        self.total += 1
         self.started.append(time.time())
         try:
             yield
@@ -377,6 +380,7 @@ class Load:
             "in_flight": self.in_flight,
             "peak": self.peak,
             "requests": len(self.started),
+            "total": self.total,
             "started": list(self.started),
         }
 

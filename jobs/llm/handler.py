@@ -14,6 +14,7 @@ from django.utils.text import slugify
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from jobs.db.durability import engine_statements
 from jobs.engine.registry import Payload, handler
 from jobs.llm.prompts import PromptTooLong, TemplateError, check_length, parse_template, render_prompt
 
@@ -67,6 +68,21 @@ LIMIT_WAIT_SECONDS = 2.0
 _PROVIDER_FAILURES = ("ProviderThrottled", "ProviderUnavailable")
 
 
+def _bookkeeping(func):
+    """`func` run as the engine's own statements (jobs.db.durability): the
+    limits' slot and token rows, and the page a job stores just before its
+    success, commit as the worker's transitions do, without each waiting for
+    the WAL flush on the lane's one database thread. The order of the WAL
+    keeps them safe: when the success that follows is durable, so are they;
+    when both are lost, the job runs again and writes them again."""
+
+    def run(*args, **kwargs):
+        with engine_statements():
+            return func(*args, **kwargs)
+
+    return run
+
+
 async def _permit(ctx, provider):
     """A permit for one call to `provider` (jobs.llm.limits), waiting a little in the
     lane; raises TokenBudgetExhausted or ProviderBusy (both retried, uncounted)."""
@@ -77,7 +93,7 @@ async def _permit(ctx, provider):
     pause = 0.05
     while True:
         outcome = await ctx.run_db(
-            limits.acquire, provider, job_id=ctx.job_id, worker=ctx.worker, batch_id=ctx.batch_id
+            _bookkeeping(limits.acquire), provider, job_id=ctx.job_id, worker=ctx.worker, batch_id=ctx.batch_id
         )
         if isinstance(outcome, limits.Permit):
             return outcome
@@ -100,7 +116,9 @@ def _provider_failures(job_id) -> int:
     ).count()
 
 
-async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperature, fallback=None) -> dict:
+async def _generate(
+    ctx, *, provider_name, messages, model, max_tokens, temperature, fallback=None, stream=True
+) -> dict:
     from jobs.llm import limits
     from jobs.llm.client import chat, estimate_tokens
     from jobs.llm.providers import get_provider
@@ -129,8 +147,8 @@ async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperat
             model=model,
             max_tokens=max_tokens,
             temperature=temperature,
-            stream=True,
-            on_delta=on_delta,
+            stream=stream,
+            on_delta=on_delta if stream else None,
         )
     finally:
         # A call cut short still used the tokens it streamed (estimated, as the provider sent no usage).
@@ -140,7 +158,9 @@ async def _generate(ctx, *, provider_name, messages, model, max_tokens, temperat
             used = (estimate_tokens(m.get("content") or "" for m in messages), estimate_tokens(received))
         else:
             used = (0, 0)
-        await ctx.run_db(limits.release, permit, prompt_tokens=used[0], completion_tokens=used[1], account=any(used))
+        await ctx.run_db(
+            _bookkeeping(limits.release), permit, prompt_tokens=used[0], completion_tokens=used[1], account=any(used)
+        )
     ctx.output = result.text
     log.info(
         "%s finished (%s): %d prompt + %d completion tokens in %.2f s",
@@ -220,11 +240,42 @@ def page_from_text(text: str, keyword: str) -> dict:
     return {"title": heading[:300], "meta_description": meta, "body_markdown": body, "word_count": len(body.split())}
 
 
+_STORE_PAGE = """
+INSERT INTO jobs_page (batch_id, slug, job_id, keyword, title, meta_description, body_markdown, word_count,
+                       prompt_tokens, completion_tokens, simulated, created_at, updated_at)
+VALUES (%(batch)s, %(slug)s, %(job)s, %(keyword)s, %(title)s, %(meta_description)s, %(body_markdown)s,
+        %(word_count)s, %(prompt_tokens)s, %(completion_tokens)s, %(simulated)s, now(), now())
+ON CONFLICT ON CONSTRAINT page_unique_batch_slug DO UPDATE SET
+    job_id = EXCLUDED.job_id, keyword = EXCLUDED.keyword, title = EXCLUDED.title,
+    meta_description = EXCLUDED.meta_description, body_markdown = EXCLUDED.body_markdown,
+    word_count = EXCLUDED.word_count, prompt_tokens = EXCLUDED.prompt_tokens,
+    completion_tokens = EXCLUDED.completion_tokens, simulated = EXCLUDED.simulated, updated_at = EXCLUDED.updated_at
+RETURNING id
+"""
+
+
+def store_page(batch_id, slug: str, **values) -> int:
+    """Write the page keyed by (batch, slug) in one statement: a re-run of the
+    job overwrites the same row (created_at kept). Returns its id."""
+    from jobs.db import sql
+
+    job_id = values.pop("job_id")
+    with sql.cursor() as cursor:
+        cursor.execute(
+            _STORE_PAGE,
+            {
+                "batch": str(batch_id) if batch_id else None,
+                "slug": slug,
+                "job": str(job_id) if job_id else None,
+                **values,
+            },
+        )
+        return cursor.fetchone()[0]
+
+
 @handler("content.page", schema=PagePayload, queue=LLM_QUEUE, max_attempts=5, timeout=900)
 async def page(ctx, payload: PagePayload) -> dict:
     """A programmatic SEO page from a prompt template and one row of variables."""
-    from jobs.models import Page
-
     prompt = render_prompt(payload.template, payload.variables)
     generated = await _generate(
         ctx,
@@ -234,29 +285,27 @@ async def page(ctx, payload: PagePayload) -> dict:
         max_tokens=payload.max_tokens,
         temperature=None,
         fallback=payload.fallback,
+        # A page is stored whole: streaming it would cost a progress write and
+        # a job.output event per flush for text nobody watches in a batch of
+        # thousands (the attempt keeps the text all the same).
+        stream=False,
     )
     keyword = str(payload.variables.get("keyword") or "")
     fields = page_from_text(generated["text"], keyword)
     slug = slugify(keyword or fields["title"])[:200] or f"page-{ctx.job_id}"
     usage = generated["usage"]
 
-    def store() -> int:
-        # Keyed by (batch, slug): a re-run of this job overwrites the same page.
-        stored, _ = Page.objects.update_or_create(
-            batch_id=ctx.batch_id,
-            slug=slug,
-            defaults={
-                **fields,
-                "job_id": ctx.job_id,
-                "keyword": keyword,
-                "simulated": generated["simulated"],
-                "prompt_tokens": usage["prompt_tokens"],
-                "completion_tokens": usage["completion_tokens"],
-            },
-        )
-        return stored.pk
-
-    page_id = await ctx.run_db(store)
+    page_id = await ctx.run_db(
+        _bookkeeping(store_page),
+        ctx.batch_id,
+        slug,
+        job_id=ctx.job_id,
+        keyword=keyword,
+        simulated=generated["simulated"],
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"],
+        **fields,
+    )
     return {
         "page_id": page_id,
         "slug": slug,

@@ -70,11 +70,22 @@ WITH budget AS (
     SELECT token_budget IS NOT NULL AND prompt_tokens + completion_tokens >= token_budget AS spent,
            prompt_tokens + completion_tokens AS used, token_budget
     FROM jobs_batch WHERE id = %(batch)s
-), free AS (
+), idle AS (
+    -- A slot nobody holds first: found without looking at the jobs of the
+    -- held ones, which with hundreds held was most of each call's cost.
     SELECT s.id FROM jobs_providerslot s
-    WHERE s.provider = %(provider)s AND s.slot < %(slots)s AND {_FREE}
+    WHERE s.provider = %(provider)s AND s.slot < %(slots)s AND s.expires_at IS NULL
       AND NOT EXISTS (SELECT 1 FROM budget WHERE spent)
     ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED
+), stale AS (
+    -- Only when none is idle: a hold that expired or whose holder is gone.
+    SELECT s.id FROM jobs_providerslot s
+    WHERE NOT EXISTS (SELECT 1 FROM idle)
+      AND s.provider = %(provider)s AND s.slot < %(slots)s AND {_FREE}
+      AND NOT EXISTS (SELECT 1 FROM budget WHERE spent)
+    ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED
+), free AS (
+    SELECT id FROM idle UNION ALL SELECT id FROM stale
 ), bucket AS (
     UPDATE jobs_providerrate SET tokens = {_REFILLED} - 1, refilled_at = greatest(refilled_at, statement_timestamp())
     WHERE provider = %(provider)s AND %(rpm)s > 0 AND EXISTS (SELECT 1 FROM free) AND {_REFILLED} >= 1

@@ -28,8 +28,12 @@ Everything that makes a job safe stays the same:
   streaming output does not make the database the bottleneck;
 - on exit (recycle or cluster stop) the process waits for in-flight jobs.
 
-Database work runs on one executor thread with its own Django connection
-(Django's ORM is synchronous).
+Database work runs on executor threads, each with its own Django connection
+(Django's ORM is synchronous): the lane's claims, flushes and renewals on one,
+in order; the handlers' `ctx.run_db` on HANDLER_DB_THREADS; outcomes on
+FINISH_DB_THREADS, each after any flush in progress. While a delivery's fill
+found a backlog, the lane claims the queue's next ready jobs itself as places
+free (`_refill`), rather than one Django-Q2 delivery per place.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import util as mp_util
 from typing import Any
@@ -59,6 +64,16 @@ from jobs.worker.joblogs import JobLog, start_capture
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.25
+# Threads (each with its own connection) for the handlers' database work
+# (`ctx.run_db`: a provider's limits, a page to store), beside the one thread
+# that writes the lane's progress, renewals and outcomes in order. On that one
+# thread the handlers' statements queued behind the engine's: a full lane of
+# 256 LLM calls a second waited on it, not on the provider.
+HANDLER_DB_THREADS = 3
+# Threads that write jobs' outcomes (each job's last report, then its
+# finishing transition, in that order). One thread finished at most about 40
+# jobs a second per process, and a lane of 256 one-second calls wants 250.
+FINISH_DB_THREADS = 3
 # The most text one `job.output` event carries; more waits for the next flush.
 MAX_OUTPUT_DELTA = 16 * 1024
 
@@ -111,9 +126,9 @@ class AsyncContext:
         return self.sent != len(self.output) or self.joblog.changed
 
     async def run_db(self, func, *args, **kwargs):
-        """Run synchronous ORM code on the lane's database thread (committing
-        with the server's durability, not the lane's own)."""
-        return await self._lane._db(_handlers, func, *args, **kwargs)
+        """Run synchronous ORM code on one of the lane's handler database
+        threads (committing with the server's durability, not the lane's own)."""
+        return await self._lane._handler_db(_handlers, func, *args, **kwargs)
 
     async def dependency_results(self) -> dict[str, Any]:
         """{dependency job id: its result} (`await ctx.dependency_results()`)."""
@@ -144,6 +159,11 @@ class Lane:
         self.slots = threading.BoundedSemaphore(capacity)
         self.loop = asyncio.new_event_loop()
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lane-db")
+        self.handler_db = ThreadPoolExecutor(max_workers=HANDLER_DB_THREADS, thread_name_prefix="lane-handler-db")
+        self.finish_db = ThreadPoolExecutor(max_workers=FINISH_DB_THREADS, thread_name_prefix="lane-finish-db")
+        # Set while no progress flush is being written: a finish waits for it,
+        # so a job's last reported text is written before its outcome.
+        self.flush_idle: asyncio.Event | None = None
         self.thread = threading.Thread(target=self._run_loop, name="conveyor-lane", daemon=True)
         self.tasks: dict[UUID, tuple[asyncio.Task, AsyncContext]] = {}
         self.waiting: dict[UUID, _Waiting] = {}
@@ -152,6 +172,10 @@ class Lane:
         # Latest report of each job, or None for one with only new log lines.
         self.pending: dict[UUID, tuple[int, str, AsyncContext] | None] = {}
         self.stopping = False
+        # How to claim more ready jobs for free places (set by the runner from
+        # a delivery: claims.fill_lane for its queue); None once a fill found none.
+        self.refill: Callable[[], int] | None = None
+        self.refilling = False
 
     # --- worker thread side ---------------------------------------------------
 
@@ -220,6 +244,36 @@ class Lane:
     async def _db(self, func, *args, **kwargs):
         return await self.loop.run_in_executor(self.db, lambda: _in_db_thread(func, *args, **kwargs))
 
+    async def _handler_db(self, func, *args, **kwargs):
+        return await self.loop.run_in_executor(self.handler_db, lambda: _in_db_thread(func, *args, **kwargs))
+
+    async def _finish_db(self, func, *args, **kwargs):
+        return await self.loop.run_in_executor(self.finish_db, lambda: _in_db_thread(func, *args, **kwargs))
+
+    def _idle_event(self) -> asyncio.Event:
+        if self.flush_idle is None:  # created on the loop's thread
+            self.flush_idle = asyncio.Event()
+            self.flush_idle.set()
+        return self.flush_idle
+
+    def close_connections(self, timeout: float = 10) -> None:
+        """Close the connection of every lane database thread (the engine's and
+        each handler thread's), from outside the lane; used when it is idle."""
+        from django.db import connections
+
+        self.db.submit(connections.close_all).result(timeout)
+        for pool, threads in ((self.handler_db, HANDLER_DB_THREADS), (self.finish_db, FINISH_DB_THREADS)):
+            # One task per thread: each waits at the barrier until all are
+            # taken, so no thread runs two and every thread closes its own.
+            barrier = threading.Barrier(threads)
+
+            def close(barrier=barrier) -> None:
+                barrier.wait(timeout)
+                connections.close_all()
+
+            for future in [pool.submit(close) for _ in range(threads)]:
+                future.result(timeout + 5)
+
     async def _run_job(self, job, handler, ctx: AsyncContext) -> None:
         start_capture(ctx.joblog)  # this task's context: its log records are the job's
         try:
@@ -249,19 +303,44 @@ class Lane:
             if watchdog is not None:
                 self.disarm.append(watchdog)
             self.slots.release()
+            if self.refill is not None and not self.refilling and not self.stopping:
+                self.refilling = True
+                self.loop.create_task(self._refill())
+
+    async def _refill(self) -> None:
+        """Fill the places jobs leave with the queue's next ready jobs, at once,
+        while there are some. Otherwise a place waited for a Django-Q2 delivery
+        (pusher, task queue, a worker blocked on the full lane), and a backlog
+        of thousands ran at the rate of deliveries, not of the lane."""
+        try:
+            while self.refill is not None and not self.stopping:
+                if not self.reserve(1):  # full: the next job to finish comes back here
+                    return
+                self.unreserve(1)
+                refill = self.refill
+                if not await self._db(refill):
+                    if self.refill is refill:  # no ready job left: deliveries take over again
+                        self.refill = None
+                    return
+        except Exception:  # noqa: BLE001 - deliveries still fill the lane
+            log.exception("lane: refilling failed")
+        finally:
+            self.refilling = False
 
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
         # What is still buffered for this job (its last report, text and log
         # lines not yet sent) goes out ahead of the outcome, not after it.
+        # A flush being written may carry this job's report: it goes first.
+        await self._idle_event().wait()
         entry = self.pending.pop(job.id, None)
         ctx = self._context(job.id)
         if ctx is not None and (entry is not None or ctx.unsent()):
             with contextlib.suppress(DatabaseError):  # the outcome keeps the whole text and log anyway
-                await self._db(record_progress, {job.id: _report(entry, ctx)})
+                await self._finish_db(record_progress, {job.id: _report(entry, ctx)})
         delay = FLUSH_SECONDS
         while True:
             try:
-                await self._db(finish, job, worker, *args, **kwargs)
+                await self._finish_db(finish, job, worker, *args, **kwargs)
                 return
             except DatabaseError as exc:
                 # Postgres restarting: the outcome is known and the job still
@@ -322,6 +401,8 @@ class Lane:
         reports = {
             job_id: _report(entry, ctx) for job_id, entry in batch.items() if (ctx := contexts[job_id]) is not None
         }
+        idle = self._idle_event()
+        idle.clear()
         try:
             cancelled = await self._db(record_progress, reports) if reports else {}
         except BaseException:
@@ -330,6 +411,8 @@ class Lane:
                 contexts[job_id].joblog.rewind(mark)
                 self.pending.setdefault(job_id, batch[job_id])
             raise
+        finally:
+            idle.set()
         self._cancel([job_id for job_id, requested in cancelled.items() if requested], "cancelled")
         for job_id, ctx in contexts.items():
             if ctx is not None and job_id in self.tasks and ctx.unsent():

@@ -23,6 +23,7 @@ Every change of state is jobs/engine/states.py's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -110,7 +111,9 @@ def run_job(job_id: str) -> None:
             delivery.settled()  # re-armed as the watchdog
         lane = get_lane()
         lane.submit(job, handler, worker, watchdog_id=job.watchdog_id)
-        fill_lane(lane, job.queue, worker)
+        if fill_lane(lane, job.queue, worker):
+            # A backlog: the lane claims the next ready jobs as places free.
+            lane.refill = functools.partial(fill_lane, lane, job.queue, worker)
         return
     began = time.monotonic() - claimed
     outcome, value = execute(job, handler, worker)

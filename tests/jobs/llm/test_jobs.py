@@ -266,3 +266,56 @@ def test_a_stored_content_page_job_with_a_bad_template_fails_at_once(configure, 
     assert (done.state, done.attempts, done.max_attempts) == ("dead", 1, 5)
     assert done.error_type == "InvalidPayload" and message in done.error_message
     assert httpx.get(f"{daphne}/simulated/v1/load").json()["requests"] == 0
+
+
+def test_a_content_page_is_asked_for_whole_and_stored_without_streamed_events(configure, daphne):
+    """content.page makes one non-streamed call: no job.progress events and
+    one job.output (the whole text, flushed with the outcome) rather than
+    several of each per page; the attempt keeps the text all the same."""
+    from jobs.models import Attempt, Page
+
+    configure({"name": "sim"})
+    batch = services.submit_batch(
+        "pages",
+        [{"kind": "content.page", "payload": {"template": "About {keyword}", "variables": {"keyword": "Tea Time"}}}],
+    ).batch
+    job = batch.jobs.get()
+
+    done = run(job)
+
+    assert done.state == "succeeded"
+    stored = Page.objects.get(batch=batch)
+    assert (stored.slug, stored.keyword, stored.job_id) == ("tea-time", "Tea Time", job.id)
+    assert stored.simulated is done.result["simulated"]
+    assert done.result["page_id"] == stored.id and done.result["slug"] == "tea-time"
+    assert stored.title and stored.body_markdown.startswith("# ") and stored.word_count > 0
+    assert (stored.prompt_tokens, stored.completion_tokens) == (done.prompt_tokens, done.completion_tokens)
+    types = list(done.events.values_list("type", flat=True))
+    assert {"job.created", "job.started", "job.succeeded"} <= set(types)
+    assert "job.progress" not in types and types.count("job.output") == 1  # the whole text, with the outcome
+    assert stored.title in Attempt.objects.get(job=job).output
+    assert httpx.get(f"{daphne}/simulated/v1/load").json()["total"] == 1
+
+
+def test_storing_a_page_again_rewrites_the_same_row():
+    """The page is keyed by (batch, slug), also without a batch: a job that
+    runs again overwrites its page in one statement, keeping id and created_at."""
+    from jobs.llm.handler import store_page
+    from jobs.models import Page
+
+    batch = Batch.objects.create(name="again")
+    first_job = services.submit_job("demo.noop", {}).job
+    second_job = services.submit_job("demo.noop", {}).job
+    values = {"keyword": "Tea", "title": "One", "meta_description": "d", "body_markdown": "# One", "word_count": 2}
+    counts = {"prompt_tokens": 3, "completion_tokens": 4, "simulated": True}
+
+    first = store_page(batch.id, "tea", job_id=first_job.id, **values, **counts)
+    created = Page.objects.get(id=first).created_at
+    again = store_page(batch.id, "tea", job_id=second_job.id, **{**values, "title": "Two"}, **counts)
+    alone = [store_page(None, "tea", job_id=None, **values, **counts) for _ in range(2)]
+
+    assert again == first and alone[0] == alone[1] != first
+    page = Page.objects.get(id=first)
+    assert (page.title, page.job_id, page.created_at) == ("Two", second_job.id, created)
+    assert page.updated_at >= created
+    assert Page.objects.count() == 2

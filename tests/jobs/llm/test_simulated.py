@@ -233,3 +233,16 @@ def test_an_explicit_setting_turns_the_controls_on_or_off(sim_env, settings):
     settings.DEBUG = True
     settings.CONVEYOR_SIMULATOR_CONTROLS = False
     assert _controls_work() == OFF
+
+
+def test_load_counts_every_call_beyond_the_10_000_start_times_it_keeps():
+    from config.simulator.simulated import Load
+
+    load = Load()
+    for _ in range(10_003):
+        with load.call():
+            pass
+    snapshot = load.snapshot()
+    assert (snapshot["requests"], snapshot["total"], snapshot["in_flight"]) == (10_000, 10_003, 0)
+    load.reset()
+    assert load.snapshot()["total"] == 0

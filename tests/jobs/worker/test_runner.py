@@ -675,6 +675,32 @@ def test_a_row_already_on_its_way_to_a_worker_is_left_to_its_delivery(make_job, 
     assert lane.given_back == 5
 
 
+def test_a_lane_with_a_backlog_claims_the_next_ready_jobs_as_places_free(make_job, monkeypatch):
+    """One delivery, six jobs, two places: the lane claims the rest itself as
+    its jobs finish (a backlog ran at the rate of Django-Q2 deliveries before),
+    and stops refilling once a claim finds no ready job."""
+    from jobs.worker.lane import Lane
+
+    lane = Lane(capacity=2)
+    lane.thread.start()  # no housekeeping, no exit hook: this lane lives for the test
+    monkeypatch.setattr(runner, "get_lane", lambda: lane)
+    jobs = [make_job("demo.async_sleep", {"seconds": 0.05, "steps": 1}) for _ in range(6)]
+    try:
+        deliver_as_django_q2(jobs[0])  # no other delivery follows
+
+        wait_until(
+            lambda: Job.objects.filter(id__in=[j.id for j in jobs], state=State.SUCCEEDED).count() == 6,
+            timeout=30,
+            message="every job of the backlog",
+        )
+        wait_until(lambda: lane.refill is None and not lane.refilling, timeout=10, message="the refills to stop")
+        assert [len(attempts_of(job)) for job in jobs] == [1] * 6
+    finally:
+        lane.stopping = True
+        lane.close_connections()
+        lane.loop.call_soon_threadsafe(lane.loop.stop)
+
+
 # --- a delivery runs more ready jobs (the chain) --------------------------------
 
 
@@ -999,3 +1025,35 @@ def test_a_batchs_finished_jobs_keep_their_leases_while_a_slow_batch_mate_runs(m
     assert [(a.number, a.outcome) for a in attempts_of(quick)] == [(1, "succeeded")]
     assert event_types(quick) == ["job.created", "job.started", "job.succeeded"]
     assert broker_rows(quick) == []
+
+
+def test_a_lane_finish_waits_for_a_progress_flush_in_progress():
+    """Outcomes are written on threads of their own: one must not overtake the
+    flush that carries its job's last text, which would then match nothing."""
+    import asyncio
+    import types
+
+    from jobs.worker.lane import Lane
+
+    lane = Lane(capacity=1)
+    lane.thread.start()
+    written: list[str] = []
+
+    def finish(job, worker) -> None:
+        written.append("outcome")
+
+    async def scenario() -> None:
+        idle = lane._idle_event()
+        idle.clear()  # as `_flush` does while its statement runs
+        finishing = asyncio.ensure_future(lane._finish(finish, types.SimpleNamespace(id="job"), "w"))
+        await asyncio.sleep(0.2)
+        written.append("flush")
+        idle.set()
+        await finishing
+
+    try:
+        asyncio.run_coroutine_threadsafe(scenario(), lane.loop).result(10)
+        assert written == ["flush", "outcome"]
+    finally:
+        lane.close_connections()
+        lane.loop.call_soon_threadsafe(lane.loop.stop)
