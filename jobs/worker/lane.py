@@ -26,6 +26,10 @@ Everything that makes a job safe stays the same:
   every 250 ms in one statement, with the text streamed since the last one
   (a `job.output` event) and the lines logged since (a `job.log` event), so
   streaming output does not make the database the bottleneck;
+- successes are written in batches (`_succeed`): the batch's last reports in
+  one statement, then its successes in one (`states.succeed_many`); a job
+  that statement did not move (lease lost, a hook must hear of it alone)
+  goes through `finish_succeeded`;
 - on exit (recycle or cluster stop) the process waits for in-flight jobs.
 
 Database work runs on executor threads, each with its own Django connection

@@ -88,3 +88,23 @@ def test_a_lane_job_whose_lease_was_lost_is_not_finished(make_job, lane):
     [attempt] = attempts_of(job)
     assert attempt.finished_at is None and attempt.outcome == ""
     assert "job.succeeded" not in event_types(job)
+
+
+def test_lane_successes_with_dependents_queue_their_dependents(make_job, lane):
+    """A job with a dependent goes in the batch too (in a transaction with the
+    workflows' batch call): the dependent waits until then, and is queued after."""
+    parents = [make_job("demo.async_sleep", {"seconds": 0.05, "steps": 1}) for _ in range(3)]
+    child = make_job("demo.noop", depends_on=[parent.id for parent in parents])
+    assert Job.objects.get(id=child.id).state == State.WAITING
+
+    deliver_as_django_q2(parents[0])
+
+    ids = [parent.id for parent in parents]
+    wait_until(
+        lambda: Job.objects.filter(id__in=ids, state=State.SUCCEEDED).count() == 3, timeout=30, message="the parents"
+    )
+    wait_until(lambda: not lane.tasks, timeout=10, message="the lane to be idle")
+    assert {job_id for _, finished in lane.batches for job_id in finished} == set(ids)
+    assert Job.objects.get(id=child.id).state == State.QUEUED
+    for parent in parents:
+        assert event_types(parent).count("job.succeeded") == 1
