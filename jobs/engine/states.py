@@ -395,6 +395,69 @@ def _quiet_successes(done: Sequence[QuietSuccess], worker: str, *, in_batch: boo
     return statement, params
 
 
+class LaneSuccess(NamedTuple):
+    """A lane job that succeeded, to be recorded with others (`succeed_many`):
+    what `finish_succeeded` records for one job, and whether it had
+    dependents when it was claimed."""
+
+    job_id: UUID
+    worker: str
+    result: Any
+    output: str | None = None
+    logs: str | None = None
+    dependents: bool = False
+
+
+def succeed_many(done: Sequence[LaneSuccess]) -> set[UUID]:
+    """Move the jobs of `done` running -> succeeded in one statement, each as
+    `transition` does for the worker's `finish_succeeded` (result, progress
+    100, lease and error cleared, its open attempt closed with its output and
+    logs, a `job.succeeded` event and its notification), for those still
+    their worker's (state running, lease owner theirs) that no finish hook
+    needs to hear of one by one. When one of them had dependents, it runs in a
+    transaction that then tells the hooks of them all at once
+    (`hooks.jobs_finished`), as the chain's batch does. Returns the ids it
+    moved; the caller finishes the others through `transition`."""
+    if not done:
+        return set()
+    in_batch = any(item.dependents for item in done)
+    quiet = hooks.batch_condition(State.SUCCEEDED) if in_batch else hooks.quiet_condition(State.SUCCEEDED)
+    if quiet is None:
+        return set()
+    db = connections[DEFAULT_DB_ALIAS]
+    field = Job._meta.get_field("result")
+    statement = (
+        "WITH v AS (SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[], %s::text[], %s::text[])"
+        " AS v(id, worker, result, output, logs)),"
+        " f AS (UPDATE jobs_job SET state = 'succeeded', updated_at = now(), result = v.result, progress_percent = 100,"
+        " finished_at = now(), lease_owner = '', lease_expires_at = NULL,"
+        " error_type = '', error_message = '', error_traceback = ''"
+        " FROM v WHERE jobs_job.id = v.id AND jobs_job.state = 'running' AND jobs_job.lease_owner = v.worker"
+        f" AND ({quiet.expression}) RETURNING jobs_job.id, jobs_job.queue, jobs_job.state, jobs_job.attempts),"
+        " fa AS (UPDATE jobs_attempt SET finished_at = now(), outcome = 'succeeded', error_type = '',"
+        " error_message = '', traceback = '', output = coalesce(v.output, jobs_attempt.output),"
+        " logs = coalesce(v.logs, jobs_attempt.logs)"
+        " FROM f JOIN v ON v.id = f.id WHERE jobs_attempt.job_id = f.id AND jobs_attempt.finished_at IS NULL)"
+        + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)", source="f", prefix="f")
+        + " SELECT (SELECT array_agg(id) FROM f), (SELECT count(*) FROM fn)"
+    )
+    params = [
+        [item.job_id for item in done],
+        [item.worker for item in done],
+        [field.get_db_prep_save(item.result, db) for item in done],
+        [item.output or None for item in done],
+        [item.logs for item in done],
+        *quiet.params,
+        "job.succeeded",
+        "job.succeeded",
+    ]
+    with transaction.atomic() if in_batch else contextlib.nullcontext():
+        finished = set(sql.fetchone(statement, params)[0] or ())
+        if in_batch and finished:
+            hooks.jobs_finished(State.SUCCEEDED, sorted(finished))
+    return finished
+
+
 # Not a transition of ALLOWED: a claim given back before its job started,
 # undone as if it had never been made.
 _RELEASE = (

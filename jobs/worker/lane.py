@@ -26,6 +26,10 @@ Everything that makes a job safe stays the same:
   every 250 ms in one statement, with the text streamed since the last one
   (a `job.output` event) and the lines logged since (a `job.log` event), so
   streaming output does not make the database the bottleneck;
+- successes are written in batches (`_succeed`): the batch's last reports in
+  one statement, then its successes in one (`states.succeed_many`); a job
+  that statement did not move (lease lost, a hook must hear of it alone)
+  goes through `finish_succeeded`;
 - on exit (recycle or cluster stop) the process waits for in-flight jobs.
 
 Database work runs on executor threads, each with its own Django connection
@@ -55,6 +59,7 @@ from config.logs import job_log_contextvars
 from jobs.db.durability import handler_writes, relax_commit_durability
 from jobs.djangoq import broker
 from jobs.engine import dependencies
+from jobs.engine.states import LaneSuccess, succeed_many
 from jobs.errors import Cancelled, LeaseLost
 from jobs.worker.execute import storable
 from jobs.worker.finish import finish_cancelled, finish_failed, finish_succeeded
@@ -176,6 +181,9 @@ class Lane:
         # a delivery: claims.fill_lane for its queue); None once a fill found none.
         self.refill: Callable[[], int] | None = None
         self.refilling = False
+        # Successes waiting for a writer (`_succeed`), and how many write.
+        self.successes: list[tuple[Any, AsyncContext, Any, asyncio.Future]] = []
+        self.writers = 0
 
     # --- worker thread side ---------------------------------------------------
 
@@ -295,7 +303,7 @@ class Lane:
             except Exception as exc:  # noqa: BLE001 - every handler error becomes a retry or a dead job
                 await self._finish(finish_failed, job, ctx.worker, exc, output=ctx.output, logs=_logs(ctx))
                 return
-            await self._finish(finish_succeeded, job, ctx.worker, result, output=ctx.output, logs=_logs(ctx))
+            await self._succeed(job, ctx, result)
         finally:
             self.tasks.pop(job.id, None)
             self.pending.pop(job.id, None)
@@ -327,6 +335,61 @@ class Lane:
         finally:
             self.refilling = False
 
+    async def _succeed(self, job, ctx: AsyncContext, result: Any) -> None:
+        """Record a success with the others that arrive meanwhile: one writer
+        (of at most FINISH_DB_THREADS) takes every success waiting and writes
+        them in one statement (`_write_successes`). The job stays in `tasks`
+        until then, so its lease is renewed, and cancelled if lost."""
+        done = self.loop.create_future()
+        self.successes.append((job, ctx, result, done))
+        if self.writers < FINISH_DB_THREADS:
+            self.writers += 1
+            self.loop.create_task(self._write_successes())
+        await done
+
+    async def _write_successes(self) -> None:
+        try:
+            while self.successes:
+                batch, self.successes = self.successes, []
+                try:
+                    await self._succeed_batch([(job, ctx, result) for job, ctx, result, _ in batch])
+                except BaseException as exc:  # noqa: BLE001 - each job's task hears of it
+                    for *_, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                else:
+                    for *_, done in batch:
+                        if not done.done():  # its task may have been cancelled meanwhile
+                            done.set_result(None)
+        finally:
+            self.writers -= 1
+
+    async def _succeed_batch(self, batch: list[tuple[Any, AsyncContext, Any]]) -> None:
+        """As `_finish(finish_succeeded, ...)` for each job, in two statements
+        for the batch: its jobs' last reports, then their successes
+        (`states.succeed_many`). A job that statement did not move (no longer
+        its worker's, or a finish hook must hear of it alone) goes through
+        `finish_succeeded`, which only matches while the lease is ours."""
+        await self._idle_event().wait()
+        reports = {}
+        for job, ctx, _ in batch:
+            entry = self.pending.pop(job.id, None)
+            if entry is not None or ctx.unsent():
+                reports[job.id] = _report(entry, ctx)
+        if reports:
+            with contextlib.suppress(DatabaseError):  # the outcome keeps the whole text and log anyway
+                await self._finish_db(record_progress, reports)
+        done = [
+            LaneSuccess(job.id, ctx.worker, result, ctx.output or None, _logs(ctx), job.has_dependents)
+            for job, ctx, result in batch
+        ]
+        finished = await self._retrying(job_ids(batch), succeed_many, done)
+        for job, ctx, result in batch:
+            if job.id not in finished:
+                await self._finish(finish_succeeded, job, ctx.worker, result, output=ctx.output, logs=_logs(ctx))
+
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:
         # What is still buffered for this job (its last report, text and log
         # lines not yet sent) goes out ahead of the outcome, not after it.
@@ -337,17 +400,19 @@ class Lane:
         if ctx is not None and (entry is not None or ctx.unsent()):
             with contextlib.suppress(DatabaseError):  # the outcome keeps the whole text and log anyway
                 await self._finish_db(record_progress, {job.id: _report(entry, ctx)})
+        await self._retrying(str(job.id), finish, job, worker, *args, **kwargs)
+
+    async def _retrying(self, jobs: str, finish, *args, **kwargs):
         delay = FLUSH_SECONDS
         while True:
             try:
-                await self._finish_db(finish, job, worker, *args, **kwargs)
-                return
+                return await self._finish_db(finish, *args, **kwargs)
             except DatabaseError as exc:
                 # Postgres restarting: the outcome is known and the job still
                 # in `tasks`, its lease renewed, so write it again rather than
                 # leave the job to be rescued and run again. The write only
                 # matches while the lease is ours; a lost lease cancels this task.
-                log.warning("job %s: could not record its outcome (%s); trying again", job.id, exc)
+                log.warning("job %s: could not record its outcome (%s); trying again", jobs, exc)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
@@ -464,6 +529,10 @@ def _report(entry: tuple[int, str, AsyncContext] | None, ctx: AsyncContext) -> P
         first=first,
         report=entry is not None,
     )
+
+
+def job_ids(batch) -> str:
+    return ", ".join(str(job.id) for job, *_ in batch)
 
 
 def _logs(ctx: AsyncContext) -> str | None:
