@@ -21,7 +21,8 @@ with them, each deleted job fired one deferred check per referencing table at
 commit, most of a chunk's time. RELATIONS is what keeps the references
 right. Each chunk commits without waiting for its WAL flush
 (`synchronous_commit = off` for that transaction only): a purge a crash
-rolls back is simply run again.
+rolls back is simply run again. Its statements find their rows by index
+(hash and merge joins off for the chunk: see _CHUNK_SETTINGS).
 """
 
 from __future__ import annotations
@@ -116,6 +117,18 @@ DELETE FROM jobs_job WHERE id IN (SELECT id FROM conveyor_purge)
 CHUNK = 20_000
 
 
+# Every statement of a chunk finds its rows by the chunk's ids, one index probe
+# each: nested loops, whose cost grows with the chunk. A hash join reads the
+# whole of jobs, attempts and events once per chunk instead, which the planner
+# prefers on a small table but which grows with the history: 1.6 s against
+# 0.7 s for 20,000 jobs at 500,000, and worse the longer the history.
+_CHUNK_SETTINGS = (
+    "SET LOCAL synchronous_commit = off",  # a chunk lost in a crash is purged again next time
+    "SET LOCAL enable_hashjoin = off",
+    "SET LOCAL enable_mergejoin = off",
+)
+
+
 def purge_finished(
     *, older_than_days: int | None = None, dead_older_than_days: int | None = None, chunk: int = CHUNK
 ) -> dict:
@@ -139,7 +152,8 @@ def purge_finished(
         cursor.execute(_CHUNK_TABLE)
     while True:
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit = off")
+            for setting in _CHUNK_SETTINGS:
+                cursor.execute(setting)
             cursor.execute(_DUE, params)
             counts = cursor.fetchall()
             if not counts:
