@@ -390,7 +390,7 @@ def test_a_chunk_finds_its_rows_by_index_not_by_reading_the_whole_history():
             " finished_at)"
             " SELECT md5('chunk' || g)::uuid, 'demo.noop', 'default', '{}', 'succeeded', 0, 1, 3, 2, 600, 600, '',"
             " 100, '', 0, 0, '', '', '', '', '', '', false, 0, 'cancel', now(), now(), now()"
-            " FROM generate_series(1, 6000) g"
+            " FROM generate_series(1, 10000) g"
         )
         cursor.execute(
             "INSERT INTO jobs_attempt (job_id, number, worker, started_at, outcome, error_type, error_message,"
@@ -402,7 +402,7 @@ def test_a_chunk_finds_its_rows_by_index_not_by_reading_the_whole_history():
         )
         cursor.execute("ANALYZE jobs_job, jobs_attempt, jobs_jobevent")
         cursor.execute(retention._CHUNK_TABLE)
-        cursor.execute("INSERT INTO conveyor_purge SELECT id, state, finished_at FROM jobs_job LIMIT 2000")
+        cursor.execute("INSERT INTO conveyor_purge SELECT id, state, finished_at FROM jobs_job LIMIT 1000")
         cursor.execute("ANALYZE conveyor_purge")
         for setting in retention._CHUNK_SETTINGS:
             cursor.execute(setting)
