@@ -134,7 +134,9 @@ def purge_finished(
 ) -> dict:
     """Delete finished jobs (with their attempts and events) and job-less events
     older than the cutoffs, in chunks so no transaction grows large. Returns
-    {"jobs": n, "events": n, "by_state": {state: n}}."""
+    {"jobs": n, "events": n, "by_state": {state: n}}. Call it outside a
+    transaction: each chunk commits on its own, and a caller's transaction
+    would keep the chunk's settings (_CHUNK_SETTINGS) to its end."""
     conveyor = settings.CONVEYOR
     now = timezone.now()
     cutoff = now - timedelta(days=conveyor["RETENTION_DAYS"] if older_than_days is None else older_than_days)
