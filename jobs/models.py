@@ -48,6 +48,7 @@ class Batch(models.Model):
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
+        db_constraint=False,  # see Job: references to a job
         related_name="then_of",
         help_text="Runs after the batch.",
     )
@@ -64,6 +65,14 @@ class Batch(models.Model):
         return self.prompt_tokens + self.completion_tokens
 
 
+# References to a job (or an attempt) carry no foreign-key constraint in the
+# database (`db_constraint=False`, migration 0021): with one, every deleted job
+# fired one check per referencing table, most of a purge's time. Django still
+# cascades (or sets NULL) on `delete()` as `on_delete` says; the purge follows
+# the same rules set-based (jobs/engine/retention.py RELATIONS); and every
+# writer of a reference holds the job's row (a transition's UPDATE, a
+# submission's lock on its dependencies), which the purge skips. Each column
+# keeps its index. docs/ARCHITECTURE.md, "Referential integrity".
 class Job(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     kind = models.CharField(max_length=100)
@@ -176,8 +185,8 @@ class JobDependency(models.Model):
     `resolved`: the dependency has finished (in `outcome`); `cancelled_job`:
     that outcome cancelled the job (a retry of the dependency re-arms it)."""
 
-    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependency_edges")
-    depends_on = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependent_edges")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependency_edges", db_constraint=False)
+    depends_on = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependent_edges", db_constraint=False)
     resolved = models.BooleanField(default=False)
     outcome = models.CharField(max_length=20, blank=True, default="")
     cancelled_job = models.BooleanField(default=False)
@@ -196,7 +205,7 @@ class Attempt(models.Model):
         LOST = "lost"
         CANCELLED = "cancelled"
 
-    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempt_set")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempt_set", db_constraint=False)
     number = models.PositiveIntegerField()
     worker = models.CharField(max_length=200, blank=True, default="")
     started_at = models.DateTimeField()
@@ -232,7 +241,9 @@ class JobEvent(models.Model):
     id = models.BigAutoField(primary_key=True)
     # No index of its own: jobevent_job_id (job, id) serves every lookup by
     # job, and every job writes at least three events (one index write each).
-    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="events", db_index=False)
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.CASCADE, related_name="events", db_index=False, db_constraint=False
+    )
     type = models.CharField(max_length=50)
     data = models.JSONField(default=dict)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -300,7 +311,9 @@ class Page(models.Model):
 
     batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="pages")
     slug = models.SlugField(max_length=200)
-    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="pages")
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="pages", db_constraint=False
+    )
     keyword = models.CharField(max_length=300, blank=True, default="")
     title = models.CharField(max_length=300)
     meta_description = models.CharField(max_length=320, blank=True, default="")
@@ -384,9 +397,13 @@ class WebhookDelivery(models.Model):
     signing_owner = models.CharField(
         max_length=100, blank=True, default="", help_text="Whose signing secret (callback_url messages)."
     )
-    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries", db_constraint=False
+    )
     batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries")
-    deliver_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    deliver_job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_constraint=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
 
@@ -402,12 +419,14 @@ class WebhookAttempt(models.Model):
     """One HTTP request of a delivery: its answer, latency and the first KiB of the response."""
 
     delivery = models.ForeignKey(WebhookDelivery, on_delete=models.CASCADE, related_name="attempts")
-    deliver_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    deliver_job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_constraint=False
+    )
     # Keyed by the engine's attempt row: a rerun of one attempt writes once,
     # and a dead delivery retried from the dead-letter queue (its attempts
     # numbered from 1 again) keeps the history of the first round.
     job_attempt = models.OneToOneField(
-        Attempt, null=True, blank=True, on_delete=models.SET_NULL, related_name="webhook_attempt"
+        Attempt, null=True, blank=True, on_delete=models.SET_NULL, related_name="webhook_attempt", db_constraint=False
     )
     number = models.PositiveIntegerField(help_text="The delivery job's attempt number.")
     started_at = models.DateTimeField()
@@ -544,7 +563,9 @@ class Schedule(models.Model):
 
     next_run_at = models.DateTimeField(null=True, blank=True)
     last_run_at = models.DateTimeField(null=True, blank=True)
-    last_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    last_job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_constraint=False
+    )
     last_error = models.TextField(blank=True, default="")
     skipped = models.PositiveIntegerField(default=0, help_text="Ticks skipped while the previous job was unfinished.")
     last_skipped_at = models.DateTimeField(null=True, blank=True)

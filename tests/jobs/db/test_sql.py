@@ -62,9 +62,10 @@ def test_switched_off_the_statements_go_through_django_s_cursor(make_job, settin
 def test_a_failing_statement_raises_django_s_error_and_leaves_the_connection_usable():
     from django.db import IntegrityError
 
+    # A NOT NULL column left empty (events carry no foreign-key constraint since migration 0021).
     with pytest.raises(IntegrityError), sql.cursor() as cursor:
         cursor.execute(
-            "INSERT INTO jobs_jobevent (job_id, type, data, created_at) VALUES (%s, 'x', '{}', now())",
+            "INSERT INTO jobs_jobevent (job_id, type, data, created_at) VALUES (%s, NULL, '{}', now())",
             ["00000000-0000-0000-0000-000000000000"],
         )
     assert sql.fetchone("SELECT %s::int + 1", [1]) == (2,)
