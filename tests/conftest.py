@@ -82,6 +82,29 @@ def release_lane_connection(*, timeout: float = 30) -> None:
     lane.close_connections()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _hash_each_test_password_once():
+    """Hashing a password takes Django's PBKDF2 about 0.4 s (1,000,000 rounds),
+    and hundreds of tests create a user. Each distinct password is hashed once
+    per run: the hash is a real PBKDF2 one (a Daphne the test starts checks it
+    as usual), only its salt is shared by the users that share the password."""
+    from functools import cache
+
+    from django.contrib.auth import base_user, models
+
+    original = base_user.make_password
+    hashed = cache(original)
+
+    def make_password(password, *args):
+        return hashed(password) if isinstance(password, str) and not args else original(password, *args)
+
+    for module in (base_user, models):
+        module.make_password = make_password
+    yield
+    for module in (base_user, models):
+        module.make_password = original
+
+
 @pytest.fixture(autouse=True)
 def _fresh_claim_floors():
     """Each test's claims start without the floors an earlier test's left (jobs/djangoq/broker.py)."""

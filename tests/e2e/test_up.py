@@ -100,14 +100,36 @@ def test_up_refuses_a_bad_port_with_a_clear_message():
 # --- the supervisor killed, a second instance, a crashed Postgres ------------
 
 
+@pytest.fixture(scope="session")
+def migrated_server():
+    """One server's data directory, initialised and migrated by `manage.py
+    migrate` once a run, then stopped: each `data_dir` starts as a copy of it
+    (initdb and the migrations cost about 7 s a test). `manage.py up` on a
+    directory with nothing in it is the first test's own."""
+    from config import embedded_db
+
+    path = ROOT / ".data" / f"up-template-{uuid.uuid4().hex[:8]}"
+    try:
+        migrated = manage(up_env(path, free_port()), "migrate", "-v", "0", timeout=180)
+        assert migrated.returncode == 0, migrated.stderr
+        embedded_db.stop(path / "pg")
+        yield path / "pg"
+    finally:
+        embedded_db.stop(path / "pg")
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
-def data_dir():
+def data_dir(migrated_server):
     """A data directory of the test's own under .data/ (not tmp_path: run as
     root, the server runs as another user, and pytest narrows
-    /tmp/pytest-of-root back to 0700). Its server is stopped at the end."""
+    /tmp/pytest-of-root back to 0700), holding a stopped, migrated server (a
+    copy, owners kept). Its server is stopped at the end."""
     from config import embedded_db
 
     path = ROOT / ".data" / f"up-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(migrated_server), str(path / "pg")], check=True)
     yield path
     embedded_db.stop(path / "pg")
     shutil.rmtree(path, ignore_errors=True)
