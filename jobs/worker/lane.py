@@ -74,7 +74,7 @@ FLUSH_SECONDS = 0.25
 # that writes the lane's progress, renewals and outcomes in order. On that one
 # thread the handlers' statements queued behind the engine's: a full lane of
 # 256 LLM calls a second waited on it, not on the provider.
-HANDLER_DB_THREADS = 3
+HANDLER_DB_THREADS = 8
 # Threads that write jobs' outcomes (each job's last report, then its
 # finishing transition, in that order). One thread finished at most about 40
 # jobs a second per process, and a lane of 256 one-second calls wants 250.
