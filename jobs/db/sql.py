@@ -66,6 +66,16 @@ def literals(values: tuple[str, ...]) -> str:
     return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
 
 
+def by_id(column: str) -> str:
+    """`column` in a condition of a statement that finds its rows by primary
+    key (a batch of job ids), written so that no index on the column matches
+    it (`state || ''`). Postgres otherwise trusted statistics from before a
+    burst (autovacuum analyzes a minute or more after one): "1 running job",
+    so it walked the state index over every running job, hundreds, and joined
+    the ids to them in each statement, instead of one lookup per id."""
+    return f"({column} || '')"
+
+
 def fetchone(statement: str, params: list[Any] | tuple[Any, ...]) -> tuple | None:
     """The statement's first row (or None), prepared, through a cursor the
     connection keeps for these calls (config/server/prepared_cursor.py)."""

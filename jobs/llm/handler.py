@@ -5,6 +5,7 @@ process keeps many provider calls in flight."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
@@ -16,6 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from jobs.db.durability import engine_statements
 from jobs.engine.registry import Payload, handler
+from jobs.llm.limits import Permit
 from jobs.llm.prompts import PromptTooLong, TemplateError, check_length, parse_template, render_prompt
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,12 @@ def _provider_failures(job_id) -> int:
 
 
 async def _generate(
-    ctx, *, provider_name, messages, model, max_tokens, temperature, fallback=None, stream=True
-) -> dict:
+    ctx, *, provider_name, messages, model, max_tokens, temperature, fallback=None, stream=True, hold=False
+) -> tuple[dict, Permit | None]:
+    """The call and its answer, and with `hold` the permit of a call that
+    answered: its slot still held and its tokens not yet counted, for the
+    caller to free and count with its own statement (`store_page`). Any
+    other call's slot is freed here."""
     from jobs.llm import limits
     from jobs.llm.client import chat, estimate_tokens
     from jobs.llm.providers import get_provider
@@ -158,9 +164,14 @@ async def _generate(
             used = (estimate_tokens(m.get("content") or "" for m in messages), estimate_tokens(received))
         else:
             used = (0, 0)
-        await ctx.run_db(
-            _bookkeeping(limits.release), permit, prompt_tokens=used[0], completion_tokens=used[1], account=any(used)
-        )
+        if result is None or not hold:
+            await ctx.run_db(
+                _bookkeeping(limits.release),
+                permit,
+                prompt_tokens=used[0],
+                completion_tokens=used[1],
+                account=any(used),
+            )
     ctx.output = result.text
     log.info(
         "%s finished (%s): %d prompt + %d completion tokens in %.2f s",
@@ -170,7 +181,7 @@ async def _generate(
         result.completion_tokens,
         result.latency_seconds,
     )
-    return {
+    answer = {
         "text": result.text,
         "finish_reason": result.finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
@@ -180,12 +191,13 @@ async def _generate(
         "simulated": provider.simulated,
         "fallback": on_fallback,
     }
+    return answer, (permit if hold else None)
 
 
 @handler("llm.generate", schema=GeneratePayload, queue=LLM_QUEUE, max_attempts=5, timeout=900)
 async def generate(ctx, payload: GeneratePayload) -> dict:
     """One chat completion, streamed; partial output shows as progress."""
-    return await _generate(
+    answer, _ = await _generate(
         ctx,
         provider_name=payload.provider,
         messages=payload.chat_messages(),
@@ -194,6 +206,7 @@ async def generate(ctx, payload: GeneratePayload) -> dict:
         temperature=payload.temperature,
         fallback=payload.fallback,
     )
+    return answer
 
 
 class PagePayload(Payload):
@@ -254,30 +267,46 @@ RETURNING id
 """
 
 
-def store_page(batch_id, slug: str, **values) -> int:
+@functools.cache
+def _store_page_releasing() -> str:
+    from jobs.llm import limits
+
+    return f"{limits.RELEASE_CTES}, page AS ({_STORE_PAGE}) SELECT (SELECT id FROM page)"
+
+
+def store_page(batch_id, slug: str, *, release: tuple[Permit, int, int] | None = None, **values) -> int:
     """Write the page keyed by (batch, slug) in one statement: a re-run of the
-    job overwrites the same row (created_at kept). Returns its id."""
+    job overwrites the same row (created_at kept). Returns its id.
+
+    `release`: (the call's permit, its prompt and completion tokens): the
+    same statement frees the permit's slot and counts the tokens, as
+    `limits.release` does (one round trip per page fewer; if it fails,
+    neither happened and the caller releases the permit)."""
     from jobs.db import sql
+    from jobs.llm import limits
 
     job_id = values.pop("job_id")
+    params = {"batch": str(batch_id) if batch_id else None, "slug": slug, "job": str(job_id) if job_id else None}
+    params.update(values)
+    statement = _STORE_PAGE
+    if release is not None:
+        permit, prompt_tokens, completion_tokens = release
+        if permit.job_id != job_id and str(permit.job_id) != str(job_id):
+            raise ValueError("a page frees the slot of its own job's call only")
+        params.update(limits.release_params(permit, prompt_tokens, completion_tokens))
+        statement = _store_page_releasing()
     with sql.cursor() as cursor:
-        cursor.execute(
-            _STORE_PAGE,
-            {
-                "batch": str(batch_id) if batch_id else None,
-                "slug": slug,
-                "job": str(job_id) if job_id else None,
-                **values,
-            },
-        )
+        cursor.execute(statement, params)
         return cursor.fetchone()[0]
 
 
 @handler("content.page", schema=PagePayload, queue=LLM_QUEUE, max_attempts=5, timeout=900)
 async def page(ctx, payload: PagePayload) -> dict:
     """A programmatic SEO page from a prompt template and one row of variables."""
+    from jobs.llm import limits
+
     prompt = render_prompt(payload.template, payload.variables)
-    generated = await _generate(
+    generated, permit = await _generate(
         ctx,
         provider_name=payload.provider,
         messages=[{"role": "user", "content": prompt}],
@@ -289,23 +318,35 @@ async def page(ctx, payload: PagePayload) -> dict:
         # a job.output event per flush for text nobody watches in a batch of
         # thousands (the attempt keeps the text all the same).
         stream=False,
+        # The slot is freed, and the tokens counted, by the page's statement.
+        hold=True,
     )
-    keyword = str(payload.variables.get("keyword") or "")
-    fields = page_from_text(generated["text"], keyword)
-    slug = slugify(keyword or fields["title"])[:200] or f"page-{ctx.job_id}"
     usage = generated["usage"]
-
-    page_id = await ctx.run_db(
-        _bookkeeping(store_page),
-        ctx.batch_id,
-        slug,
-        job_id=ctx.job_id,
-        keyword=keyword,
-        simulated=generated["simulated"],
-        prompt_tokens=usage["prompt_tokens"],
-        completion_tokens=usage["completion_tokens"],
-        **fields,
-    )
+    tokens = (usage["prompt_tokens"], usage["completion_tokens"])
+    try:
+        keyword = str(payload.variables.get("keyword") or "")
+        fields = page_from_text(generated["text"], keyword)
+        slug = slugify(keyword or fields["title"])[:200] or f"page-{ctx.job_id}"
+        page_id = await ctx.run_db(
+            _bookkeeping(store_page),
+            ctx.batch_id,
+            slug,
+            release=(permit, *tokens),
+            job_id=ctx.job_id,
+            keyword=keyword,
+            simulated=generated["simulated"],
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+            **fields,
+        )
+    except asyncio.CancelledError:
+        # The statement was handed to its thread (and then runs whole) or
+        # never started: a slot whose job is no longer running frees itself.
+        raise
+    except BaseException:
+        # Nothing of the statement happened: free the slot and count the tokens alone.
+        await ctx.run_db(_bookkeeping(limits.release), permit, prompt_tokens=tokens[0], completion_tokens=tokens[1])
+        raise
     return {
         "page_id": page_id,
         "slug": slug,

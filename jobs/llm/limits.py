@@ -116,7 +116,10 @@ WITH slots AS (
 SELECT (SELECT count(*) FROM slots), (SELECT count(*) FROM bucket)
 """
 
-_RELEASE = """
+# The release's statements (r: the slot freed; j, b, u: the tokens counted),
+# also the head of the statement that stores a page and frees its call's slot
+# (jobs.llm.handler.store_page).
+RELEASE_CTES = """
 WITH r AS (
     UPDATE jobs_providerslot SET job_id = NULL, worker = '', expires_at = NULL
     WHERE provider = %(provider)s AND slot = %(slot)s AND worker = %(worker)s
@@ -138,9 +141,9 @@ WITH r AS (
         prompt_tokens = jobs_tokenusage.prompt_tokens + EXCLUDED.prompt_tokens,
         completion_tokens = jobs_tokenusage.completion_tokens + EXCLUDED.completion_tokens
     RETURNING 1
-)
-SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM b), (SELECT count(*) FROM u)
-"""
+)"""
+
+_RELEASE = RELEASE_CTES + " SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM b), (SELECT count(*) FROM u)"
 
 
 def rate_of(provider: Provider) -> tuple[float, float]:
@@ -194,20 +197,22 @@ def release(permit: Permit, *, prompt_tokens: int = 0, completion_tokens: int = 
     the owner's daily usage (`account=False`: the call used none worth counting).
     False if the slot was no longer the permit's (it had expired and been taken)."""
     with sql.cursor() as cursor:
-        cursor.execute(
-            _RELEASE,
-            {
-                "provider": permit.provider,
-                "slot": permit.slot,
-                "worker": permit.worker,
-                "job": str(permit.job_id) if permit.job_id else None,
-                "prompt": int(prompt_tokens),
-                "completion": int(completion_tokens),
-                "account": bool(account) and permit.job_id is not None,
-            },
-        )
+        cursor.execute(_RELEASE, release_params(permit, prompt_tokens, completion_tokens, account=account))
         released, _, _ = cursor.fetchone()
     return bool(released)
+
+
+def release_params(permit: Permit, prompt_tokens: int, completion_tokens: int, *, account: bool = True) -> dict:
+    """The parameters of RELEASE_CTES for `release`."""
+    return {
+        "provider": permit.provider,
+        "slot": permit.slot,
+        "worker": permit.worker,
+        "job": str(permit.job_id) if permit.job_id else None,
+        "prompt": int(prompt_tokens),
+        "completion": int(completion_tokens),
+        "account": bool(account) and permit.job_id is not None,
+    }
 
 
 def in_use(provider_name: str) -> int:

@@ -40,7 +40,8 @@ _PROGRESS = (
     "WITH p AS (SELECT * FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid, percent int, message text, worker text,"
     " output text, out_offset int, delta text, logs text, lines jsonb, first int, report boolean)),"
     " j AS (UPDATE jobs_job SET progress_percent = p.percent, progress_message = p.message, updated_at = now()"
-    "  FROM p WHERE jobs_job.id = p.id AND jobs_job.state = 'running' AND jobs_job.lease_owner = p.worker"
+    f"  FROM p WHERE jobs_job.id = p.id AND {sql.by_id('jobs_job.state')} = 'running'"
+    "  AND jobs_job.lease_owner = p.worker"
     "  RETURNING jobs_job.id, jobs_job.queue, jobs_job.cancel_requested_at, jobs_job.attempts, p.percent, p.message,"
     "  p.output, p.out_offset, p.delta, p.logs, p.lines, p.first, p.report),"
     # Only the attempt this worker holds: a lost (re-claimed) attempt's late
@@ -100,7 +101,7 @@ def renew_leases(owned: dict[UUID, str], seconds: float) -> list[UUID]:
     with sql.cursor() as cursor:
         cursor.execute(
             "UPDATE jobs_job SET lease_expires_at = now() + make_interval(secs => %s)"
-            " WHERE id = ANY(%s::uuid[]) AND state = 'running' AND lease_owner = ANY(%s) RETURNING id",
+            f" WHERE id = ANY(%s::uuid[]) AND {sql.by_id('state')} = 'running' AND lease_owner = ANY(%s) RETURNING id",
             [seconds, ids, workers],
         )
         renewed = {row[0] for row in cursor.fetchall()}

@@ -297,6 +297,52 @@ def test_a_content_page_is_asked_for_whole_and_stored_without_streamed_events(co
     assert httpx.get(f"{daphne}/simulated/v1/load").json()["total"] == 1
 
 
+def page_job(keyword: str, owner: str, **options) -> Job:
+    payload = {"template": "About {keyword}", "variables": {"keyword": keyword}}
+    item = {"kind": "content.page", "payload": payload, **options}
+    return services.submit_batch("pages", [item], owner=owner).batch.jobs.get()
+
+
+def test_a_stored_page_frees_its_slot_and_counts_its_tokens_once_in_its_statement(configure, monkeypatch):
+    from jobs.llm import handler
+
+    configure({"name": "sim", "max_concurrency": 1})
+    releases = []
+    real = limits.release
+    monkeypatch.setattr(limits, "release", lambda *args, **kwargs: releases.append(args) or real(*args, **kwargs))
+    job = page_job("Green Tea", "apikey:7")
+
+    done = run(job)
+
+    assert done.state == "succeeded" and releases == []  # no separate release statement
+    assert not ProviderSlot.objects.filter(provider="sim", job_id__isnull=False).exists()
+    assert limits.in_use("sim") == 0
+    assert done.prompt_tokens == done.result["usage"]["prompt_tokens"]
+    assert done.completion_tokens == done.result["usage"]["completion_tokens"]
+    assert done.tokens_used > 0 and Batch.objects.get(id=done.batch_id).tokens_used == done.tokens_used
+    usage = TokenUsage.objects.get(owner="apikey:7")
+    assert (usage.requests, usage.prompt_tokens + usage.completion_tokens) == (1, done.tokens_used)
+    assert handler._store_page_releasing.cache_info().currsize == 1
+
+
+def test_a_page_that_cannot_be_stored_still_frees_its_slot_and_counts_its_tokens_once(configure, monkeypatch):
+    from jobs.llm import handler
+
+    configure({"name": "sim", "max_concurrency": 1})
+    monkeypatch.setattr(handler, "_store_page_releasing", lambda: "SELECT 1 / 0")  # the statement fails whole
+    job = page_job("Oolong", "apikey:8", max_attempts=1)
+
+    done = run(job)
+
+    assert done.state == "dead" and "division by zero" in done.error_message
+    assert not ProviderSlot.objects.filter(provider="sim", job_id__isnull=False).exists()
+    assert limits.in_use("sim") == 0
+    usage = TokenUsage.objects.get(owner="apikey:8")
+    assert usage.requests == 1 and done.tokens_used > 0
+    assert usage.prompt_tokens + usage.completion_tokens == done.tokens_used
+    assert Batch.objects.get(id=done.batch_id).tokens_used == done.tokens_used
+
+
 def test_storing_a_page_again_rewrites_the_same_row():
     """The page is keyed by (batch, slug), also without a batch: a job that
     runs again overwrites its page in one statement, keeping id and created_at."""
