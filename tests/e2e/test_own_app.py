@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, free_port, wait_until
-from tests.e2e.test_up import data_dir, manage, start_up, up_env, wait_healthy  # noqa: F401 - data_dir is a fixture
+from tests.e2e.test_up import (  # noqa: F401 - data_dir and migrated_server are fixtures
+    data_dir,
+    manage,
+    migrated_server,
+    start_up,
+    up_env,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.processes
 
