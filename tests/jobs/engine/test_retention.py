@@ -405,8 +405,8 @@ def test_a_chunk_finds_its_rows_by_index_not_by_reading_the_whole_history():
         # A chunk a 25th of the history, as 20,000 of 500,000 were. At a tenth,
         # a sequential scan with a memoized probe of the chunk costs about the
         # same as the probes, and the planner took either from run to run.
-        cursor.execute("INSERT INTO conveyor_purge SELECT id, state, finished_at FROM jobs_job LIMIT 400")
-        cursor.execute("ANALYZE conveyor_purge")
+        # Not analyzed, as in the purge: the planner sizes it by its pages.
+        cursor.execute("INSERT INTO conveyor_purge SELECT id, state, finished_at, ctid FROM jobs_job LIMIT 400")
         for setting in retention._CHUNK_SETTINGS:
             cursor.execute(setting)
         plans = []
@@ -417,3 +417,28 @@ def test_a_chunk_finds_its_rows_by_index_not_by_reading_the_whole_history():
     history = ("Seq Scan on jobs_job ", "Seq Scan on jobs_attempt ", "Seq Scan on jobs_jobevent ")
     scans = [line.strip() for plan in plans for line in plan.splitlines() if line.strip("-> ").startswith(history)]
     assert scans == [], "\n\n".join(plans)
+    # The jobs themselves are deleted where the chunk found them (their row
+    # addresses, held since: the chunk locked them), not looked up again in
+    # the primary key: 143 of a chunk's 587 ms at 2,000,000 jobs went there.
+    assert "Tid Scan on jobs_job" in plans[-1], plans[-1]
+    assert "jobs_job_pkey" not in plans[-1], plans[-1]
+
+
+def test_a_job_not_found_at_its_row_address_is_still_deleted_by_id(make_job, monkeypatch):
+    # The chunk deletes its jobs at the row addresses it locked; should one not
+    # be there, the purge falls back to its id rather than leave a job whose
+    # events and attempts it has just deleted.
+    from jobs.engine import retention
+
+    old = [aged(make_job(), State.SUCCEEDED, 30) for _ in range(3)]
+    young = aged(make_job(), State.SUCCEEDED, 1)
+    for job in old:
+        _attempt(job)
+    monkeypatch.setattr(retention, "_DUE", retention._DUE.replace("j.ctid AS tid", "'(0,0)'::tid AS tid"))
+
+    deleted = purge_finished(older_than_days=15)
+
+    assert deleted["jobs"] == 3
+    assert remaining(*old, young) == {young.id}
+    assert not JobEvent.objects.filter(job_id__in=[job.id for job in old]).exists()
+    assert not Attempt.objects.filter(job_id__in=[job.id for job in old]).exists()
