@@ -169,3 +169,44 @@ def test_workers_racing_for_slots_never_get_more_than_the_limit():
     assert len(outcomes) == 12
     assert sum(isinstance(o, limits.Permit) for o in outcomes) == 2
     assert limits.in_use("limited") == 2
+
+
+def _plan_nodes(node: dict):
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+@pytest.mark.django_db
+def test_a_granted_call_does_not_count_the_providers_slots():
+    # With most of a large limit held, a grant used to count every slot of the
+    # provider as well (for the refusal's check of missing rows): two thirds
+    # of its cost. Only a refusal needs the count.
+    p = provider(max_concurrency=200)
+    held = [limits.acquire(p, job_id=running_job().id, worker="host:1") for _ in range(150)]
+    assert all(isinstance(permit, limits.Permit) for permit in held)
+    rate, burst = limits.rate_of(p)
+    params = {
+        "provider": p.name,
+        "slots": p.max_concurrency,
+        "rpm": p.requests_per_minute,
+        "rate": rate,
+        "burst": burst,
+        "batch": None,
+        "job": str(running_job().id),
+        "worker": "host:1",
+        "hold": 60,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + limits._ACQUIRE, params)
+        plan = cursor.fetchone()[0]
+    assert limits.in_use(p.name) == 151  # (EXPLAIN ANALYZE ran it: a grant)
+    plan = plan[0]["Plan"] if isinstance(plan, list) else plan
+    counted = [
+        scan
+        for node in _plan_nodes(plan)
+        if node["Node Type"] == "Aggregate"
+        for scan in _plan_nodes(node)
+        if scan.get("Relation Name") == "jobs_providerslot" and scan.get("Actual Loops", 0) > 0
+    ]
+    assert not counted, f"a granted acquire counted the provider's slots: {counted}"
