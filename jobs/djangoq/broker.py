@@ -339,7 +339,7 @@ class PostgresBroker(Broker):
     """
 
     # Idle clusters look once a second anyway: it bounds how long a missed
-    # notification (or Django-Q2's stop signal) waits.
+    # notification waits. (A stop does not wait for it: `stop_waiting`.)
     FALLBACK_POLL = 1.0
 
     def __init__(self, list_key: str | None = None) -> None:
@@ -358,6 +358,7 @@ class PostgresBroker(Broker):
         self._listener_thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = threading.Event()
+        self._stopping = False
 
     # --- Django-Q2's broker interface ---------------------------------------
 
@@ -431,6 +432,13 @@ class PostgresBroker(Broker):
     def info(self) -> str:
         return "Postgres (SKIP LOCKED claims, LISTEN/NOTIFY wake-ups)"
 
+    def stop_waiting(self) -> None:
+        """The cluster is stopping: a `dequeue` waiting for rows returns now,
+        and later ones do not wait (the pusher then sees its stop event at once,
+        instead of after up to FALLBACK_POLL; jobs.djangoq.cluster calls this)."""
+        self._stopping = True
+        self._wake.set()
+
     def close(self) -> None:
         """Stop listening (the Django connection is Django's)."""
         self._closed.set()
@@ -489,7 +497,9 @@ class PostgresBroker(Broker):
 
     def _wait(self) -> None:
         """Sleep until this queue gets a row, the next delayed row is due, or
-        the fallback poll interval passes."""
+        the fallback poll interval passes; not at all once stopping."""
+        if self._stopping:
+            return
         timeout = self.FALLBACK_POLL
         try:
             due = self._run(_NEXT_DUE, [self.list_key])[0][0]

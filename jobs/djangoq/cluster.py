@@ -28,8 +28,11 @@ new connection within PROBE_TIMEOUT_SECONDS, nothing can finish cleanly any
 more (no outcome can be recorded) and it kills its processes and exits: their
 jobs' leases expire and they run again elsewhere.
 
+An idle cluster stops in well under a second: its pusher's wait for rows
+(up to a second) ends when the sentinel tells it to stop (`waking_pusher`).
+
 All of this patches Django-Q2 1.11.1 internals: `Sentinel.spawn_cluster`,
-`Cluster.sig_handler`, `Stat.__init__(self, sentinel)`, and `Queue.get` with
+`Sentinel.spawn_pusher`, `Cluster.sig_handler`, `Stat.__init__(self, sentinel)`, and `Queue.get` with
 multiprocessing's `_rlock`/`_recv_bytes`/`_sem`/`_closed` and Django-Q2's
 `size` counter. On any other version none of it is installed (one warning;
 config/server/patching.py) and the cluster runs as Django-Q2 ships it.
@@ -128,6 +131,13 @@ def _install() -> None:
         return result
 
     Sentinel.spawn_cluster = spawn_cluster
+
+    def spawn_pusher(self):
+        # Django-Q2's own, with a pusher that stops waiting for rows when told
+        # to stop (Sentinel.stop waits for the pusher before anything else).
+        return self.spawn_process(waking_pusher, self.task_queue, self.event_out, self.broker)
+
+    Sentinel.spawn_pusher = spawn_pusher
     original_sig_handler = Cluster.sig_handler
 
     @functools.wraps(original_sig_handler)
@@ -166,6 +176,25 @@ def _recording_get(original_get):
         return ForkingPickler.loads(res)
 
     return get
+
+
+def waking_pusher(task_queue, event, broker=None) -> None:
+    """Django-Q2's pusher, whose broker stops waiting for rows once `event`
+    (the sentinel's stop for it) is set. Django-Q2 checks the event only
+    between two `dequeue` calls, and an idle broker's dequeue waits up to a
+    second: most of an idle cluster's stop."""
+    from django_q.brokers import get_broker
+    from django_q.pusher import pusher
+
+    broker = broker or get_broker()
+    if hasattr(broker, "stop_waiting"):
+
+        def stop_waiting() -> None:
+            event.wait()
+            broker.stop_waiting()
+
+        threading.Thread(target=stop_waiting, name="conveyor-pusher-stop", daemon=True).start()
+    pusher(task_queue, event, broker)
 
 
 def watch_task_queue(sentinel) -> None:

@@ -194,3 +194,38 @@ def test_its_task_packages_are_what_django_q2_signs_and_reads():
             break
     assert ours == theirs
     assert SignedPackage.loads(ours) == task
+
+
+def test_a_stopping_clusters_pusher_stops_without_waiting_out_its_poll(fast, monkeypatch):
+    # Django-Q2's pusher sees its stop event only between two dequeues, and an
+    # idle broker's dequeue waits up to FALLBACK_POLL: most of a stop's time.
+    import multiprocessing
+
+    from jobs.djangoq.cluster import waking_pusher
+
+    monkeypatch.setattr(PostgresBroker, "FALLBACK_POLL", 30.0)
+    broker = PostgresBroker("q")
+    stop = multiprocessing.get_context("fork").Event()
+    tasks = multiprocessing.get_context("fork").Queue()
+
+    def push() -> None:
+        try:
+            waking_pusher(tasks, stop, broker)
+        finally:
+            connections["default"].close()
+
+    pushing = threading.Thread(target=push, daemon=True)
+    pushing.start()
+    # The pusher idle in its broker's wait (listening, the first wake-up consumed).
+    wait_until(lambda: listening_pid(broker) and not broker._wake.is_set(), timeout=10, message="an idle pusher")
+    asked = time.monotonic()
+    stop.set()
+    pushing.join(timeout=10)
+    assert not pushing.is_alive()
+    assert time.monotonic() - asked < 5.0  # not the 30 s poll
+    # Stopping, the broker still claims; with nothing to claim it returns at once.
+    enqueue("q", "after-stop")
+    assert labels(broker.dequeue()) == ["after-stop"]
+    started = time.monotonic()
+    assert broker.dequeue() is None
+    assert time.monotonic() - started < 5.0
