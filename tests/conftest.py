@@ -105,6 +105,51 @@ def _hash_each_test_password_once():
         module.make_password = original
 
 
+# Rows that migrations create and no test changes: kept across the flush that
+# ends each transactional test, so that its post_migrate does not rebuild them.
+_KEPT_BY_FLUSH = frozenset({"django_content_type", "auth_permission"})
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _flush_without_rebuilding_content_types():
+    """A transactional test ends with Django's flush: every table truncated,
+    then post_migrate, whose content types and permissions (every app's, read
+    back and written again) took about 130 ms of each of some 350 teardowns.
+    Here the flush keeps those two tables and runs every other post_migrate
+    receiver (the project's own: its schedules) as before."""
+    from django.contrib.auth.management import create_permissions
+    from django.contrib.contenttypes.management import create_contenttypes
+    from django.core.management.color import no_style
+    from django.core.management.sql import emit_post_migrate_signal
+    from django.db import connections
+    from django.db.models.signals import post_migrate
+    from django.test import TransactionTestCase
+
+    original = TransactionTestCase._fixture_teardown
+
+    def flush(self) -> None:
+        if self.available_apps is not None or self.serialized_rollback:
+            return original(self)  # Django's own flush for what it special-cases
+        for db_name in self._databases_names(include_mirrors=False):
+            connection = connections[db_name]
+            tables = connection.introspection.django_table_names(only_existing=True, include_views=False)
+            statements = connection.ops.sql_flush(no_style(), [t for t in tables if t not in _KEPT_BY_FLUSH])
+            connection.ops.execute_sql_flush(statements)
+            post_migrate.disconnect(create_contenttypes)
+            post_migrate.disconnect(dispatch_uid="django.contrib.auth.management.create_permissions")
+            try:
+                emit_post_migrate_signal(verbosity=0, interactive=False, db=db_name)
+            finally:
+                post_migrate.connect(create_contenttypes)
+                post_migrate.connect(
+                    create_permissions, dispatch_uid="django.contrib.auth.management.create_permissions"
+                )
+
+    TransactionTestCase._fixture_teardown = flush
+    yield
+    TransactionTestCase._fixture_teardown = original
+
+
 @pytest.fixture(autouse=True)
 def _fresh_claim_floors():
     """Each test's claims start without the floors an earlier test's left (jobs/djangoq/broker.py)."""
