@@ -132,6 +132,7 @@ def _install() -> None:
 
     Sentinel.spawn_cluster = spawn_cluster
 
+    @functools.wraps(Sentinel.spawn_pusher)
     def spawn_pusher(self):
         # Django-Q2's own, with a pusher that stops waiting for rows when told
         # to stop (Sentinel.stop waits for the pusher before anything else).

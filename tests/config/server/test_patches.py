@@ -266,6 +266,13 @@ def test_shape_of_django_q2_s_cluster_internals():
     for step in ("if self._closed:", "with self._rlock:", "res = self._recv_bytes()", "self._sem.release()"):
         assert step in blocking, step
     assert "_ForkingPickler.loads(res)" in blocking
+    # waking_pusher: Django-Q2's spawn_pusher, with our pusher in its place.
+    from django_q.pusher import pusher
+
+    assert _params(pusher) == ["task_queue", "event", "broker"]
+    spawn_pusher = inspect.getsource(inspect.unwrap(Sentinel.spawn_pusher))
+    assert "self.spawn_process(pusher, self.task_queue, self.event_out, self.broker)" in spawn_pusher
+    assert "if event.is_set():" in inspect.getsource(pusher)
 
 
 def test_shape_of_django_q2_s_task_handling_for_ack_id():
