@@ -180,7 +180,7 @@ def _plan_nodes(node: dict):
 @pytest.mark.django_db
 def test_a_granted_call_does_not_count_the_providers_slots():
     # With most of a large limit held, a grant used to count every slot of the
-    # provider as well (for the refusal's check of missing rows): two thirds
+    # provider as well (for the refusal's check of missing rows): about half
     # of its cost. Only a refusal needs the count.
     p = provider(max_concurrency=200)
     held = [limits.acquire(p, job_id=running_job().id, worker="host:1") for _ in range(150)]
