@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 # No cyclic collection while the app loads: nothing it allocates is garbage,
-# and the collector's passes over it were a sixth of the start (manage.py
+# and the collector's passes over it were a fifth of the start (manage.py
 # does the same). On again at the end, after gc.freeze().
 gc.disable()
 
