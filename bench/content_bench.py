@@ -5,16 +5,16 @@
 
 The ideal is rows / 500 × 1 s (20 s for 10,000). Measured, from the upload's
 answer: seconds until the last page is stored (pages' `updated_at`, written by
-the workers), the peak total PSS of every qcluster process (all three clusters,
-sampled every 2 s and once at the end), duplicates (provider calls the simulator counted
-beyond one per row; pages per row), and the ZIP export of the batch downloaded
-over HTTP (its entries counted).
+the workers), the peak total PSS of every qcluster process (all three
+clusters, sampled every 2 s and once at the end), duplicates (provider calls
+the simulator counted beyond one per row; pages per row), and the ZIP export
+of the batch downloaded over HTTP (its entries counted).
 
 Also measured, because the run is bound by the machine's two cores: the CPU
 each group of processes spent per page between the upload's answer and the
-last page (the workers, Postgres, Daphne, this benchmark), from /proc, and how
-busy the machine was. Unlike the time to the last page, these barely move
-with the machine's speed from one run to the next.
+last page (the workers, Postgres, Daphne, this benchmark), and how busy the
+machine was. These move with the machine's speed as much as the time does:
+compare variants by alternating runs.
 
 Usage: python -m bench content [--rows N]   (default 10,000; `make bench` runs it)
 """
@@ -60,7 +60,7 @@ class Figures:
     zip_seconds: float
     zip_entries: int
     zip_mib: float
-    cpu: CpuUse | None = None  # None where /proc cannot tell (not Linux)
+    cpu: CpuUse | None = None
 
     @property
     def ideal(self) -> float:
@@ -72,11 +72,11 @@ class Figures:
 
 
 class CpuUse:
-    """CPU seconds per group of processes between `start()` and `stop()`, from
-    /proc (every thread's user and system time; processes that appear in
-    between count from zero). Groups: the workers (every process under the
-    qcluster processes `up` started), Daphne, Postgres (every process named
-    postgres on this machine: the benchmark's server when it is local), this
+    """CPU seconds (user and system, every thread) per group of processes
+    between `start()` and `stop()`; processes that appear in between count
+    from zero. Groups: the workers (every process under the qcluster
+    processes `up` started), Daphne, Postgres (every process named postgres
+    on this machine: the benchmark's server when it is local), this
     benchmark, and the rest of the machine."""
 
     GROUPS = ("workers", "postgres", "daphne", "bench", "other")
@@ -85,33 +85,19 @@ class CpuUse:
         self.cluster_pids = set(cluster_pids)
         self.seconds: dict[str, float] = {}
         self.busy = 0.0  # share of the machine's CPU time not idle
-        self.cores = os.cpu_count() or 1
-        self._ticks = os.sysconf("SC_CLK_TCK")
-
-    def _processes(self) -> dict[int, tuple[int, int, str]]:
-        """pid -> (parent pid, CPU ticks, command line)."""
-        found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue  # gone meanwhile
-            fields = stat[stat.rfind(")") + 2 :].split()
-            found[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]), cmdline)
-        return found
+        self.cores = psutil.cpu_count() or 1
 
     @staticmethod
-    def _machine() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # all, idle + iowait
+    def _processes() -> dict[int, tuple[int, float, str]]:
+        """pid -> (parent pid, CPU seconds, command line)."""
+        found = {}
+        for proc in psutil.process_iter(["ppid", "cpu_times", "cmdline"]):
+            times, cmdline = proc.info["cpu_times"], proc.info["cmdline"]
+            if times is not None:  # None: gone meanwhile, or not ours to read
+                found[proc.pid] = (proc.info["ppid"], times.user + times.system, " ".join(cmdline or []))
+        return found
 
-    def _group(self, pid: int, processes: dict[int, tuple[int, int, str]]) -> str:
+    def _group(self, pid: int, processes: dict[int, tuple[int, float, str]]) -> str:
         if pid == os.getpid():
             return "bench"
         cmdline = processes[pid][2]
@@ -128,18 +114,18 @@ class CpuUse:
 
     def start(self) -> None:
         self._before = self._processes()
-        self._machine_before = self._machine()
+        self._machine_before = psutil.cpu_times()
 
     def stop(self) -> None:
         after = self._processes()
-        total, idle = self._machine()
+        machine = psutil.cpu_times()
         self.seconds = dict.fromkeys(self.GROUPS, 0.0)
-        for pid, (_, ticks, _) in after.items():
+        for pid, (_, seconds, _) in after.items():
             before = self._before.get(pid)
-            spent = ticks - (before[1] if before is not None else 0)
-            self.seconds[self._group(pid, after)] += max(0, spent) / self._ticks
-        total -= self._machine_before[0]
-        idle -= self._machine_before[1]
+            spent = seconds - (before[1] if before is not None else 0.0)
+            self.seconds[self._group(pid, after)] += max(0.0, spent)
+        total = sum(machine) - sum(self._machine_before)
+        idle = (machine.idle + machine.iowait) - (self._machine_before.idle + self._machine_before.iowait)
         self.busy = 1 - idle / total if total else 0.0
 
     def per_page(self, pages: int) -> dict[str, float]:
@@ -247,7 +233,7 @@ def run(rows: int = ROWS) -> Figures:
         # Every 2 s: at every half second the sampling alone took 5 % of the
         # machine (0.37 ms of CPU per page), which the run then lacked.
         sampler = MemorySampler(pids, interval=PSS_INTERVAL)
-        cpu = CpuUse(pids) if os.path.exists("/proc/stat") else None
+        cpu = CpuUse(pids)
         posted = time.time()
         answer = client.post(
             "/api/v1/batches/content",
@@ -258,8 +244,7 @@ def run(rows: int = ROWS) -> Figures:
         if answer.status_code != 202:
             sys.exit(f"upload answered {answer.status_code}: {answer.text[:2000]}")
         batch = answer.json()["id"]
-        if cpu is not None:
-            cpu.start()
+        cpu.start()
 
         def stored() -> int:
             with connection.cursor() as cursor:
@@ -270,8 +255,7 @@ def run(rows: int = ROWS) -> Figures:
             wait_for(lambda: stored() >= rows, timeout=max(120.0, rows / CONCURRENCY * 10), interval=0.1)
         except TimeoutError:
             sys.exit(f"only {stored()} of {rows} pages after the timeout; see {up.log}")
-        if cpu is not None:
-            cpu.stop()
+        cpu.stop()
         sampler.stop()
         with connection.cursor() as cursor:
             cursor.execute(
