@@ -24,8 +24,9 @@ right. Each chunk commits without waiting for its WAL flush
 rolls back is simply run again. Its statements find their rows by index
 (hash and merge joins off for the chunk: see _CHUNK_SETTINGS), in the order
 of the ids (the temporary table is filled in that order, so consecutive
-probes land on neighbouring index pages), and the jobs themselves by the row
-address the chunk locked (a TID scan: no second walk of the primary key).
+probes land on neighbouring index pages); events and attempts with the
+chunk's ids as one array (one index scan each), and the jobs themselves by the
+row address the chunk locked (a TID scan: no second walk of the primary key).
 """
 
 from __future__ import annotations
@@ -113,9 +114,16 @@ _BEFORE = [
     "UPDATE jobs_schedule SET last_job_id = NULL WHERE last_job_id IN (SELECT id FROM conveyor_purge)",
 ]
 
+# Events and attempts (about four rows a job) are found with the chunk's ids
+# as one array: a single index scan takes them in key order, without the
+# executor's per-probe restart of a nested loop over the chunk (the events as a
+# bitmap, visiting their pages in physical order). 15-20 % faster than
+# `IN (SELECT ...)` at 2,000,000 jobs (bench/README.md, "The purge's ids as one
+# array"). The rare relations in _BEFORE keep `IN`: on their small tables the
+# planner would filter every row against the array instead.
 _DELETE = """
-WITH events AS (DELETE FROM jobs_jobevent WHERE job_id IN (SELECT id FROM conveyor_purge)),
-attempts AS (DELETE FROM jobs_attempt WHERE job_id IN (SELECT id FROM conveyor_purge))
+WITH events AS (DELETE FROM jobs_jobevent WHERE job_id = ANY (ARRAY(SELECT id FROM conveyor_purge))),
+attempts AS (DELETE FROM jobs_attempt WHERE job_id = ANY (ARRAY(SELECT id FROM conveyor_purge)))
 DELETE FROM jobs_job j USING (SELECT tid FROM conveyor_purge ORDER BY tid) p WHERE j.ctid = p.tid
 """
 
