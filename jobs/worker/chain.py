@@ -208,7 +208,8 @@ class Batch:
     What has not started by `due` goes back to the queue (`_release`): the
     main thread checks between two jobs, and the lease thread while a job
     runs, so a slow job never holds the rest of its batch for longer than
-    that. The lock makes each job either started or given back, never both."""
+    that. The lock makes each job either started or given back, never both,
+    and is held until the give-back is written."""
 
     def __init__(self, rows: list[tuple], worker: str, due: float) -> None:
         self.worker = worker
@@ -228,12 +229,15 @@ class Batch:
             self._pending.appendleft((job, row))
 
     def release_rest(self) -> None:
+        # The statement runs under the lock: whichever thread gives the rest
+        # back, the other waits for it (in `next` or here), so a delivery never
+        # returns while jobs it claimed are still being given back.
         with self._lock:
             rest = list(self._pending)
             self._pending.clear()
             self.released += rest
-        if rest:
-            _release(rest, self.worker)
+            if rest:
+                _release(rest, self.worker)
 
 
 def _release(jobs: list[tuple[Job, int]], worker: str) -> None:

@@ -7,6 +7,7 @@ start) use their own database connections, so data must really be committed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -867,13 +868,18 @@ def test_a_batch_is_no_larger_than_the_setting(make_job, roomy_batches, settings
     assert started_groups(jobs) == [1, 2, 2, 2, 1]
 
 
-def test_slow_jobs_are_claimed_one_at_a_time(make_job, settings):
-    jobs = [make_job("demo.noop")] + [make_job("demo.sleep", {"seconds": 0.03}) for _ in range(4)]
+def test_slow_jobs_are_claimed_one_at_a_time(make_job, settings, monkeypatch):
+    # A window of 200 ms rather than 20, and a chain with time for every job:
+    # on a loaded machine a noop took over 10 ms, or the chain's half second
+    # ran out before the last job.
+    monkeypatch.setattr(chain, "_BATCH_WINDOW", 0.2)
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 30}
+    jobs = [make_job("demo.noop")] + [make_job("demo.sleep", {"seconds": 0.25}) for _ in range(4)]
     Job.objects.filter(kind="demo.sleep").update(timeout=60)  # chainable after a 60 s job
 
     deliver_as_django_q2(jobs[0])
 
-    # Two after the noop, then one at a time: each took longer than a batch's 20 ms.
+    # Two after the noop, then one at a time: each took longer than the window.
     assert started_groups(jobs) == [1, 2, 1, 1]
 
 
@@ -926,6 +932,34 @@ def test_a_slow_job_gives_back_the_rest_of_its_batch_while_it_runs(make_job, roo
     assert given_back.created_at < slow.finished_at  # by the lease thread, not after the slow job
     assert len(visible_rows(waiting)) == 1
     assert deliver(waiting).state == State.SUCCEEDED  # and it runs as any job does
+
+
+def test_a_delivery_returns_only_once_the_lease_thread_has_given_back_its_batch(
+    make_job, roomy_batches, settings, monkeypatch
+):
+    # Found as a flaky test_the_chain_stops_when_its_time_is_up_...: the lease
+    # thread had taken the batch's unstarted job to give it back, the delivery
+    # found nothing left to give back and returned, and the job was still
+    # `running` (claimed) while the lease thread's statement ran.
+    settings.CONVEYOR = {**settings.CONVEYOR, "CHAIN_SECONDS": 0.3}
+    first, slow, waiting = make_job("demo.noop"), make_job("demo.sleep", {"seconds": 0.5}), make_job("demo.noop")
+    Job.objects.filter(id=slow.id).update(timeout=60)
+    release = chain._release
+    releasing = threading.Event()
+
+    def slow_release(jobs, worker):  # a give-back statement that takes a while
+        releasing.set()
+        time.sleep(1.0)
+        release(jobs, worker)
+
+    monkeypatch.setattr(chain, "_release", slow_release)
+
+    deliver_as_django_q2(first)
+
+    assert releasing.is_set()
+    waiting.refresh_from_db()
+    assert (waiting.state, waiting.attempts) == (State.QUEUED, 0)
+    assert Job.objects.get(id=slow.id).state == State.SUCCEEDED
 
 
 def test_a_job_that_would_outlast_the_delivery_once_its_turn_comes_is_given_back(make_job, roomy_batches, settings):
