@@ -234,6 +234,7 @@ async def chat(
     )
 
     call = _Call(provider, model, on_delta)
+    response = None
     try:
         async with asyncio.timeout(provider.total_timeout) as deadline, _client(provider, client) as http:
             async with http.stream(
@@ -255,7 +256,24 @@ async def chat(
         raise call.unavailable(_timeout_message(provider, exc)) from exc
     except httpx.RequestError as exc:
         raise call.unavailable(f"connection error: {exc.__class__.__name__}: {exc}") from exc
+    finally:
+        if response is not None:
+            _forget_stream(response)
     return call.result(messages)
+
+
+_DONE = httpx.ByteStream(b"")
+
+
+def _forget_stream(response: httpx.Response) -> None:
+    """Break the reference cycle httpx leaves between a response and its
+    stream (the stream keeps its response), once the response is closed.
+
+    Without it every call left about sixteen objects (the response, its
+    headers, its request, the pool's stream wrappers) for the cyclic garbage
+    collector, whose passes took about a tenth of a lane's CPU with hundreds
+    of calls in flight; now they are freed as soon as the call returns."""
+    response.stream = _DONE
 
 
 @contextlib.asynccontextmanager

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -81,6 +82,12 @@ HANDLER_DB_THREADS = 8
 # finishing transition, in that order). One thread finished at most about 40
 # jobs a second per process, and a lane of 256 one-second calls wants 250.
 FINISH_DB_THREADS = 3
+# The cyclic collector's young-generation threshold in a process running a
+# lane (Python's default is 700). Each of hundreds of calls in flight keeps
+# what it allocated alive for seconds, past the collector's next young pass,
+# so with the default it ran every few calls and walked those objects again
+# and again in its older generations.
+GC_THRESHOLD = 20_000
 # The most text one `job.output` event carries; more waits for the next flush.
 MAX_OUTPUT_DELTA = 16 * 1024
 
@@ -190,6 +197,8 @@ class Lane:
     # --- worker thread side ---------------------------------------------------
 
     def start(self) -> None:
+        # The cyclic collector's young generation: see GC_THRESHOLD.
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self._housekeeping(), self.loop)
         # Runs when the worker process exits (Django-Q2 recycles or stops it).
