@@ -271,8 +271,8 @@ def _forget_stream(response: httpx.Response) -> None:
 
     Without it every call left about sixteen objects (the response, its
     headers, its request, the pool's stream wrappers) for the cyclic garbage
-    collector, whose passes took about a tenth of a lane's CPU with hundreds
-    of calls in flight; now they are freed as soon as the call returns."""
+    collector, which a lane runs seldom (`jobs.worker.lane.GC_THRESHOLD`):
+    they would wait for it. Now they are freed as soon as the call returns."""
     response.stream = _DONE
 
 
