@@ -34,7 +34,8 @@ An idle cluster stops in well under a second: its pusher's wait for rows
 All of this patches Django-Q2 1.11.1 internals: `Sentinel.spawn_cluster`,
 `Sentinel.spawn_pusher`, `Cluster.sig_handler`, `Stat.__init__(self,
 sentinel)`, and `Queue.get` with multiprocessing's
-`_rlock`/`_recv_bytes`/`_sem`/`_closed` and Django-Q2's `size` counter. On any other version none of it is installed (one warning;
+`_rlock`/`_recv_bytes`/`_sem`/`_closed` and Django-Q2's `size` counter. On
+any other version none of it is installed (one warning;
 config/server/patching.py) and the cluster runs as Django-Q2 ships it.
 """
 

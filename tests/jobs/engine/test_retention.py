@@ -439,7 +439,9 @@ def test_a_chunk_finds_its_rows_by_index_not_by_reading_the_whole_history():
         # one array").
         conditions = [line.strip() for line in plan.splitlines() if "Index Cond: (job_id" in line]
         assert len(conditions) == 2, plan
-        assert all(re.fullmatch(r"Index Cond: \(job_id = ANY \(\(InitPlan \d+\)\.col1\)\)", c) for c in conditions), plan
+        assert all(re.fullmatch(r"Index Cond: \(job_id = ANY \(\(InitPlan \d+\)\.col1\)\)", c) for c in conditions), (
+            plan
+        )
 
 
 def test_a_job_not_found_at_its_row_address_is_still_deleted_by_id(make_job, monkeypatch):
