@@ -27,7 +27,7 @@ from jobs.db import events, sql
 from jobs.db.sql import Sql
 from jobs.djangoq import broker
 from jobs.engine import hooks, queues
-from jobs.models import Attempt, Job, State
+from jobs.models import LOG_EVENT, OUTPUT_EVENT, Attempt, Job, State
 
 W, Q, S, R, T = State.WAITING, State.QUEUED, State.SCHEDULED, State.RUNNING, State.RETRYING
 OK, DEAD, CXL, DIS = State.SUCCEEDED, State.DEAD, State.CANCELLED, State.DISCARDED
@@ -400,7 +400,9 @@ def _quiet_successes(done: Sequence[QuietSuccess], worker: str, *, in_batch: boo
 class LaneSuccess(NamedTuple):
     """A lane job that succeeded, to be recorded with others (`succeed_many`):
     what `finish_succeeded` records for one job, and whether it had
-    dependents when it was claimed."""
+    dependents when it was claimed. `delta` (from `offset` of the text) and
+    `lines` (the `first`-th line of the log on): what it had not yet sent as
+    `job.output` and `job.log` events, written with its success."""
 
     job_id: UUID
     worker: str
@@ -408,13 +410,18 @@ class LaneSuccess(NamedTuple):
     output: str | None = None
     logs: str | None = None
     dependents: bool = False
+    offset: int = 0
+    delta: str = ""
+    lines: tuple[str, ...] = ()
+    first: int = 0
 
 
 def succeed_many(done: Sequence[LaneSuccess]) -> set[UUID]:
     """Move the jobs of `done` running -> succeeded in one statement, each as
     `transition` does for the worker's `finish_succeeded` (result, progress
     100, lease and error cleared, its open attempt closed with its output and
-    logs, a `job.succeeded` event and its notification), for those still
+    logs, a `job.succeeded` event and its notification; ahead of that event,
+    the `job.output` and `job.log` events of what it had not sent), for those still
     their worker's (state running, lease owner theirs) that no finish hook
     needs to hear of one by one. When one of them had dependents, it runs in a
     transaction that then tells the hooks of them all at once
@@ -429,8 +436,9 @@ def succeed_many(done: Sequence[LaneSuccess]) -> set[UUID]:
     db = connections[DEFAULT_DB_ALIAS]
     field = Job._meta.get_field("result")
     statement = (
-        "WITH v AS (SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[], %s::text[], %s::text[])"
-        " AS v(id, worker, result, output, logs)),"
+        "WITH v AS (SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[], %s::text[], %s::text[],"
+        " %s::int[], %s::text[], %s::jsonb[], %s::int[]) AS v(id, worker, result, output, logs, out_offset, delta,"
+        " lines, first)),"
         " f AS (UPDATE jobs_job SET state = 'succeeded', updated_at = now(), result = v.result, progress_percent = 100,"
         " finished_at = now(), lease_owner = '', lease_expires_at = NULL,"
         " error_type = '', error_message = '', error_traceback = ''"
@@ -440,9 +448,30 @@ def succeed_many(done: Sequence[LaneSuccess]) -> set[UUID]:
         " fa AS (UPDATE jobs_attempt SET finished_at = now(), outcome = 'succeeded', error_type = '',"
         " error_message = '', traceback = '', output = coalesce(v.output, jobs_attempt.output),"
         " logs = coalesce(v.logs, jobs_attempt.logs)"
-        " FROM f JOIN v ON v.id = f.id WHERE jobs_attempt.job_id = f.id AND jobs_attempt.finished_at IS NULL)"
-        + events.ctes(data_sql="jsonb_build_object('state', state, 'attempts', attempts)", source="f", prefix="f")
-        + " SELECT (SELECT array_agg(id) FROM f), (SELECT count(*) FROM fn)"
+        " FROM f JOIN v ON v.id = f.id WHERE jobs_attempt.job_id = f.id AND jobs_attempt.finished_at IS NULL),"
+        " fo AS (SELECT f.id, f.queue, f.attempts, v.out_offset, v.delta, v.lines, v.first FROM f JOIN v ON v.id = f.id)"
+        + events.ctes(
+            data_sql="jsonb_build_object('attempt', fo.attempts, 'offset', fo.out_offset, 'text', fo.delta)",
+            when="fo.delta <> ''",
+            source="fo",
+            prefix="out_",
+        )
+        + events.ctes(
+            data_sql="jsonb_build_object('attempt', fo.attempts, 'first', fo.first, 'lines', fo.lines)",
+            when="jsonb_array_length(fo.lines) > 0",
+            source="fo",
+            prefix="log_",
+        )
+        # The text and log events get the lower ids: counting their rows
+        # first makes them written before the outcome's.
+        + events.ctes(
+            data_sql="jsonb_build_object('state', state, 'attempts', attempts)",
+            when="(SELECT count(*) FROM out_e) + (SELECT count(*) FROM log_e) >= 0",
+            source="f",
+            prefix="f",
+        )
+        + " SELECT (SELECT array_agg(id) FROM f), (SELECT count(*) FROM fn), (SELECT count(*) FROM out_n),"
+        " (SELECT count(*) FROM log_n)"
     )
     params = [
         [item.job_id for item in done],
@@ -450,7 +479,15 @@ def succeed_many(done: Sequence[LaneSuccess]) -> set[UUID]:
         [field.get_db_prep_save(item.result, db) for item in done],
         [item.output or None for item in done],
         [item.logs for item in done],
+        [item.offset for item in done],
+        [item.delta for item in done],
+        [json.dumps(list(item.lines)) for item in done],
+        [item.first for item in done],
         *quiet.params,
+        OUTPUT_EVENT,
+        OUTPUT_EVENT,
+        LOG_EVENT,
+        LOG_EVENT,
         "job.succeeded",
         "job.succeeded",
     ]

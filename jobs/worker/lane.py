@@ -26,10 +26,13 @@ Everything that makes a job safe stays the same:
   every 250 ms in one statement, with the text streamed since the last one
   (a `job.output` event) and the lines logged since (a `job.log` event), so
   streaming output does not make the database the bottleneck;
-- successes are written in batches (`_succeed`): the batch's last reports in
-  one statement, then its successes in one (`states.succeed_many`); a job
-  that statement did not move (lease lost, a hook must hear of it alone)
-  goes through `finish_succeeded`;
+- successes are written in batches (`_succeed`): their successes in one
+  statement (`states.succeed_many`), which also writes the text and log lines
+  each job had not yet sent (its `job.output` and `job.log` events, ahead of
+  `job.succeeded`); only jobs with a progress report due have their last
+  reports written first, in one statement. A job the success statement did
+  not move (lease lost, a hook must hear of it alone) goes through
+  `finish_succeeded`;
 - on exit (recycle or cluster stop) the process waits for in-flight jobs.
 
 Database work runs on executor threads, each with its own Django connection
@@ -378,27 +381,49 @@ class Lane:
             self.writers -= 1
 
     async def _succeed_batch(self, batch: list[tuple[Any, AsyncContext, Any]]) -> None:
-        """As `_finish(finish_succeeded, ...)` for each job, in two statements
-        for the batch: its jobs' last reports, then their successes
-        (`states.succeed_many`). A job that statement did not move (no longer
-        its worker's, or a finish hook must hear of it alone) goes through
-        `finish_succeeded`, which only matches while the lease is ours."""
+        """As `_finish(finish_succeeded, ...)` for each job, in one statement
+        for the batch (`states.succeed_many`), which also writes what each job
+        had not yet sent of its text and log lines; only jobs with a progress
+        report due have their last reports written first, in one statement. A
+        job the success statement did not move (no longer its worker's, or a
+        finish hook must hear of it alone) goes through `finish_succeeded`,
+        which only matches while the lease is ours, after its unsent text."""
         await self._idle_event().wait()
-        reports = {}
+        reports, unsent = {}, {}
         for job, ctx, _ in batch:
             entry = self.pending.pop(job.id, None)
-            if entry is not None or ctx.unsent():
+            if entry is not None:
                 reports[job.id] = _report(entry, ctx)
+            elif ctx.unsent():
+                unsent[job.id] = _report(None, ctx)
         if reports:
             with contextlib.suppress(DatabaseError):  # the outcome keeps the whole text and log anyway
                 await self._finish_db(record_progress, reports)
-        done = [
-            LaneSuccess(job.id, ctx.worker, result, ctx.output or None, _logs(ctx), job.has_dependents)
-            for job, ctx, result in batch
-        ]
+        done = []
+        for job, ctx, result in batch:
+            left = unsent.get(job.id)
+            done.append(
+                LaneSuccess(job.id, ctx.worker, result, ctx.output or None, _logs(ctx), job.has_dependents)
+                if left is None
+                else LaneSuccess(
+                    job.id,
+                    ctx.worker,
+                    result,
+                    ctx.output or None,
+                    _logs(ctx),
+                    job.has_dependents,
+                    offset=left.offset,
+                    delta=left.delta,
+                    lines=left.lines,
+                    first=left.first,
+                )
+            )
         finished = await self._retrying(job_ids(batch), succeed_many, done)
         for job, ctx, result in batch:
             if job.id not in finished:
+                if job.id in unsent:
+                    with contextlib.suppress(DatabaseError):  # as above
+                        await self._finish_db(record_progress, {job.id: unsent[job.id]})
                 await self._finish(finish_succeeded, job, ctx.worker, result, output=ctx.output, logs=_logs(ctx))
 
     async def _finish(self, finish, job, worker, *args, **kwargs) -> None:

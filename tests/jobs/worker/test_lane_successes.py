@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from jobs.engine.registry import Payload, handler
 from jobs.models import Job, JobEvent, State
 from jobs.worker import lane as lane_module
 from jobs.worker import runner
@@ -17,6 +18,19 @@ from tests.conftest import wait_until
 from tests.jobs.worker.test_runner import attempts_of, deliver_as_django_q2, event_types
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class WholeText(Payload):
+    text: str
+
+
+@handler("lanetest.whole_text", schema=WholeText, queue="default", timeout=60)
+async def whole_text(ctx, payload: WholeText) -> dict:
+    """Its whole text at once, as a non-streamed provider call gives it
+    (`content.page`), and a line for its log; no progress reports."""
+    ctx.output = payload.text
+    ctx.log(f"wrote {len(payload.text)} characters")
+    return {"length": len(payload.text)}
 
 
 @pytest.fixture
@@ -73,6 +87,43 @@ def test_a_lane_s_successes_are_recorded_together_each_as_one_by_one(make_job, l
         # The streamed text went out in `job.output` events before the outcome, all of it.
         deltas = [e.data["text"] for e in JobEvent.objects.filter(job=job, type="job.output").order_by("id")]
         assert "".join(deltas) == "step 1\nstep 2\n"
+
+
+def test_text_and_log_lines_left_at_success_go_out_with_the_success_statement(make_job, lane, monkeypatch):
+    """A job that ends with text or log lines not yet sent and no progress
+    report due (a page asked for whole) needs no report statement before its
+    success: the batch's success statement writes its `job.output` and
+    `job.log` events too, ahead of `job.succeeded`."""
+    reported = []
+    real_report = lane_module.record_progress
+    monkeypatch.setattr(
+        lane_module, "record_progress", lambda reports: reported.append(set(reports)) or real_report(reports)
+    )
+    jobs = [make_job("lanetest.whole_text", {"text": f"page {i}\n" * 20}) for i in range(6)]
+
+    deliver_as_django_q2(jobs[0])
+
+    ids = [job.id for job in jobs]
+    wait_until(lambda: Job.objects.filter(id__in=ids, state=State.SUCCEEDED).count() == 6, timeout=30, message="all 6")
+    wait_until(lambda: not lane.tasks, timeout=10, message="the lane to be idle")
+    assert {job_id for _, finished in lane.batches for job_id in finished} == set(ids)
+    assert not [job_id for found in reported for job_id in found if job_id in ids]  # no report statement for them
+    for i, job in enumerate(jobs):
+        types = event_types(job)
+        assert types[-3:] == ["job.output", "job.log", "job.succeeded"] or types[-3:] == [
+            "job.log",
+            "job.output",
+            "job.succeeded",
+        ], types
+        output = JobEvent.objects.get(job=job, type="job.output")
+        assert output.data == {"attempt": 1, "offset": 0, "text": f"page {i}\n" * 20}
+        log_event = JobEvent.objects.get(job=job, type="job.log")
+        assert log_event.data["attempt"] == 1 and log_event.data["first"] == 0
+        assert len(log_event.data["lines"]) == 1 and "wrote 140 characters" in log_event.data["lines"][0]
+        [attempt] = attempts_of(job)
+        assert attempt.output == f"page {i}\n" * 20 and "wrote 140 characters" in attempt.logs
+        job.refresh_from_db()
+        assert (job.result, job.progress_percent) == ({"length": 140}, 100)
 
 
 def test_a_lane_job_whose_lease_was_lost_is_not_finished(make_job, lane):
