@@ -402,21 +402,13 @@ class Lane:
         done = []
         for job, ctx, result in batch:
             left = unsent.get(job.id)
-            done.append(
-                LaneSuccess(job.id, ctx.worker, result, ctx.output or None, _logs(ctx), job.has_dependents)
+            tail = (
+                {}
                 if left is None
-                else LaneSuccess(
-                    job.id,
-                    ctx.worker,
-                    result,
-                    ctx.output or None,
-                    _logs(ctx),
-                    job.has_dependents,
-                    offset=left.offset,
-                    delta=left.delta,
-                    lines=left.lines,
-                    first=left.first,
-                )
+                else {"offset": left.offset, "delta": left.delta, "lines": left.lines, "first": left.first}
+            )
+            done.append(
+                LaneSuccess(job.id, ctx.worker, result, ctx.output or None, _logs(ctx), job.has_dependents, **tail)
             )
         finished = await self._retrying(job_ids(batch), succeed_many, done)
         for job, ctx, result in batch:
